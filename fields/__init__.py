@@ -1,0 +1,35 @@
+"""Field backends and the registry that names them.
+
+A new backend is one file in this folder plus one line in `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from recon.fields.base import Field
+
+# name -> builder(aabb, **options) -> Field
+REGISTRY: dict[str, Callable[..., Field]] = {}
+
+
+def register(name: str) -> Callable[[type[Field]], type[Field]]:
+    def wrap(cls: type[Field]) -> type[Field]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_field(name: str, aabb: torch.Tensor, **options: Any) -> Field:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown field '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name](aabb=aabb, **options)
+
+
+from recon.fields import hashgrid  # noqa: E402,F401  (registers "hashgrid")
+
+__all__ = ["Field", "REGISTRY", "register", "build_field"]

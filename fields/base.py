@@ -1,0 +1,75 @@
+"""The field interface every backend implements.
+
+A field answers point queries in the scene's unit frame. It declares what it outputs
+(`outputs`), so renderers, the viewer and exporters ask instead of assuming. Renderers
+never see the field itself: the app hands them `density_fn` / `field_fn` closures, as
+nerfacc does, so one renderer serves density and SDF fields alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Field(nn.Module):
+    """Base class of all fields.
+
+    Subclasses set `outputs` and implement `forward`, plus `density` (radiance fields) or
+    `sdf` (SDF fields). `config()` returns the keyword arguments that rebuild the field,
+    which the run folder stores next to its weights.
+    """
+
+    name: str = "field"
+    outputs: frozenset[str] = frozenset()
+
+    def __init__(self, aabb: torch.Tensor):
+        super().__init__()
+        # The box, in the unit frame, that the field's encoding covers ([2, 3]: min, max).
+        self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3).clone())
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Query positions x [N, 3] with unit view directions d [N, 3].
+
+        Returns a dict with (at least) every name in `outputs`: "density" [N] (>= 0) or
+        "sdf" [N], and "rgb" [N, 3] in [0, 1].
+        """
+        raise NotImplementedError
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        """Density [N] at positions x [N, 3], without the colour branch (occupancy, export)."""
+        raise NotImplementedError(f"{type(self).__name__} has no density output")
+
+    def gradient(self, x: torch.Tensor, output: str = "density") -> torch.Tensor:
+        """d output / d x [N, 3] by autograd; works under torch.no_grad() too.
+
+        Backends whose interpolation gradient is poor (piecewise constant per cell) may
+        override this with finite differences.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = getattr(self, output)(x)
+            (grad,) = torch.autograd.grad(y.sum(), x, create_graph=torch.is_grad_enabled() and self.training)
+        return grad
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Positions in the unit frame -> [0, 1]^3 over the field's box."""
+        lo, hi = self.aabb[0], self.aabb[1]
+        return (x - lo) / (hi - lo)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups, each with a "name", its own "lr" and "weight_decay".
+
+        The default puts everything in one group; backends separate grids (no weight decay,
+        often a higher lr) from MLPs (weight decay, as instant-ngp).
+        """
+        return [{"name": "all", "params": list(self.parameters()), "lr": lr, "weight_decay": 0.0}]
+
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments (JSON-serialisable) that rebuild this field with `build_field`."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

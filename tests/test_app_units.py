@@ -1,0 +1,84 @@
+"""Schedules, checkpoints and metrics, against independent arithmetic."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import convolve2d
+
+from recon.app.checkpoint import latest_checkpoint, load_checkpoint, load_resizing, save_checkpoint
+from recon.app.metrics import ground_truth_on_white, psnr, ssim
+from recon.app.schedules import FINAL_LEARNING_RATE_FACTOR, Progress, learning_rate_factor
+
+
+def test_learning_rate_schedule_shape():
+    assert learning_rate_factor(0.0) == pytest.approx(0.01)
+    assert learning_rate_factor(0.01) == pytest.approx(1.0)
+    assert learning_rate_factor(0.6) == pytest.approx(0.33)
+    assert learning_rate_factor(0.95) == pytest.approx(0.33**3)
+    assert learning_rate_factor(1.0) == FINAL_LEARNING_RATE_FACTOR == learning_rate_factor(0.9)
+
+
+def test_progress_is_the_further_of_steps_and_time():
+    progress = Progress(steps=100, max_time=10.0, step=30, seconds=5.0)
+    assert progress.value == pytest.approx(0.5)
+    progress.step = 100
+    assert progress.done
+    with pytest.raises(ValueError):
+        Progress(steps=None, max_time=None)
+
+
+def test_checkpoint_atomic_latest_and_roundtrip(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, 5, {"step": 5, "x": torch.arange(3)})
+    save_checkpoint(folder, 9, {"step": 9, "x": torch.arange(4)})
+    latest = latest_checkpoint(folder)
+    assert latest.name == "step-0000009.pt"
+    assert torch.equal(load_checkpoint(latest)["x"], torch.arange(4))
+    assert not list(folder.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_load_resizing_takes_the_checkpoint_shapes():
+    small, large = torch.nn.Linear(2, 3), torch.nn.Linear(5, 7)
+    load_resizing(small, large.state_dict())
+    assert small.weight.shape == (7, 5)
+    assert torch.equal(small.weight, large.weight)
+
+
+def test_psnr_matches_closed_form():
+    gt = torch.zeros(8, 8, 3)
+    pred = torch.full((8, 8, 3), 0.1)
+    assert psnr(pred, gt) == pytest.approx(20.0)
+    assert psnr(torch.full((8, 8, 3), 2.0), torch.ones(8, 8, 3)) == math.inf  # predictions are clipped
+
+
+def test_ground_truth_is_composited_on_white_and_quantised():
+    rgba = torch.tensor([[[1.0, 0.0, 0.0, 0.5], [0.2, 0.2, 0.2, 0.0]]])
+    out = ground_truth_on_white(rgba)
+    assert torch.allclose(out[0, 0], torch.tensor([1.0, 128 / 255, 128 / 255]))
+    assert torch.allclose(out[0, 1], torch.ones(3))
+
+
+def reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al.'s SSIM with an 11x11 Gaussian (sigma 1.5), valid region, written with scipy."""
+    x = np.arange(11) - 5
+    g = np.exp(-(x**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    scores = []
+    for c in range(a.shape[2]):
+        f = lambda img: convolve2d(img, w, mode="valid")  # noqa: E731
+        x_, y_ = a[..., c], b[..., c]
+        mx, my = f(x_), f(y_)
+        vx, vy, cxy = f(x_ * x_) - mx**2, f(y_ * y_) - my**2, f(x_ * y_) - mx * my
+        s = ((2 * mx * my + 1e-4) * (2 * cxy + 9e-4)) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+        scores.append(s.mean())
+    return float(np.mean(scores))
+
+
+def test_ssim_matches_reference():
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 40, 3))
+    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+    assert ssim(torch.tensor(b), torch.tensor(a)) == pytest.approx(reference_ssim(b, a), abs=1e-9)
+    assert ssim(torch.tensor(a), torch.tensor(a)) == pytest.approx(1.0)
