@@ -1,0 +1,153 @@
+"""Batched cameras: pinhole, OpenCV radial-tangential and OpenCV fisheye, OpenGL-convention poses.
+
+Poses are camera-to-world in the OpenGL/Blender convention (camera x right, y up, looking
+down -z), as transforms.json stores them. Intrinsics and distortion follow OpenCV, whose
+camera looks down +z with y down, so both `rays` and `project` pass through the OpenCV
+camera frame (x, -y, -z of the OpenGL one). Pixel (i, j) has its centre at (i + 0.5, j + 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from .rays import Rays
+
+NEWTON_STEPS = 10
+
+
+@dataclass
+class Cameras:
+    c2w: Tensor  # [N, 3, 4] float32, OpenGL convention
+    fx: Tensor  # [N] float32, pixels
+    fy: Tensor
+    cx: Tensor
+    cy: Tensor
+    width: Tensor  # [N] int64
+    height: Tensor  # [N] int64
+    distortion: Tensor  # [N, 6] float32: k1, k2, k3, k4, p1, p2 (zeros = pinhole)
+    fisheye: Tensor  # [N] bool: OPENCV_FISHEYE (equidistant, k1..k4) instead of radial-tangential
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    def __getitem__(self, idx) -> Cameras:
+        if isinstance(idx, int):
+            idx = [idx]  # keep the camera dimension
+        return Cameras(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> Cameras:
+        return Cameras(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def transformed(self, to_unit: Tensor) -> Cameras:
+        """Apply a similarity x' = s R x + t (4x4) to the poses; camera axes stay unit length."""
+        m = to_unit.to(self.c2w.device, torch.float64)
+        a, t = m[:3, :3], m[:3, 3]
+        rot = a / a[:, 0].norm()
+        c2w = self.c2w.double()
+        new = torch.cat([rot @ c2w[:, :, :3], (c2w[:, :, 3] @ a.T + t)[:, :, None]], dim=2)
+        return replace(self, c2w=new.to(self.c2w.dtype))
+
+    def rays(self, cam: Tensor, px: Tensor, py: Tensor) -> Rays:
+        """Rays through pixel coordinates px, py [R] of cameras cam [R]; distortion undone."""
+        xd = (px - self.cx[cam]) / self.fx[cam]
+        yd = (py - self.cy[cam]) / self.fy[cam]
+        k = self.distortion[cam].unbind(-1)
+        # Pinhole scenes skip the Newton iterations.
+        x, y = _undistort_radial_tangential(xd, yd, k) if self.distortion.any() else (xd, yd)
+        d = torch.stack([x, y, torch.ones_like(x)], -1)
+        if self.fisheye.any():
+            d = torch.where(self.fisheye[cam, None], _undistort_fisheye(xd, yd, k), d)
+        d_gl = d * d.new_tensor([1.0, -1.0, -1.0])
+        c2w = self.c2w[cam]
+        dirs = torch.einsum("rij,rj->ri", c2w[:, :, :3], d_gl)
+        return Rays(c2w[:, :, 3].contiguous(), torch.nn.functional.normalize(dirs, dim=-1))
+
+    def image_rays(self, i: int) -> Rays:
+        """One ray per pixel of camera i, row-major (H * W rays)."""
+        w, h = int(self.width[i]), int(self.height[i])
+        device = self.c2w.device
+        py, px = torch.meshgrid(
+            torch.arange(h, device=device) + 0.5, torch.arange(w, device=device) + 0.5, indexing="ij"
+        )
+        cam = torch.full((h * w,), i, dtype=torch.long, device=device)
+        return self.rays(cam, px.reshape(-1), py.reshape(-1))
+
+    def project(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project world points [P, 3] into every camera: px, py, depth, each [N, P].
+
+        depth is the distance along the camera's viewing axis (-z); negative means behind,
+        and then px, py are meaningless.
+        """
+        c2w = self.c2w
+        local = (points[None] - c2w[:, None, :, 3]) @ c2w[:, :, :3]  # R^T (p - t), OpenGL camera frame
+        x, y, z = local[..., 0], -local[..., 1], -local[..., 2]  # OpenCV camera frame
+        k = [c[:, None] for c in self.distortion.unbind(-1)]
+        safe_z = torch.where(z.abs() > 1e-12, z, torch.full_like(z, 1e-12))
+        xn, yn = x / safe_z, y / safe_z
+        if self.distortion.any():
+            xn, yn = _distort_radial_tangential(xn, yn, k)[:2]
+        if self.fisheye.any():
+            xf, yf = _distort_fisheye(x, y, z, k)
+            fisheye = self.fisheye[:, None]
+            xn, yn = torch.where(fisheye, xf, xn), torch.where(fisheye, yf, yn)
+        return self.fx[:, None] * xn + self.cx[:, None], self.fy[:, None] * yn + self.cy[:, None], z
+
+
+def _distort_radial_tangential(x: Tensor, y: Tensor, k) -> tuple[Tensor, ...]:
+    """OpenCV radial-tangential model (radial polynomial to r^8, as nerfstudio's k1..k4).
+
+    Returns the distorted coordinates and their Jacobian (dxd/dx, dxd/dy, dyd/dx, dyd/dy).
+    """
+    k1, k2, k3, k4, p1, p2 = k
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * (k3 + r2 * k4)))
+    dradial = k1 + r2 * (2 * k2 + r2 * (3 * k3 + r2 * 4 * k4))  # d radial / d r2
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    dxdx = radial + 2 * x * x * dradial + 2 * p1 * y + 6 * p2 * x
+    dxdy = 2 * x * y * dradial + 2 * p1 * x + 2 * p2 * y  # = dyd/dx: the Jacobian is symmetric
+    dydy = radial + 2 * y * y * dradial + 6 * p1 * y + 2 * p2 * x
+    return xd, yd, dxdx, dxdy, dxdy, dydy
+
+
+def _undistort_radial_tangential(xd: Tensor, yd: Tensor, k) -> tuple[Tensor, Tensor]:
+    """Invert the radial-tangential model by Newton's method (no closed form exists)."""
+    x, y = xd, yd
+    for _ in range(NEWTON_STEPS):
+        fx, fy, a, b, c, d = _distort_radial_tangential(x, y, k)
+        ex, ey = fx - xd, fy - yd
+        det = a * d - b * c
+        det = torch.where(det.abs() > 1e-12, det, torch.full_like(det, 1e-12))
+        x = x - (d * ex - b * ey) / det
+        y = y - (a * ey - c * ex) / det
+    return x, y
+
+
+def _distort_fisheye(x: Tensor, y: Tensor, z: Tensor, k) -> tuple[Tensor, Tensor]:
+    """OpenCV fisheye: theta_d = theta (1 + k1 theta^2 + ... + k4 theta^8) along the image radius."""
+    k1, k2, k3, k4 = k[:4]
+    r = torch.hypot(x, y)
+    theta = torch.atan2(r, z)  # angle off the optical axis, valid beyond 90 degrees
+    t2 = theta * theta
+    theta_d = theta * (1 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4))))
+    # On the axis theta_d / r -> 1 / z.
+    scale = torch.where(r > 1e-12, theta_d / r.clamp_min(1e-12), 1 / z.clamp_min(1e-12))
+    return x * scale, y * scale
+
+
+def _undistort_fisheye(xd: Tensor, yd: Tensor, k) -> Tensor:
+    """Unit OpenCV-frame directions for fisheye image coordinates (Newton on theta)."""
+    k1, k2, k3, k4 = k[:4]
+    theta_d = torch.hypot(xd, yd)
+    theta = theta_d
+    for _ in range(NEWTON_STEPS):
+        t2 = theta * theta
+        f = theta * (1 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4)))) - theta_d
+        df = 1 + t2 * (3 * k1 + t2 * (5 * k2 + t2 * (7 * k3 + t2 * 9 * k4)))
+        theta = (theta - f / df).clamp_min(0)
+    # sin(theta) / theta_d -> 1 on the axis.
+    s = torch.where(theta_d > 1e-12, torch.sin(theta) / theta_d.clamp_min(1e-12), torch.ones_like(theta))
+    return torch.stack([xd * s, yd * s, torch.cos(theta)], -1)

@@ -1,0 +1,222 @@
+"""Reading transforms.json scenes (Blender / instant-ngp / nerfstudio): files, frames and images.
+
+Everything here is in the user's world frame; `scene.load_scene` picks the bounds and maps
+the result to the unit frame.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import imageio.v3 as iio
+import imageio_ffmpeg
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+LONE = "all"  # key of a lone transforms.json, before the every-8th holdout splits it
+# Tried in order when a file_path has no extension (lego's "./train/r_0").
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "PNG", "JPG", "JPEG", "exr", "webp", "bmp", "tif", "tiff")
+CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE", "PINHOLE")
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class SceneError(ValueError):
+    """Bad scene input. str(e) is one line: "<file or folder>: <what is wrong>"."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = Path(path)
+        self.message = " ".join(str(message).split())  # decoder messages may span lines
+        super().__init__(f"{self.path}: {self.message}")
+
+
+@dataclass
+class Frame:
+    """One usable view, as read (world frame, intrinsics already downscaled)."""
+
+    name: str  # image path as resolved
+    image: np.ndarray  # [H, W, C] uint8 or uint16, C = 3 or 4
+    c2w: np.ndarray  # [3, 4] float64, OpenGL convention, orthonormal rotation
+    intrinsics: tuple[float, float, float, float]  # fx, fy, cx, cy in pixels
+    distortion: tuple[float, ...]  # k1, k2, k3, k4, p1, p2
+    fisheye: bool
+
+
+@dataclass
+class FrameList:
+    """The frames of one transforms file, with what was left out and why."""
+
+    file: Path
+    listed: int  # frames in the JSON
+    frames: list[Frame]
+    missing: list[str] = field(default_factory=list)  # image paths not found: frames skipped
+    parent_paths: list[str] = field(default_factory=list)  # file_paths with '..', as resolved
+
+
+def find_transforms(path: Path) -> dict[str, Path]:
+    """Split name -> transforms file; a lone transforms.json comes back under LONE."""
+    if not path.exists():
+        raise SceneError(path, "no such file or folder")
+    if path.is_file() and not re.fullmatch(r"transforms_(train|val|test)\.json", path.name):
+        return {LONE: path}
+    folder = path if path.is_dir() else path.parent
+    split_files = {s: folder / f"transforms_{s}.json" for s in SPLITS}
+    if split_files["train"].is_file():
+        if not split_files["test"].is_file():
+            raise SceneError(split_files["test"], "missing (transforms_train.json needs a test split beside it)")
+        return {s: f for s, f in split_files.items() if f.is_file()}
+    if path.is_dir() and (folder / "transforms.json").is_file():
+        return {LONE: folder / "transforms.json"}
+    raise SceneError(folder, "no transforms.json or transforms_train.json")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SceneError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SceneError(path, f"unreadable: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
+        raise SceneError(path, "no frames")
+    return doc
+
+
+def read_frames(path: Path, doc: dict, downscale: int) -> FrameList:
+    """Validate every frame of one transforms file and read the images that exist (in parallel)."""
+    top = {k: v for k, v in doc.items() if k != "frames"}
+    result = FrameList(path, len(doc["frames"]), [])
+    found = []  # (camera dict, pose, image path) of the frames whose image exists
+    for i, frame in enumerate(doc["frames"]):
+        if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
+            raise SceneError(path, f"frame {i} lacks file_path or transform_matrix")
+        file_path = str(frame["file_path"])
+        c2w = _pose(path, f"frame {i} ({file_path})", frame["transform_matrix"])
+        image_path = _find_image(path.parent, file_path)
+        if ".." in Path(file_path).parts:
+            result.parent_paths.append(str(image_path))
+        if image_path.is_file():
+            found.append(({**top, **frame}, c2w, image_path))  # per-frame keys override the top level
+        else:
+            result.missing.append(str(image_path))
+
+    def load(camera: dict, c2w: np.ndarray, image_path: Path) -> Frame:
+        image = read_image(image_path)
+        intrinsics, distortion, fisheye = _camera(path, image_path, camera, image.shape)
+        if downscale > 1:
+            image = _downscale(image, downscale)
+            intrinsics = tuple(v / downscale for v in intrinsics)  # pixel centres: x' = x / n
+        return Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        result.frames = list(pool.map(lambda entry: load(*entry), found))
+    return result
+
+
+def read_image(path: Path) -> np.ndarray:
+    """[H, W, 3 or 4] uint8 or uint16. Greyscale is expanded to RGB (grey + alpha to RGBA)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+        # Pillow truncates 16-bit colour PNGs to 8 bits, so those go through ffmpeg.
+        if head[:8] == PNG_SIGNATURE and head[24] == 16:
+            image = _read_png16(path, alpha=head[25] in (4, 6))
+        else:
+            image = iio.imread(path)
+    except Exception as e:  # any decoder failure means the same thing: the file is unusable
+        raise SceneError(path, f"unreadable image ({type(e).__name__}: {e})") from None
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] > 4:
+        raise SceneError(path, f"unsupported image shape {image.shape}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise SceneError(path, f"unsupported pixel type {image.dtype} (8- or 16-bit integers expected)")
+    if image.shape[2] <= 2:
+        image = np.concatenate([image[..., :1].repeat(3, axis=2), image[..., 1:]], axis=2)
+    return image
+
+
+def _read_png16(path: Path, alpha: bool) -> np.ndarray:
+    channels = 4 if alpha else 3
+    frames = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgba64le" if alpha else "rgb48le", bpp=2 * channels)
+    try:
+        width, height = next(frames)["size"]
+        data = next(frames)
+    finally:
+        frames.close()
+    return np.frombuffer(data, "<u2").reshape(height, width, channels).copy()
+
+
+def _find_image(folder: Path, file_path: str) -> Path:
+    """The image a file_path names: '..' resolved, extension guessed when it has none that exists."""
+    path = Path(os.path.normpath(folder / file_path.replace("\\", "/")))
+    if path.is_file():
+        return path
+    for ext in IMAGE_EXTENSIONS:
+        candidate = path.with_name(f"{path.name}.{ext}")
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def _pose(path: Path, where: str, matrix) -> np.ndarray:
+    """[3, 4] camera-to-world with the rotation snapped to the nearest orthonormal one."""
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        m = np.zeros(0)
+    if m.shape not in ((4, 4), (3, 4)):
+        raise SceneError(path, f"{where}: transform_matrix is not a 4x4 matrix")
+    if not np.isfinite(m).all():
+        raise SceneError(path, f"{where}: transform_matrix has non-finite values")
+    rot = m[:3, :3]
+    error = np.abs(rot.T @ rot - np.eye(3)).max()
+    if error > 1e-3:
+        raise SceneError(path, f"{where}: rotation is not orthonormal (max |R^T R - I| = {error:.3g} > 1e-3)")
+    if np.linalg.det(rot) < 0:
+        raise SceneError(path, f"{where}: rotation is a reflection (determinant -1)")
+    u, _, vt = np.linalg.svd(rot)
+    return np.concatenate([u @ vt, m[:3, 3:]], axis=1)
+
+
+def _camera(path: Path, image_path: Path, camera: dict, shape: tuple[int, ...]):
+    """Intrinsics (fx, fy, cx, cy), distortion and fisheye flag of one frame at its image's size."""
+    height, width = shape[:2]
+    w, h = round(float(camera.get("w", width))), round(float(camera.get("h", height)))
+    if (w, h) != (width, height):
+        raise SceneError(image_path, f"image is {width}x{height} but its camera says {w}x{h}")
+    if "fl_x" in camera or "fl_y" in camera:
+        fx = float(camera.get("fl_x", camera.get("fl_y")))
+        fy = float(camera.get("fl_y", fx))
+    elif "camera_angle_x" in camera:
+        fx = 0.5 * width / math.tan(0.5 * float(camera["camera_angle_x"]))
+        fy = 0.5 * height / math.tan(0.5 * float(camera["camera_angle_y"])) if "camera_angle_y" in camera else fx
+    else:
+        raise SceneError(path, f"no focal length (fl_x or camera_angle_x) for {image_path.name}")
+    intrinsics = (fx, fy, float(camera.get("cx", width / 2)), float(camera.get("cy", height / 2)))
+    model = camera.get("camera_model", "OPENCV")
+    if model not in CAMERA_MODELS:
+        raise SceneError(path, f"unsupported camera_model {model!r} (expected one of {', '.join(CAMERA_MODELS)})")
+    distortion = tuple(float(camera.get(k, 0.0)) for k in DISTORTION_KEYS)
+    if not np.isfinite(intrinsics + distortion).all():
+        raise SceneError(path, f"non-finite intrinsics for {image_path.name}")
+    return intrinsics, distortion, model == "OPENCV_FISHEYE" or bool(camera.get("is_fisheye", False))
+
+
+def _downscale(image: np.ndarray, n: int) -> np.ndarray:
+    """Average n x n blocks; the last rows/columns that do not fill a block are cropped, which
+    keeps pixel centres exact under x' = x / n."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float()
+    if x.shape[0] == 4:
+        x[:3] *= x[3:]  # average colour weighted by alpha: transparent pixels must not darken edges
+    x = torch.nn.functional.avg_pool2d(x, n)
+    if x.shape[0] == 4:
+        x[:3] /= x[3:].clamp_min(1e-12)
+    return x.round().permute(1, 2, 0).numpy().astype(image.dtype)

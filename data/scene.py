@@ -1,0 +1,318 @@
+"""Scenes: posed images in the unit frame, the box the field covers, and how that box was chosen.
+
+`load_scene` reads a transforms.json scene (Blender / instant-ngp / nerfstudio), picks one
+similarity `to_unit` (world -> unit: x_unit = s x + t) and returns cameras, box and near plane
+in the unit frame. Exports invert `to_unit` to go back to the user's world frame.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .cameras import Cameras
+from .loaders import LONE, Frame, SceneError, find_transforms, read_frames, read_json
+from .rays import Rays
+
+__all__ = ["Scene", "SceneError", "Split", "load_scene"]
+
+HOLDOUT = 8  # a lone transforms.json holds out every 8th usable frame for test
+NGP_KEYS = ("scale", "offset", "aabb_scale")
+NGP_SCALE, NGP_OFFSET = 0.33, 0.5  # instant-ngp's defaults
+# Voxels per axis of each carving pass: a coarse one finds the object in a generous region,
+# a finer one re-carves the box it found.
+CARVE_RESOLUTIONS = (32, 64)
+CARVE_CHUNK = 8  # cameras projected at once (bounds memory to chunk x voxels)
+ALPHA_THRESHOLD = 0.1
+MARGIN = 0.03  # of the box's extent, added on each side
+NEAR = 0.2  # unit-frame near plane for unbounded scenes or a camera inside the box
+UNBOUNDED_CONE_ANGLE = 1 / 256
+
+
+@dataclass
+class Split:
+    """The views of one split, with every image's pixels flattened into one tensor."""
+
+    cameras: Cameras
+    names: list[str]  # image paths as resolved
+    pixels: Tensor  # [P, C] uint8, or float16 in [0, 1] for 16-bit images; C = 3 or 4
+    offsets: Tensor  # [N + 1] int64: image i is pixels[offsets[i]:offsets[i + 1]]
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.pixels.shape[1] == 4
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def image(self, i: int) -> Tensor:
+        """[H, W, C] float32 in [0, 1]."""
+        h, w = int(self.cameras.height[i]), int(self.cameras.width[i])
+        return _unit_float(self.pixels[self.offsets[i] : self.offsets[i + 1]]).view(h, w, -1)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Rays, Tensor]:
+        """n rays through pixel centres drawn uniformly over all pixels of all images, and their
+        colours [n, C] float32. Draws on the generator's device, so a CPU generator serves GPU pixels."""
+        index = torch.randint(self.pixels.shape[0], (n,), generator=generator, device=generator.device)
+        index = index.to(self.pixels.device)
+        cam = torch.searchsorted(self.offsets, index, right=True) - 1
+        local = index - self.offsets[cam]
+        width = self.cameras.width[cam]
+        px = (local % width).to(torch.float32) + 0.5
+        py = (local // width).to(torch.float32) + 0.5
+        return self.cameras.rays(cam, px, py), _unit_float(self.pixels[index])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device))
+
+
+@dataclass
+class Scene:
+    splits: dict[str, Split]  # "train", "test", and "val" when present
+    aabb: Tensor  # [2, 3] float32, unit frame: the box the field covers
+    to_unit: Tensor  # [4, 4] float32, world -> unit
+    aabb_scale: float  # 1 for bounded scenes
+    near: float  # near plane (unit-frame distance) for marching
+    cone_angle: float  # 0 bounded, 1/256 unbounded
+    source: Path
+    summary: dict  # JSON-ready: what was found and what was chosen
+
+    @property
+    def unbounded(self) -> bool:
+        return self.aabb_scale > 1
+
+    def describe(self) -> str:
+        s = self.summary
+        views = ", ".join(f"{n} {split}" for split, n in s["views"].items())
+        sizes = ", ".join(f"{size} ({n})" for size, n in s["image_sizes"].items())
+        models = ", ".join(f"{model} ({n})" for model, n in s["camera_models"].items())
+        lines = [
+            f"{self.source}: {s['convention']}",
+            f"views: {views}; cameras: {models}",
+            f"images: {sizes}, {s['pixels']}, downscale {s['downscale']}",
+        ]
+        for skip in s["skipped"]:
+            lines.append(
+                f"skipped {len(skip['images'])} of {skip['listed']} frames of {Path(skip['file']).name}: "
+                f"image file missing (e.g. {skip['images'][0]})"
+            )
+        if s["parent_paths"]:
+            lines.append(f"resolved {len(s['parent_paths'])} file paths with '..' (e.g. {s['parent_paths'][0]})")
+        box = s["bounds"]
+        lines.append(f"box: {box['rule']}")
+        lines.append(f"  world {_fmt(box['world_box'][0])} .. {_fmt(box['world_box'][1])}")
+        lines.append(f"  unit  {_fmt(box['unit_box'][0])} .. {_fmt(box['unit_box'][1])}")
+        kind = f"unbounded (aabb_scale {self.aabb_scale:g})" if self.unbounded else "bounded"
+        lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "source": str(self.source),
+            "summary": self.summary,
+            "to_unit": self.to_unit.tolist(),
+            "aabb": self.aabb.tolist(),
+            "aabb_scale": self.aabb_scale,
+            "near": self.near,
+            "cone_angle": self.cone_angle,
+            "splits": {name: split.names for name, split in self.splits.items()},
+        }
+
+
+def load_scene(path: str | Path, downscale: int = 1) -> Scene:
+    """Load a transforms.json scene (folder or file) into the unit frame; raises SceneError."""
+    source = Path(path).expanduser().absolute()
+    if downscale < 1:
+        raise SceneError(source, f"downscale must be a positive integer, not {downscale}")
+    files = find_transforms(source)
+    docs = {split: read_json(file) for split, file in files.items()}
+    lists = {split: read_frames(file, docs[split], downscale) for split, file in files.items()}
+    for split, found in lists.items():
+        needed = 1 if split in ("val", "test") else 2
+        if len(found.frames) < needed:
+            raise SceneError(
+                found.file, f"only {len(found.frames)} of {found.listed} frames have an image; {needed} needed"
+            )
+
+    frames = {split: found.frames for split, found in lists.items()}
+    if LONE in frames:
+        every = frames.pop(LONE)
+        frames = {"train": [f for i, f in enumerate(every) if i % HOLDOUT], "test": every[::HOLDOUT]}
+    everything = [f for split_frames in frames.values() for f in split_frames]
+    alpha = any(f.image.shape[2] == 4 for f in everything)
+    deep = any(f.image.dtype == np.uint16 for f in everything)
+    world = {split: _split(split_frames, alpha, deep) for split, split_frames in frames.items()}
+
+    main_file = files.get("train", files.get(LONE))
+    main_doc = docs.get("train", docs.get(LONE))
+    if any(key in main_doc for key in NGP_KEYS):
+        to_unit, aabb, aabb_scale, rule = _ngp_bounds(main_file, main_doc)
+    else:
+        to_unit, aabb, rule = _carved_bounds(world["train"])
+        aabb_scale = 1.0
+    splits = {name: replace(split, cameras=split.cameras.transformed(to_unit)) for name, split in world.items()}
+
+    positions = torch.cat([split.cameras.c2w[:, :, 3] for split in splits.values()])
+    camera_inside = bool(((positions > aabb[0]) & (positions < aabb[1])).all(dim=1).any())
+    near = NEAR if aabb_scale > 1 or camera_inside else 0.0
+    cone_angle = UNBOUNDED_CONE_ANGLE if aabb_scale > 1 else 0.0
+
+    scale, shift = to_unit[0, 0].item(), to_unit[:3, 3]
+    summary = {
+        "convention": (
+            f"lone {files[LONE].name}: every {HOLDOUT}th usable frame (i % {HOLDOUT} == 0) held out for test"
+            if LONE in files
+            else "Blender split files transforms_{train,val,test}.json"
+        ),
+        "files": {split: str(file) for split, file in files.items()},
+        "views": {split: len(split_frames) for split, split_frames in frames.items()},
+        "skipped": [
+            {"file": str(found.file), "listed": found.listed, "images": found.missing}
+            for found in lists.values()
+            if found.missing
+        ],
+        "parent_paths": [p for found in lists.values() for p in found.parent_paths],
+        "image_sizes": dict(Counter(f"{f.image.shape[1]}x{f.image.shape[0]}" for f in everything)),
+        "downscale": downscale,
+        "pixels": ("RGBA" if alpha else "RGB") + (" 16-bit (stored float16)" if deep else " 8-bit"),
+        "camera_models": dict(Counter(_model_name(f) for f in everything)),
+        "bounds": {
+            "rule": rule,
+            "world_box": ((aabb - shift) / scale).tolist(),
+            "unit_box": aabb.tolist(),
+            "camera_inside": camera_inside,
+        },
+    }
+    return Scene(splits, aabb, to_unit, aabb_scale, near, cone_angle, source, summary)
+
+
+def _split(frames: list[Frame], alpha: bool, deep: bool) -> Split:
+    """Cameras (world frame) and packed pixels; every split of a scene gets the same pixel layout."""
+    fx, fy, cx, cy = torch.tensor([f.intrinsics for f in frames], dtype=torch.float32).unbind(1)
+    cameras = Cameras(
+        c2w=torch.tensor(np.stack([f.c2w for f in frames]), dtype=torch.float32),
+        fx=fx,
+        fy=fy,
+        cx=cx,
+        cy=cy,
+        width=torch.tensor([f.image.shape[1] for f in frames]),
+        height=torch.tensor([f.image.shape[0] for f in frames]),
+        distortion=torch.tensor([f.distortion for f in frames], dtype=torch.float32),
+        fisheye=torch.tensor([f.fisheye for f in frames]),
+    )
+    pixels = torch.from_numpy(np.concatenate([_flat_pixels(f.image, alpha, deep) for f in frames]))
+    sizes = torch.tensor([0] + [f.image.shape[0] * f.image.shape[1] for f in frames])
+    return Split(cameras, [f.name for f in frames], pixels, sizes.cumsum(0))
+
+
+def _flat_pixels(image: np.ndarray, alpha: bool, deep: bool) -> np.ndarray:
+    top = np.iinfo(image.dtype).max
+    if alpha and image.shape[2] == 3:
+        image = np.concatenate([image, np.full_like(image[..., :1], top)], axis=2)  # opaque
+    flat = image.reshape(-1, image.shape[2])
+    return (flat / np.float32(top)).astype(np.float16) if deep else flat
+
+
+def _unit_float(pixels: Tensor) -> Tensor:
+    return pixels.float() / 255 if pixels.dtype == torch.uint8 else pixels.float()
+
+
+def _model_name(frame: Frame) -> str:
+    if frame.fisheye:
+        return "OPENCV_FISHEYE"
+    return "OPENCV" if any(frame.distortion) else "pinhole"
+
+
+def _ngp_bounds(file: Path, doc: dict) -> tuple[Tensor, Tensor, float, str]:
+    """instant-ngp's mapping p -> p * scale + offset into [0, 1]^3, whose box is
+    0.5 +- aabb_scale / 2, stretched to our unit frame [-1, 1]^3 (x_unit = 2 x_ngp - 1).
+
+    ngp adds the offset in the JSON's own axis order and only then cycles the axes
+    (nerf_matrix_to_ngp), so offset[i] shifts world axis i and the cycle does not matter here."""
+    scale = float(doc.get("scale", NGP_SCALE))
+    offset = np.broadcast_to(np.asarray(doc.get("offset", NGP_OFFSET), dtype=np.float64), 3)
+    aabb_scale = float(doc.get("aabb_scale", 1))
+    if not (np.isfinite([scale, aabb_scale, *offset]).all() and scale > 0 and aabb_scale >= 1):
+        raise SceneError(
+            file, f"bad instant-ngp bounds: scale {scale}, offset {offset.tolist()}, aabb_scale {aabb_scale}"
+        )
+    to_unit = torch.eye(4)
+    to_unit[:3, :3] *= 2 * scale
+    to_unit[:3, 3] = torch.from_numpy(2 * offset - 1)
+    aabb = torch.tensor([[-aabb_scale] * 3, [aabb_scale] * 3])
+    given = "/".join(key for key in NGP_KEYS if key in doc)
+    rule = (
+        f"instant-ngp convention ({file.name} sets {given}): "
+        f"scale {scale:g}, offset {offset.tolist()}, aabb_scale {aabb_scale:g}"
+    )
+    return to_unit, aabb, aabb_scale, rule
+
+
+def _carved_bounds(train: Split) -> tuple[Tensor, Tensor, str]:
+    """The box where the training views agree something can be: the intersection of their
+    frustums, tightened by the alpha visual hull for RGBA images (as DVGO). Centred on the
+    unit frame's origin with its largest half-extent 1."""
+    lo, hi = _look_at_region(train.cameras)
+    for resolution in CARVE_RESOLUTIONS:
+        lo, hi, seen_by, hull = _carve(train, lo, hi, resolution)
+    pad = MARGIN * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    centre, scale = (lo + hi) / 2, 2 / (hi - lo).max()
+    to_unit = torch.eye(4)
+    to_unit[:3, :3] *= scale
+    to_unit[:3, 3] = -scale * centre
+    aabb = torch.stack([lo - centre, hi - centre]) * scale
+    what = "alpha visual hull" if hull else "frustum intersection"
+    voxels = " then ".join(f"{r}^3" for r in CARVE_RESOLUTIONS)
+    rule = (
+        f"no instant-ngp scale/offset/aabb_scale, so the {what} of the training views "
+        f"(points seen by {seen_by} of {len(train)}; voxels {voxels}), dilated one voxel plus {MARGIN:.0%} margin"
+    )
+    return to_unit, aabb, rule
+
+
+def _look_at_region(cameras: Cameras) -> tuple[Tensor, Tensor]:
+    """A generous cube: centred on the point nearest (least squares) to every optical axis,
+    half-size the farthest camera's distance from it."""
+    centres = cameras.c2w[:, :, 3].double()
+    axes = -cameras.c2w[:, :, 2].double()  # viewing directions (OpenGL cameras look down -z)
+    across = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]
+    target = torch.linalg.lstsq(across.sum(0), (across @ centres[..., None]).sum(0)).solution[:, 0]
+    half = (centres - target).norm(dim=1).max()
+    return (target - half).float(), (target + half).float()
+
+
+def _carve(train: Split, lo: Tensor, hi: Tensor, resolution: int) -> tuple[Tensor, Tensor, int, bool]:
+    """Bounding box of the voxels of [lo, hi] seen by the most training views (all of them,
+    when the frustums intersect) and, with alpha, opaque in every view that sees them."""
+    step = (hi - lo) / resolution
+    ticks = [lo[d] + step[d] * (torch.arange(resolution) + 0.5) for d in range(3)]
+    grid = torch.stack(torch.meshgrid(*ticks, indexing="ij"), -1).reshape(-1, 3)
+    seen = torch.zeros(len(grid), dtype=torch.long)
+    opaque = torch.ones(len(grid), dtype=torch.bool)
+    for start in range(0, len(train), CARVE_CHUNK):
+        chunk = slice(start, start + CARVE_CHUNK)
+        cameras = train.cameras[chunk]
+        px, py, depth = cameras.project(grid)
+        w, h = cameras.width[:, None], cameras.height[:, None]
+        inside = (depth > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        seen += inside.sum(0)
+        if train.has_alpha:
+            ix, iy = torch.where(inside, px, 0).long(), torch.where(inside, py, 0).long()  # pixel 0 when unseen
+            alpha = _unit_float(train.pixels[train.offsets[:-1][chunk, None] + iy * w + ix, 3])
+            opaque &= (~inside | (alpha > ALPHA_THRESHOLD)).all(0)
+    keep = seen == seen.max()
+    hull = keep & opaque  # = keep without alpha
+    use_hull = train.has_alpha and bool(hull.any())  # an all-transparent alpha falls back to frustums
+    kept = grid[hull if use_hull else keep]
+    margin = 1.5 * step  # from a kept voxel's centre: half a voxel to its face, then one voxel of dilation
+    return kept.min(0).values - margin, kept.max(0).values + margin, int(seen.max()), use_hull
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + " ".join(f"{v:.3g}" for v in values) + "]"
