@@ -48,10 +48,11 @@ class Field(nn.Module):
         Backends whose interpolation gradient is poor (piecewise constant per cell) may
         override this with finite differences.
         """
+        create_graph = torch.is_grad_enabled() and self.training  # the caller's mode, before enable_grad
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             y = getattr(self, output)(x)
-            (grad,) = torch.autograd.grad(y.sum(), x, create_graph=torch.is_grad_enabled() and self.training)
+            (grad,) = torch.autograd.grad(y.sum(), x, create_graph=create_graph)
         return grad
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

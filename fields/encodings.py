@@ -1,0 +1,268 @@
+"""Encodings and small networks shared by the field backends.
+
+`HashGridEncoding` is instant-ngp's multiresolution hash encoding in plain torch, with the
+function and parameter layout of tiny-cuda-nn's "HashGrid" (so weights trained by either
+implementation load into the other), `SHEncoding` the real spherical harmonics used for view
+directions, `MLP` a plain ReLU stack and `trunc_exp` instant-ngp's density activation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# tiny-cuda-nn's spatial hash: coordinates times these, XORed (the 1 keeps x-neighbours close in memory).
+_PRIMES = (1, 2654435761, 805459861)
+
+
+@functools.cache
+def tcnn_available() -> bool:
+    """Whether tiny-cuda-nn's torch bindings import (never raises)."""
+    try:
+        import tinycudann  # noqa: F401
+    except (ImportError, OSError):  # OSError (= EnvironmentError): tinycudann without a usable GPU
+        return False
+    return True
+
+
+def _as_elements(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] real -> [..., K]: each pair of features becomes one complex element (K = F/2).
+
+    A row of the usual F=2 table is then a single element, so the interpolation's gathers and
+    scatters index 1-D tensors, torch's fast CPU paths (2-D index_add is ~3x and the
+    embedding backward ~10x slower). Odd F stays real, one element per feature.
+    """
+    return torch.view_as_complex(t.unflatten(-1, (-1, 2))) if t.shape[-1] % 2 == 0 else t
+
+
+def _as_features(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t).flatten(-2) if t.is_complex() else t
+
+
+class _Interpolate(torch.autograd.Function):
+    """out[b] = sum_c weights[b, c] * table[index[b, c]]: the trilinear blend of 8 corners.
+
+    Fused by `embedding_bag`, so the [B, 8, F] corner features are never materialised in the
+    forward. The backward is built from differentiable ops, so second derivatives (eikonal
+    losses on d out / d x) work.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, weights, index)
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, weights, index = ctx.saved_tensors
+        grad = _as_elements(grad.contiguous())  # [B, K]
+        k = grad.shape[-1]
+        elements = (index[..., None] if k == 1 else index[..., None] * k + torch.arange(k, device=index.device)).view(-1)
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            src = (weights[..., None] * grad[:, None]).view(-1)
+            grad_table = _as_features(grad.new_zeros(table.shape[0] * k).index_add_(0, elements, src).view(-1, k))
+        if ctx.needs_input_grad[1]:  # only when positions require grad
+            corners = _as_elements(table).reshape(-1).index_select(0, elements).view(*index.shape, k)
+            grad_weights = (corners * grad[:, None].conj()).real.sum(-1)  # Re(a conj(b)): the dot product
+        return grad_table, grad_weights, None
+
+
+class HashGridEncoding(nn.Module):
+    """Multiresolution hash encoding (Müller et al. 2022): [..., 3] in [0, 1]^3 -> [..., L*F].
+
+    Level l spans `scale_l = base * b^l - 1` cells with `V_l = ceil(scale_l) + 1` vertices per
+    axis (b = growth factor from base to max resolution), a point sits at `x * scale_l + 0.5`
+    in vertex units, and its feature is the trilinear blend of the 8 surrounding vertices.
+    These are tiny-cuda-nn's conventions, so the function equals its "HashGrid" encoding. A
+    level whose V^3 vertices fit in T = 2^log2_table rows is stored densely
+    (x + y V + z V^2); finer levels hash (x * 1 ^ y * 2654435761 ^ z * 805459861) & (T - 1).
+    All levels share one table [sum of level sizes, F], level-major, each level
+    min(T, V^3 rounded up to 8) rows: tiny-cuda-nn's parameter layout (flattened).
+
+    Positions beyond the upper face of a level's grid (the last half cell, where
+    tiny-cuda-nn reads past the level's end) are clamped onto it.
+    """
+
+    def __init__(
+        self,
+        levels: int = 16,
+        features: int = 2,
+        log2_table: int = 19,
+        base_resolution: int = 16,
+        max_resolution: float = 2048,
+        tcnn: bool = False,
+    ):
+        super().__init__()
+        self.levels, self.features, self.log2_table = levels, features, log2_table
+        self.base_resolution, self.max_resolution = base_resolution, max_resolution
+        self.growth = math.exp(math.log(max_resolution / base_resolution) / (levels - 1)) if levels > 1 else 1.0
+        table_size = 1 << log2_table
+        # In fp32 as tiny-cuda-nn computes it, so both agree on each level's vertex count.
+        growth32 = torch.tensor(self.growth, dtype=torch.float32)
+        scales = torch.exp2(torch.arange(levels, dtype=torch.float32) * torch.log2(growth32)) * base_resolution - 1
+        vertices = [math.ceil(s) + 1 for s in scales.tolist()]
+        dense = [v**3 <= table_size for v in vertices]
+        sizes = [min(-(-(v**3) // 8) * 8, table_size) for v in vertices]
+        offsets = [sum(sizes[:level]) for level in range(levels)]
+        if sum(sizes) >= 2**31:
+            raise ValueError(f"hash grid of {sum(sizes)} rows exceeds int32 indexing")
+        self.dense_levels = sum(dense)  # dense levels are the coarsest ones, first in the table
+
+        self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
+        # Shaped [L, 3, 1] / [L, 1, 1] to broadcast over [L, 3, N]; not state (derived from the options).
+        v = torch.tensor(vertices, dtype=torch.float32)[:, None, None]
+        self.register_buffer("_scale", scales[:, None, None], persistent=False)
+        self.register_buffer("_pos_max", v - 1, persistent=False)
+        self.register_buffer("_cell_max", v - 2, persistent=False)
+        multipliers = [(1, n, n * n) if d else _PRIMES for n, d in zip(vertices, dense)]
+        self.register_buffer("_mult", torch.tensor(multipliers)[:, :, None], persistent=False)
+        self.register_buffer("_mask", torch.tensor([-1 if d else table_size - 1 for d in dense])[:, None, None], persistent=False)
+        self.register_buffer("_offset", torch.tensor(offsets, dtype=torch.int32).view(-1, 1, 1, 1, 1), persistent=False)
+        self._tcnn = self._make_tcnn() if tcnn else None
+
+    @property
+    def out_dim(self) -> int:
+        return self.levels * self.features
+
+    def _make_tcnn(self) -> nn.Module:
+        """tiny-cuda-nn's HashGrid reading this module's table (UNTESTED: no GPU/tcnn here).
+
+        tcnn's own flat parameter is dropped; each forward hands it `table.view(-1)`, so the
+        optimiser and the state_dict only ever see the canonical torch table.
+        """
+        if not tcnn_available():
+            raise RuntimeError("tiny-cuda-nn is not installed; use tcnn=False for the pure-torch hash grid")
+        import tinycudann
+
+        config = {
+            "otype": "HashGrid",
+            "n_levels": self.levels,
+            "n_features_per_level": self.features,
+            "log2_hashmap_size": self.log2_table,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.growth,
+            "interpolation": "Linear",
+        }
+        encoding = tinycudann.Encoding(3, config, dtype=torch.float32)
+        if encoding.params.numel() != self.table.numel():
+            raise RuntimeError(f"tiny-cuda-nn grid has {encoding.params.numel()} parameters, expected {self.table.numel()}")
+        del encoding.params
+        return encoding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        x = x.reshape(-1, 3).to(self.table.dtype).clamp(0, 1)
+        if self._tcnn is not None:
+            self._tcnn.params = self.table.view(-1)
+            return self._tcnn(x).view(*batch, self.out_dim)
+        n, levels, ld = x.shape[0], self.levels, self.dense_levels
+
+        # Per level and axis [L, 3, N], so every elementwise op runs along N contiguous points.
+        pos = torch.minimum(x.t() * self._scale + 0.5, self._pos_max)
+        cell = torch.minimum(pos.detach().floor(), self._cell_max)  # the top vertex stays in range
+        frac = pos - cell  # autograd reaches x through here
+        w = torch.stack([1 - frac, frac], 2).permute(0, 3, 1, 2)  # [L, N, axis, corner bit]
+        weights = w[:, :, 2, :, None, None] * w[:, :, 1, None, :, None] * w[:, :, 0, None, None, :]
+
+        with torch.no_grad():
+            # Per-axis terms of the index for both corner bits, then combined separably:
+            # dense levels add them (x + y V + z V^2), hashed levels XOR them.
+            lo = cell.long() * self._mult  # int64: prime products overflow int32
+            terms = torch.empty(levels, 3, 2, n, dtype=torch.int32, device=x.device)  # [L, axis, bit, N]
+            torch.bitwise_and(lo, self._mask, out=terms[:, :, 0])
+            torch.bitwise_and(lo + self._mult, self._mask, out=terms[:, :, 1])
+            index = torch.empty(levels, n, 2, 2, 2, dtype=torch.int32, device=x.device)  # [L, N, z, y, x]
+            d, h = terms[:ld].permute(0, 3, 1, 2), terms[ld:].permute(0, 3, 1, 2)  # [L, N, axis, bit]
+            torch.add(d[:, :, 2, :, None, None] + d[:, :, 1, None, :, None], d[:, :, 0, None, None, :] + self._offset[:ld], out=index[:ld])
+            torch.add(h[:, :, 2, :, None, None] ^ h[:, :, 1, None, :, None] ^ h[:, :, 0, None, None, :], self._offset[ld:], out=index[ld:])
+
+        out = _Interpolate.apply(self.table, weights.reshape(-1, 8), index.view(-1, 8))  # [L * N, F]
+        return out.view(levels, n, self.features).transpose(0, 1).reshape(*batch, self.out_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.levels}, features={self.features}, log2_table={self.log2_table}, "
+            f"resolution={self.base_resolution}..{self.max_resolution:g}, dense_levels={self.dense_levels}, "
+            f"tcnn={self._tcnn is not None}"
+        )
+
+
+class SHEncoding(nn.Module):
+    """Real spherical harmonics of unit directions [..., 3] -> [..., degree^2] (degree 1..4 bands).
+
+    tiny-cuda-nn's constants and signs (Condon-Shortley phase, orthonormal on the sphere);
+    tcnn takes directions mapped to [0, 1]^3, this takes them unit length as they are.
+    """
+
+    def __init__(self, degree: int = 4):
+        super().__init__()
+        if not 1 <= degree <= 4:
+            raise ValueError(f"SH degree must be 1..4, got {degree}")
+        self.degree = degree
+
+    @property
+    def out_dim(self) -> int:
+        return self.degree**2
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        x, y, z = d.unbind(-1)
+        out = [torch.full_like(x, 0.28209479177387814)]
+        if self.degree > 1:
+            out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
+        if self.degree > 2:
+            xy, yz, xz, x2, y2, z2 = x * y, y * z, x * z, x * x, y * y, z * z
+            out += [
+                1.0925484305920792 * xy,
+                -1.0925484305920792 * yz,
+                0.94617469575755997 * z2 - 0.31539156525251999,
+                -1.0925484305920792 * xz,
+                0.54627421529603959 * (x2 - y2),
+            ]
+        if self.degree > 3:
+            out += [
+                0.59004358992664352 * y * (y2 - 3 * x2),
+                2.8906114426405538 * xy * z,
+                0.45704579946446572 * y * (1 - 5 * z2),
+                0.3731763325901154 * z * (5 * z2 - 3),
+                0.45704579946446572 * x * (1 - 5 * z2),
+                1.4453057213202769 * z * (x2 - y2),
+                0.59004358992664352 * x * (3 * y2 - x2),
+            ]
+        return torch.stack(out, -1)
+
+
+class MLP(nn.Sequential):
+    """in_dim -> `layers` hidden ReLU layers of width `hidden` -> out_dim (no output activation)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 64, layers: int = 1):
+        dims = [in_dim] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            blocks += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        super().__init__(*blocks, nn.Linear(dims[-1], out_dim))
+
+
+class _TruncExp(torch.autograd.Function):
+    # Under CUDA autocast the input arrives fp16, where exp overflows beyond ~11: compute in fp32.
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=15))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x), with the gradient of exp(min(x, 15)): instant-ngp's density activation, whose
+    clamped backward keeps a few huge densities from blowing up the update."""
+    return _TruncExp.apply(x)

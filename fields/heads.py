@@ -1,0 +1,40 @@
+"""Decoders from encoded features to radiance, shared by the radiance-field backends."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recon.fields.encodings import MLP, SHEncoding, trunc_exp
+
+
+class RadianceHead(nn.Module):
+    """instant-ngp's two small MLPs: features [N, E] and unit directions [N, 3] -> density, rgb.
+
+    The density MLP (E -> hidden -> geo_dim, one hidden layer) gives the geometry feature; its
+    first channel is log-density, density = trunc_exp(raw + density_bias). With the default
+    bias 0 (instant-ngp) a fresh field, whose encoded features start near 0, has density ~1
+    everywhere; nerfacc's instant-ngp example uses -1 (density ~0.37). The colour MLP sees the
+    whole geometry feature and the SH-encoded direction (geo_dim + 16 -> hidden -> hidden -> 3,
+    sigmoid).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 64, geo_dim: int = 16, sh_degree: int = 4, density_bias: float = 0.0):
+        super().__init__()
+        self.density_bias = density_bias
+        self.density_net = MLP(in_dim, geo_dim, hidden, layers=1)
+        self.dir_encoding = SHEncoding(sh_degree)
+        self.color_net = MLP(geo_dim + self.dir_encoding.out_dim, 3, hidden, layers=2)
+
+    def forward(self, features: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(density [N], rgb [N, 3])."""
+        geo = self.density_net(features)
+        rgb = torch.sigmoid(self.color_net(torch.cat([geo, self.dir_encoding(dirs)], -1)))
+        return self._activate(geo), rgb
+
+    def density_only(self, features: torch.Tensor) -> torch.Tensor:
+        """Density [N] without the colour branch (occupancy updates, export)."""
+        return self._activate(self.density_net(features))
+
+    def _activate(self, geo: torch.Tensor) -> torch.Tensor:
+        return trunc_exp(geo[..., 0] + self.density_bias)
