@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ class FitConfig:
     scene: str  # the scene folder or transforms file
     out: str  # the run folder
     field: str = "hashgrid"
-    field_options: dict[str, Any] = field(default_factory=dict)  # backend keyword arguments
+    field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
     batch_rays: int = 4096

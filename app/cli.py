@@ -1,0 +1,266 @@
+"""The `recon` command line: fit, demo, eval, render."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recon.app.config import FitConfig
+from recon.app.evaluate import default_stride, evaluate, metrics_document, orbit_cameras, render_cameras
+from recon.app.pipeline import Pipeline
+from recon.app.run import RunDir, UserError
+from recon.app.trainer import Trainer, resolve_device
+from recon.data.scene import Scene, SceneError, load_scene
+from recon.fields import REGISTRY
+
+# The built-in example: small enough to fit in a few minutes on a 2-core CPU.
+DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
+DEMO_FIT = {"steps": 1000, "batch_rays": 2048, "occupancy_resolution": 64,
+            "field_options": {"levels": 8, "log2_table": 16, "max_resolution": 512}}
+
+
+class ProgressBar:
+    """Step, loss, PSNR and rays/s on one terminal line."""
+
+    def __init__(self, trainer: Trainer):
+        self.bar = tqdm(total=100, initial=round(trainer.progress.value * 100), unit="%", desc="training",
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def on_step(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        self.bar.set_postfix_str(f"step {stats['step']} loss {stats['loss']:.4f} psnr {stats['psnr']:.2f} "
+                                 f"{stats['rays_per_second'] / 1e3:.1f}k rays/s", refresh=False)
+        self.bar.update(round(stats["progress"] * 100) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LogWriter:
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_step(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        self.run.append_log({"time": time.time(), **stats})
+
+
+def parse_field_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--field-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def default_run_name(scene: Path, field: str) -> Path:
+    stem = scene.stem if scene.is_file() else scene.resolve().name
+    return Path("runs") / f"{stem}-{field}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(cfg: FitConfig, run: RunDir, scene: Scene, resume: bool) -> dict[str, Any]:
+    """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content."""
+    print(scene.describe())
+    if not resume:
+        cfg.save(run.config)
+        run.write_json(run.scene, scene.to_json())
+    trainer = Trainer(cfg, scene)
+    checkpoint = latest_checkpoint(run.checkpoints) if resume else None
+    if checkpoint:
+        trainer.load_state_dict(load_checkpoint(checkpoint))
+        print(f"resuming {run.path} from step {trainer.step}")
+    print(f"run folder: {run.path}   field: {cfg.field} ({trainer.pipeline.field.num_parameters():,} parameters)   device: {trainer.device}")
+
+    def checkpoint_now(t: Trainer) -> Path:
+        return save_checkpoint(run.checkpoints, t.step, t.state_dict())
+
+    bar = ProgressBar(trainer)
+    try:
+        trainer.run([bar, LogWriter(run)], on_checkpoint=checkpoint_now)
+    except KeyboardInterrupt:
+        bar.close()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the checkpoint short
+        path = checkpoint_now(trainer)
+        print(f"\ninterrupted at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
+        raise SystemExit(130)
+    bar.close()
+    checkpoint_now(trainer)
+    train = {"steps": trainer.step, "seconds": round(trainer.progress.seconds, 3),
+             "rays_per_second": round(trainer.step * cfg.batch_rays / max(trainer.progress.seconds, 1e-9))}
+    return evaluate_run(run, trainer.pipeline, scene, cfg, train, stride=cfg.eval_stride)
+
+
+def evaluate_run(run: RunDir, pipeline: Pipeline, scene, cfg: FitConfig, train: dict[str, Any], stride: int | None,
+                 split: str = "test") -> dict[str, Any]:
+    data = scene.splits[split]
+    stride = stride or default_stride(len(data), pipeline.device)
+    result = evaluate(pipeline, data, stride, cfg.eval_chunk, out_dir=run.renders / split)
+    metrics = metrics_document("radiance", run.path.name, cfg.scene, pipeline, train, split, result)
+    run.write_json(run.metrics, metrics)
+    mean = result["mean"]
+    print(f"{split}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  over {result['views_evaluated']} of "
+          f"{len(data)} views (every {stride})  ->  {run.metrics}")
+    return metrics
+
+
+def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
+    run = RunDir(path)
+    run.require()
+    cfg = FitConfig.load(run.config)
+    checkpoint = latest_checkpoint(run.checkpoints)
+    if checkpoint is None:
+        raise UserError(f"{run.checkpoints}: no checkpoint to load")
+    state = load_checkpoint(checkpoint)
+    pipeline = Pipeline.from_state(state["pipeline"]).to(resolve_device(cfg.device))
+    return run, cfg, pipeline, state
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    if args.resume:
+        run = RunDir(args.resume)
+        run.require()
+        cfg = FitConfig.load(run.config)
+        cfg.steps = args.steps if args.steps is not None else cfg.steps
+        cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
+        fit(cfg, run, load_scene(cfg.scene, downscale=cfg.downscale), resume=True)
+        return
+    if args.scene is None:
+        return cmd_demo(args)
+    cfg = FitConfig(scene=args.scene, out="")
+    apply_fit_args(cfg, args)
+    cfg.out = str(args.out or default_run_name(Path(args.scene), cfg.field))
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)  # bad input fails before any folder is touched
+    run = RunDir(cfg.out)
+    run.create(args.overwrite)
+    fit(cfg, run, scene, resume=False)
+
+
+def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
+    for name in ("field", "steps", "max_time", "batch_rays", "lr", "downscale", "occupancy_resolution", "eval_stride",
+                 "seed", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if cfg.field not in REGISTRY:
+        raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
+    cfg.field_options.update(parse_field_options(args.field_option))
+    cfg.tcnn = args.tcnn
+    cfg.viewer = args.viewer
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from recon.data.synthetic import make_scene
+
+    scene_dir = Path("runs/demo-scene")
+    if not (scene_dir / "transforms_train.json").exists():
+        print(f"generating the example scene in {scene_dir}")
+        make_scene(scene_dir, **DEMO_SCENE)
+    cfg = FitConfig(scene=str(scene_dir), out="", **copy.deepcopy(DEMO_FIT))
+    apply_fit_args(cfg, args)
+    cfg.out = str(args.out or default_run_name(Path("demo"), cfg.field))
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    run = RunDir(cfg.out)
+    run.create(args.overwrite)
+    fit(cfg, run, scene, resume=False)
+
+
+def load_split(cfg: FitConfig, split: str):
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    if split not in scene.splits:
+        raise UserError(f"{cfg.scene}: no '{split}' split (has: {', '.join(scene.splits)})")
+    return scene
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    run, cfg, pipeline, state = load_run(args.run)
+    scene = load_split(cfg, args.split)
+    train = {"steps": state["step"], "seconds": round(state["train_seconds"], 3)}
+    evaluate_run(run, pipeline, scene, cfg, train, stride=args.stride or 1, split=args.split)
+
+
+def cmd_render(args: argparse.Namespace) -> None:
+    run, cfg, pipeline, _ = load_run(args.run)
+    scene = load_split(cfg, "train" if args.path == "orbit" else args.path)
+    if args.path == "orbit":
+        cameras = orbit_cameras(scene.splits["train"].cameras, args.frames)
+    else:
+        cameras = scene.splits[args.path].cameras
+    out = run.renders / f"{args.path}-render"
+    paths = render_cameras(pipeline, cameras, out, cfg.eval_chunk, video=run.renders / f"{args.path}.mp4", fps=args.fps)
+    print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recon", description="Neural-field 3D reconstruction from posed images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def fit_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--field", help="field backend (default hashgrid)")
+        p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="backend option, e.g. -o levels=8 -o log2_table=17")
+        p.add_argument("--steps", type=int, help="training steps (default 20000)")
+        p.add_argument("--max-time", type=float, help="training time cap in seconds (schedules follow it)")
+        p.add_argument("--batch-rays", type=int, help="rays per step (default 4096)")
+        p.add_argument("--lr", type=float, help="base learning rate (default 1e-2)")
+        p.add_argument("--downscale", type=int, help="divide image resolution by N")
+        p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
+                       help="occupancy grid cells per side (default 128)")
+        p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--device", help="auto, cpu or cuda")
+        p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")
+        p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
+
+    p = sub.add_parser("fit", help="train a field on a posed-image scene (no scene: the built-in demo)")
+    p.add_argument("scene", nargs="?", help="scene folder or transforms file")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
+    fit_options(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("demo", help="generate the built-in example scene and fit it")
+    fit_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="render a split of a trained run and write metrics.json")
+    p.add_argument("run")
+    p.add_argument("--split", default="test")
+    p.add_argument("--stride", type=int, help="every k-th view (default 1)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("render", help="render test views or an orbit to PNG and MP4")
+    p.add_argument("run")
+    p.add_argument("--path", default="test", help="test, val, train or orbit")
+    p.add_argument("--frames", type=int, default=120, help="orbit frames")
+    p.add_argument("--fps", type=int, default=30)
+    p.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SceneError, UserError) as error:
+        print(f"recon: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""A pipeline = a field plus the renderer settings that trace it (Kaolin Wisp's pairing).
+
+Training, evaluation, rendering and (later) the viewer and export all render through this
+one object, so they can never disagree about the box, the step size or the occupancy grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recon.app.checkpoint import load_resizing
+from recon.data.cameras import Cameras
+from recon.data.rays import Rays
+from recon.fields import Field, build_field
+from recon.renderers import OccupancyGrid, render_chunked, render_rays
+
+
+@dataclass
+class Tracer:
+    """How rays are marched through the scene box (unit frame)."""
+
+    aabb: torch.Tensor  # [2, 3] the field's box
+    step_size: float
+    cone_angle: float
+    near: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"aabb": self.aabb.tolist(), "step_size": self.step_size, "cone_angle": self.cone_angle, "near": self.near}
+
+
+class Pipeline:
+    def __init__(self, field: Field, grid_config: dict[str, Any], tracer: Tracer):
+        self.field, self.tracer = field, tracer
+        self.grid_config = grid_config  # OccupancyGrid keyword arguments, kept to rebuild it from a checkpoint
+        self.grid = OccupancyGrid(aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
+                                  levels=grid_config["levels"], step_size=grid_config["step_size"])
+
+    @classmethod
+    def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
+              near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int) -> "Pipeline":
+        field = build_field(field_name, scene_aabb, **field_options)
+        # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
+        levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
+        inner = scene_aabb / (2 ** (levels - 1))
+        step_size = float(torch.linalg.norm(inner[1] - inner[0])) / samples_per_diagonal
+        grid_config = {"aabb": inner.tolist(), "resolution": grid_resolution, "levels": levels, "step_size": step_size}
+        return cls(field, grid_config, Tracer(scene_aabb.clone(), step_size, cone_angle, near))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Pipeline":
+        """Rebuild from `state_dict()`; shapes come from the saved tensors, not the config."""
+        t = state["tracer"]
+        tracer = Tracer(torch.tensor(t["aabb"]), t["step_size"], t["cone_angle"], t["near"])
+        field = build_field(state["field"]["name"], tracer.aabb, **state["field"]["config"])
+        load_resizing(field, state["field"]["state"])
+        pipeline = cls(field, state["grid_config"], tracer)
+        load_resizing(pipeline.grid, state["grid"])
+        return pipeline
+
+    def to(self, device: torch.device | str) -> "Pipeline":
+        self.field.to(device)
+        self.grid.to(device)
+        self.tracer.aabb = self.tracer.aabb.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.tracer.aabb.device
+
+    def field_fn(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # bf16 matmuls on CUDA only; the field keeps positions and interpolation in fp32.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            out = self.field(x, d)
+        return out["density"].float(), out["rgb"].float()
+
+    def density_fn(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            return self.field.density(x).float()
+
+    def _trace_args(self) -> dict[str, Any]:
+        t = self.tracer
+        return {"grid": self.grid, "aabb": t.aabb, "step_size": t.step_size, "cone_angle": t.cone_angle, "near": t.near}
+
+    def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Differentiable render of a ray batch (training)."""
+        return render_rays(rays, self.field_fn, self.density_fn, background=background, generator=generator, **self._trace_args())
+
+    @torch.no_grad()
+    def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4) -> dict[str, torch.Tensor]:
+        return render_chunked(rays, self.field_fn, self.density_fn, background=background, chunk=chunk,
+                              early_stop_eps=early_stop_eps, **self._trace_args())
+
+    @torch.no_grad()
+    def render_view(self, cameras: Cameras, index: int, chunk: int = 16384, background: float = 1.0) -> dict[str, torch.Tensor]:
+        """Render camera `index` as images: rgb [H, W, 3], depth [H, W], opacity [H, W]."""
+        width, height = int(cameras.width[index]), int(cameras.height[index])
+        rays = cameras.image_rays(index).to(self.device)
+        bg = torch.full((3,), background, device=self.device)
+        was_training = self.field.training
+        self.field.eval()
+        out = self.render_rays_chunked(rays, bg, chunk)
+        self.field.train(was_training)
+        return {k: out[k].reshape(height, width, -1).squeeze(-1) for k in ("rgb", "depth", "opacity")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "field": {"name": self.field.name, "config": self.field.config(), "state": self.field.state_dict()},
+            "grid": self.grid.state_dict(),
+            "grid_config": self.grid_config,
+            "tracer": self.tracer.to_json(),
+        }

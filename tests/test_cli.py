@@ -1,0 +1,85 @@
+"""The command line end to end: fit, eval, render, resume, Ctrl-C and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recon.app.cli import main
+
+TINY = ["-o", "levels=4", "-o", "log2_table=12", "-o", "max_resolution=64", "--batch-rays", "256",
+        "--grid-resolution", "16", "--device", "cpu"]
+
+
+def recon(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recon.app.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
+    run = tmp_path / "run"
+    main(["fit", str(tiny_scene), "--steps", "30", "--out", str(run), *TINY])
+    for name in ("config.json", "scene.json", "log.jsonl", "metrics.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["schema"] == "recon.metrics/1" and metrics["train"]["steps"] == 30
+    assert len(metrics["views"]) == metrics["eval"]["views_evaluated"] == 4
+    assert metrics["mean"]["psnr"] > 10 and metrics["mean"]["lpips"] is None
+    assert len(list((run / "renders" / "test").glob("*.png"))) == 4
+
+    main(["eval", str(run), "--stride", "2"])
+    assert json.loads((run / "metrics.json").read_text())["eval"]["views_evaluated"] == 2
+
+    main(["render", str(run), "--path", "orbit", "--frames", "4"])
+    assert (run / "renders" / "orbit.mp4").stat().st_size > 0
+    assert len(list((run / "renders" / "orbit-render").glob("*.png"))) == 4
+
+    main(["fit", "--resume", str(run), "--steps", "40"])
+    assert (run / "checkpoints" / "step-0000040.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["train"]["steps"] == 40
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_scene, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    result = recon("fit", str(tiny_scene), "--steps", "5", "--out", str(run), *TINY)
+    assert result.returncode == 2
+    assert "--overwrite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (run / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("make_bad, expected", [
+    (lambda d: d / "missing", "missing"),
+    (lambda d: d, "transforms"),
+    (lambda d: (d / "transforms.json").write_text("{ not json") and d, "transforms.json"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, make_bad, expected):
+    bad = make_bad(tmp_path)
+    result = recon("fit", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr and expected in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_scene, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "recon.app.cli", "fit", str(tiny_scene), "--steps", "100000",
+                                "--out", str(run), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    checkpoints = list((run / "checkpoints").glob("step-*.pt"))
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].stem.split("-")[1])
+    assert step >= 25
+    result = recon("fit", "--resume", str(run), "--steps", str(step + 5))
+    assert result.returncode == 0, result.stderr
+    assert (run / "checkpoints" / f"step-{step + 5:07d}.pt").exists()
