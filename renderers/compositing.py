@@ -1,0 +1,65 @@
+"""Volume compositing over packed samples, in terms of optical depth.
+
+Each sample carries its optical depth tau = -log(1 - alpha): sigma*dt for density fields, or from NeuS
+alpha for SDF fields. Transmittance is then exp(-(sum of tau before the sample)), a segmented sum
+that packs and differentiates simply, instead of a product of (1 - alpha).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from recon.renderers.marching import Samples
+
+
+def density_to_tau(sigma: Tensor, dt: Tensor) -> Tensor:
+    return sigma * dt
+
+
+def alpha_to_tau(alpha: Tensor) -> Tensor:
+    # Clamped below 1 so an opaque sample still has a finite tau (~13.8: transmittance 1e-6 behind it) and gradient.
+    return -torch.log1p(-alpha.clamp(0.0, 1.0 - 1e-6))
+
+
+def first_of_ray(ray_idx: Tensor, n_rays: int) -> Tensor:
+    """[S]: the packed index of the first sample of each sample's ray (ray_idx ascending)."""
+    counts = torch.bincount(ray_idx, minlength=n_rays)
+    return (counts.cumsum(0) - counts)[ray_idx]
+
+
+def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:
+    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray)."""
+    # One cumulative sum over the whole batch, minus its value at each ray's start: in float64, as this
+    # difference of two large sums would cancel the small ones in float32.
+    tau64 = tau.double()
+    before = torch.cumsum(tau64, 0) - tau64
+    transmittance = torch.exp(before[first_of_ray(ray_idx, n_rays)] - before).to(tau.dtype)
+    return transmittance * -torch.expm1(-tau), transmittance
+
+
+def accumulate(values: Tensor | None, weights: Tensor, ray_idx: Tensor, n_rays: int) -> Tensor:
+    """Sum of w * v per ray: [R] for values [S] (or None: the sum of weights), [R, C] for values [S, C]."""
+    src = weights if values is None else weights.reshape(-1, *(1,) * (values.dim() - 1)) * values
+    return src.new_zeros((n_rays, *src.shape[1:])).index_add(0, ray_idx, src)
+
+
+def composite(rgb: Tensor, tau: Tensor, samples: Samples, background: Tensor | None = None) -> dict[str, Tensor]:
+    """Render rgb [S, 3] with optical depths tau [S] along `samples`.
+
+    Returns rgb [R, 3] (over `background` [3] or [R, 3] where given), opacity [R] = sum of weights,
+    weights [S], and depth [R]: the expected distance at which the ray ends given that it ends in the
+    box, sum(w * t) / opacity (0 for rays that hit nothing; times opacity for the unnormalised depth).
+    """
+    ray_idx, n_rays = samples.ray_idx, samples.n_rays
+    weights, _ = render_weights(tau, ray_idx, n_rays)
+    opacity = accumulate(None, weights, ray_idx, n_rays)
+    color = accumulate(rgb, weights, ray_idx, n_rays)
+    if background is not None:
+        color = color + (1 - opacity)[:, None] * background
+    # A clamp, not a where, so rays with zero opacity get depth 0 and a finite gradient.
+    depth = accumulate(samples.t_mid, weights, ray_idx, n_rays) / opacity.clamp(min=1e-10)
+    return {"rgb": color, "depth": depth, "opacity": opacity, "weights": weights}
