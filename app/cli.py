@@ -151,7 +151,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "steps", "max_time", "batch_rays", "lr", "downscale", "occupancy_resolution", "eval_stride",
+    for name in ("field", "steps", "max_time", "batch_rays", "lr", "downscale", "occupancy_resolution",
+                 "samples_per_diagonal", "eval_stride",
                  "seed", "device"):
         value = getattr(args, name)
         if value is not None:
@@ -160,7 +161,6 @@ def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
         raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
     cfg.field_options.update(parse_field_options(args.field_option))
     cfg.tcnn = args.tcnn
-    cfg.viewer = args.viewer
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -220,13 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--downscale", type=int, help="divide image resolution by N")
         p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
                        help="occupancy grid cells per side (default 128)")
+        p.add_argument("--samples-per-diagonal", type=int,
+                       help="marching step = box diagonal / this (default 1024, as instant-ngp)")
         p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
         p.add_argument("--seed", type=int)
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")
         p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-        p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
+        p.add_argument("--no-viewer", dest="viewer", action="store_false",
+                       help="do not start the web viewer (the viewer itself is not built yet: issue 9)")
 
     p = sub.add_parser("fit", help="train a field on a posed-image scene (no scene: the built-in demo)")
     p.add_argument("scene", nargs="?", help="scene folder or transforms file")

@@ -33,7 +33,6 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     tcnn: bool = False
-    viewer: bool = False  # the live web viewer (issue 9); accepted so scripts keep working
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
