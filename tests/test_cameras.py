@@ -13,22 +13,11 @@ import pytest
 import torch
 
 from recon.data.cameras import Cameras
+from geometry import look_at
 from recon.data.scene import load_scene
 
 RADTAN = (0.06, -0.08, 0.0, 0.0, -0.001, 0.0004)  # k1 k2 k3 k4 p1 p2, fox-like
 FISHEYE = (0.05, 0.01, -0.004, 0.001, 0.0, 0.0)  # k1..k4
-
-
-def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """4x4 OpenGL camera-to-world: the camera's +z points back, away from the target."""
-    eye = np.asarray(eye, dtype=np.float64)
-    back = eye - np.asarray(target)
-    back /= np.linalg.norm(back)
-    right = np.cross(up, back)
-    right /= np.linalg.norm(right)
-    m = np.eye(4)
-    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, np.cross(back, right), back, eye
-    return m
 
 
 def project_numpy(c2w, point, fx, fy, cx, cy, dist=(0.0,) * 6, fisheye=False):
