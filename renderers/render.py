@@ -40,7 +40,7 @@ def render_chunked(rays: Rays, field_fn: FieldFn, density_fn: DensityFn, grid: O
                    chunk: int = 8192, early_stop_eps: float = 1e-4) -> dict[str, Tensor]:
     """Render many rays (images, the viewer) `chunk` at a time, without grad: rgb [R, 3], depth [R], opacity [R]."""
     parts = []
-    for r0 in range(0, len(rays), chunk):
+    for r0 in range(0, max(len(rays), 1), chunk):  # one (empty) chunk for an empty batch
         bg = background[r0 : r0 + chunk] if background is not None and background.dim() == 2 else background
         parts.append(render_rays(rays[r0 : r0 + chunk], field_fn, density_fn, grid, aabb, step_size, cone_angle, near,
                                  bg, early_stop_eps=early_stop_eps))

@@ -376,3 +376,11 @@ def test_jitter_and_sample_cap():
     capped = march(rays, grid, UNIT, STEP, max_samples_per_ray=5)
     assert torch.equal(capped.ray_idx, torch.arange(4).repeat_interleave(5))
     assert torch.equal(capped.t0, plain.t0.view(4, -1)[:, :5].reshape(-1))
+
+
+def test_render_chunked_accepts_an_empty_batch():
+    grid = OccupancyGrid(UNIT, resolution=8)
+    rays = Rays(torch.zeros(0, 3), torch.zeros(0, 3))
+    out = render_chunked(rays, constant_field(box_density(-0.5, 0.5, 1.0), (1.0, 0.0, 0.0)), box_density(-0.5, 0.5, 1.0),
+                         grid, UNIT, STEP)
+    assert out["rgb"].shape == (0, 3) and out["depth"].shape == (0,) and out["opacity"].shape == (0,)
