@@ -91,7 +91,7 @@ class Pipeline:
 
     @torch.no_grad()
     def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4) -> dict[str, torch.Tensor]:
-        return render_chunked(rays, self.field_fn, self.density_fn, background=background, chunk=chunk,
+        return render_chunked(rays, self.field_fn, background=background, chunk=chunk,
                               early_stop_eps=early_stop_eps, **self._trace_args())
 
     @torch.no_grad()

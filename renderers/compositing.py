@@ -47,19 +47,39 @@ def accumulate(values: Tensor | None, weights: Tensor, ray_idx: Tensor, n_rays: 
     return src.new_zeros((n_rays, *src.shape[1:])).index_add(0, ray_idx, src)
 
 
-def composite(rgb: Tensor, tau: Tensor, samples: Samples, background: Tensor | None = None) -> dict[str, Tensor]:
-    """Render rgb [S, 3] with optical depths tau [S] along `samples`.
+def integrate(rgb: Tensor, tau: Tensor, samples: Samples, tau_before: Tensor | None = None) -> dict[str, Tensor]:
+    """The weighted sums along each ray: colour [R, 3], opacity [R], w*t [R], and weights [S].
 
-    Returns rgb [R, 3] (over `background` [3] or [R, 3] where given), opacity [R] = sum of weights,
-    weights [S], and depth [R]: the expected distance at which the ray ends given that it ends in the
-    box, sum(w * t) / opacity (0 for rays that hit nothing; times opacity for the unnormalised depth).
+    tau_before [R]: optical depth each ray has already crossed (rendering front to back in
+    segments), which scales its weights by exp(-tau_before).
     """
     ray_idx, n_rays = samples.ray_idx, samples.n_rays
     weights, _ = render_weights(tau, ray_idx, n_rays)
-    opacity = accumulate(None, weights, ray_idx, n_rays)
-    color = accumulate(rgb, weights, ray_idx, n_rays)
+    if tau_before is not None:
+        weights = weights * torch.exp(-tau_before)[ray_idx]
+    return {
+        "color": accumulate(rgb, weights, ray_idx, n_rays),
+        "opacity": accumulate(None, weights, ray_idx, n_rays),
+        "weighted_t": accumulate(samples.t_mid, weights, ray_idx, n_rays),
+        "weights": weights,
+    }
+
+
+def finish(sums: dict[str, Tensor], background: Tensor | None) -> dict[str, Tensor]:
+    """`integrate`'s sums -> rgb [R, 3] over `background` ([3] or [R, 3]), opacity [R], depth [R].
+
+    depth is the expected distance at which the ray ends given that it ends in the box,
+    sum(w * t) / opacity (0 for rays that hit nothing; times opacity for the unnormalised depth).
+    """
+    color, opacity = sums["color"], sums["opacity"]
     if background is not None:
         color = color + (1 - opacity)[:, None] * background
     # A clamp, not a where, so rays with zero opacity get depth 0 and a finite gradient.
-    depth = accumulate(samples.t_mid, weights, ray_idx, n_rays) / opacity.clamp(min=1e-10)
-    return {"rgb": color, "depth": depth, "opacity": opacity, "weights": weights}
+    return {"rgb": color, "opacity": opacity, "depth": sums["weighted_t"] / opacity.clamp(min=1e-10)}
+
+
+def composite(rgb: Tensor, tau: Tensor, samples: Samples, background: Tensor | None = None) -> dict[str, Tensor]:
+    """Render rgb [S, 3] with optical depths tau [S] along `samples`: `finish`'s rgb, depth and
+    opacity, plus the weights [S]."""
+    sums = integrate(rgb, tau, samples)
+    return {**finish(sums, background), "weights": sums["weights"]}
