@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .cameras import Cameras
 from .loaders import LONE, Frame, SceneError, find_transforms, read_frames, read_json
 from .rays import Rays
 
-__all__ = ["Scene", "SceneError", "Split", "load_scene"]
+__all__ = ["Scene", "SceneError", "Split", "load_scene", "visual_hull"]
 
 HOLDOUT = 8  # a lone transforms.json holds out every 8th usable frame for test
 NGP_KEYS = ("scale", "offset", "aabb_scale")
@@ -293,25 +294,50 @@ def _carve(train: Split, lo: Tensor, hi: Tensor, resolution: int) -> tuple[Tenso
     step = (hi - lo) / resolution
     ticks = [lo[d] + step[d] * (torch.arange(resolution) + 0.5) for d in range(3)]
     grid = torch.stack(torch.meshgrid(*ticks, indexing="ij"), -1).reshape(-1, 3)
-    seen = torch.zeros(len(grid), dtype=torch.long)
-    opaque = torch.ones(len(grid), dtype=torch.bool)
-    for start in range(0, len(train), CARVE_CHUNK):
-        chunk = slice(start, start + CARVE_CHUNK)
-        cameras = train.cameras[chunk]
-        px, py, depth = cameras.project(grid)
-        w, h = cameras.width[:, None], cameras.height[:, None]
-        inside = (depth > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        seen += inside.sum(0)
-        if train.has_alpha:
-            ix, iy = torch.where(inside, px, 0).long(), torch.where(inside, py, 0).long()  # pixel 0 when unseen
-            alpha = _unit_float(train.pixels[train.offsets[:-1][chunk, None] + iy * w + ix, 3])
-            opaque &= (~inside | (alpha > ALPHA_THRESHOLD)).all(0)
+    seen, opaque = visual_hull(train, grid)
     keep = seen == seen.max()
     hull = keep & opaque  # = keep without alpha
     use_hull = train.has_alpha and bool(hull.any())  # an all-transparent alpha falls back to frustums
     kept = grid[hull if use_hull else keep]
     margin = 1.5 * step  # from a kept voxel's centre: half a voxel to its face, then one voxel of dilation
     return kept.min(0).values - margin, kept.max(0).values + margin, int(seen.max()), use_hull
+
+
+def visual_hull(split: Split, points: Tensor, radius: Tensor | float = 0.0,
+                max_radius_px: int = 24) -> tuple[Tensor, Tensor]:
+    """Which views see points [N, 3] (in the split's frame), and whether all of them see alpha there.
+
+    Returns seen [N] (how many views have the point in front and inside the image) and opaque [N]
+    (every such view has alpha > ALPHA_THRESHOLD within `radius` of the point, a distance, [N] or
+    scalar; always True without alpha). With radius a cell's half-diagonal, opaque is False only
+    where the whole cell is seen as transparent, so thin structures survive: each view's alpha
+    is max-pooled over the projected radius. A view in which that radius exceeds max_radius_px
+    pixels does not constrain the point.
+    """
+    radius = torch.as_tensor(radius, dtype=torch.float32).expand(len(points))
+    seen = torch.zeros(len(points), dtype=torch.long)
+    opaque = torch.ones(len(points), dtype=torch.bool)
+    for start in range(0, len(split), CARVE_CHUNK):
+        chunk = slice(start, start + CARVE_CHUNK)
+        cameras = split.cameras[chunk]
+        px, py, depth = cameras.project(points)
+        w, h = cameras.width[:, None], cameras.height[:, None]
+        inside = (depth > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        seen += inside.sum(0)
+        if not split.has_alpha:
+            continue
+        reach = (radius * torch.maximum(cameras.fx, cameras.fy)[:, None] / depth.clamp(min=1e-6)).ceil()
+        constrains = inside & (reach <= max_radius_px)
+        ix, iy = torch.where(inside, px, 0).long(), torch.where(inside, py, 0).long()  # pixel 0 when unseen
+        for view in range(len(cameras)):
+            i = start + view
+            alpha = _unit_float(split.pixels[split.offsets[i] : split.offsets[i + 1], 3]).view(1, int(h[view]), int(w[view]))
+            kernel = int(reach[view][constrains[view]].max()) if bool(constrains[view].any()) else 0
+            if kernel > 0:
+                alpha = F.max_pool2d(alpha, 2 * kernel + 1, stride=1, padding=kernel)
+            visible = alpha[0, iy[view], ix[view]] > ALPHA_THRESHOLD
+            opaque &= ~constrains[view] | visible
+    return seen, opaque
 
 
 def _fmt(values: list[float]) -> str:

@@ -113,9 +113,19 @@ class OccupancyGrid(nn.Module):
         self.values.copy_(torch.where(mask, self.values.clamp(min=0), -1.0))
         self.occupied &= mask
 
+    def cell_centres(self) -> tuple[Tensor, Tensor]:
+        """Every cell's centre [levels * res^3, 3] and half-diagonal [levels * res^3], in the flat layout."""
+        cells = torch.arange(self.values.numel(), device=self.values.device)
+        half_diagonal = self.cell_diagonal / 2 * torch.exp2((cells // self.resolution**3).float())
+        return self._points(cells, torch.full((len(cells), 3), 0.5, device=cells.device)), half_diagonal
+
     def _jittered_points(self, cells: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self._points(cells, rand((len(cells), 3), generator, cells.device))
+
+    def _points(self, cells: Tensor, offset: Tensor) -> Tensor:
+        """Positions [N, 3] at `offset` [N, 3] (in [0, 1]^3 of the cell) inside flat cells [N]."""
         res = self.resolution
         level, cell = cells // res**3, cells % res**3
         ijk = torch.stack([cell // res**2, cell // res % res, cell % res], -1)
-        u = (ijk + rand((len(cells), 3), generator, cells.device)) * (2 / res) - 1  # in [-1, 1] of the cell's level
+        u = (ijk + offset) * (2 / res) - 1  # in [-1, 1] of the cell's level
         return self.aabb.mean(0) + (self.aabb[1] - self.aabb[0]) / 2 * torch.exp2(level.float())[:, None] * u

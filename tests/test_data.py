@@ -323,3 +323,23 @@ def test_shared_lego_and_fox():
     assert len(fox.splits["train"]) + len(fox.splits["test"]) == 50 and len(fox.splits["test"]) == 7
     assert fox.summary["skipped"][0]["listed"] == 67 and len(fox.summary["skipped"][0]["images"]) == 17
     assert fox.unbounded and fox.aabb_scale == 4 and fox.cone_angle == 1 / 256
+
+
+def test_visual_hull_seed_keeps_every_cell_the_surface_crosses(tiny_scene):
+    from recon.data.synthetic import scene_sdf
+    from recon.data.scene import visual_hull
+    from recon.renderers import OccupancyGrid
+
+    scene = load_scene(tiny_scene)
+    grid = OccupancyGrid(scene.aabb, resolution=32)
+    centres, half_diagonals = grid.cell_centres()
+    _, opaque = visual_hull(scene.splits["train"], centres, half_diagonals)
+    # Signed distances from the generator's own closed form, in world units.
+    to_world = torch.linalg.inv(scene.to_unit.double())
+    world = (centres.double() @ to_world[:3, :3].T + to_world[:3, 3]).numpy()
+    sdf = torch.from_numpy(scene_sdf(world))
+    reach = half_diagonals.double() * to_world[0, :3].norm()  # a cell's half-diagonal in world units
+    crossed = sdf.abs() < reach  # the surface may pass through these cells
+    assert crossed.sum() > 100 and opaque[crossed].all()
+    assert opaque.float().mean() < 0.5  # and most of the box is carved away
+    assert not opaque[sdf > 4 * reach].all()
