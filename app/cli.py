@@ -74,15 +74,16 @@ def default_run_name(scene: Path, field: str) -> Path:
 def fit(cfg: FitConfig, run: RunDir, scene: Scene, resume: bool) -> dict[str, Any]:
     """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content."""
     print(scene.describe())
+    trainer = Trainer(cfg, scene)
+    cfg = trainer.cfg  # every option resolved, the preset's included
     if not resume:
         cfg.save(run.config)
         run.write_json(run.scene, scene.to_json())
-    trainer = Trainer(cfg, scene)
     checkpoint = latest_checkpoint(run.checkpoints) if resume else None
     if checkpoint:
         trainer.load_state_dict(load_checkpoint(checkpoint))
         print(f"resuming {run.path} from step {trainer.step}")
-    print(f"run folder: {run.path}   field: {cfg.field} ({trainer.pipeline.field.num_parameters():,} parameters)   device: {trainer.device}")
+    print(f"run folder: {run.path}   field: {cfg.field} ({trainer.pipeline.field.num_parameters():,} parameters)   device: {trainer.device} (preset {cfg.preset})")
 
     def checkpoint_now(t: Trainer) -> Path:
         return save_checkpoint(run.checkpoints, t.step, t.state_dict())
@@ -99,7 +100,8 @@ def fit(cfg: FitConfig, run: RunDir, scene: Scene, resume: bool) -> dict[str, An
     bar.close()
     checkpoint_now(trainer)
     train = {"steps": trainer.step, "seconds": round(trainer.progress.seconds, 3),
-             "rays_per_second": round(trainer.step * cfg.batch_rays / max(trainer.progress.seconds, 1e-9))}
+             "rays_per_second": round(trainer.rays_seen / max(trainer.progress.seconds, 1e-9)),
+             "samples_per_second": round(trainer.samples_seen / max(trainer.progress.seconds, 1e-9))}
     return evaluate_run(run, trainer.pipeline, scene, cfg, train, stride=cfg.eval_stride)
 
 

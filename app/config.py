@@ -9,6 +9,19 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from recon.fields import REGISTRY
+
+# Defaults that depend on the machine; a field backend adds its own (its class's `presets`).
+# gpu: instant-ngp's. cpu: what a 2-core CPU trains fastest with (BENCHMARKS.md, issue 3).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {"batch_rays": 4096, "sample_budget": 2**18, "occupancy_resolution": 128, "samples_per_diagonal": 1024,
+            "eval_chunk": 2**16},
+    "cpu": {"batch_rays": 1024, "sample_budget": 2**15, "occupancy_resolution": 64, "samples_per_diagonal": 256,
+            "eval_chunk": 2**13},
+}
+
 
 @dataclass
 class FitConfig:
@@ -18,21 +31,32 @@ class FitConfig:
     field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
-    batch_rays: int = 4096
+    preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)
+    batch_rays: int | None = None  # rays of the first step; later steps size the batch to sample_budget
+    sample_budget: int | None = None  # field samples per step the ray batch adapts to (nerfacc's examples)
     lr: float = 1e-2
     downscale: int = 1
-    occupancy_resolution: int = 128
+    occupancy_resolution: int | None = None
     occupancy_every: int = 16  # steps between occupancy-grid updates
     occupancy_warmup: float = 0.02  # progress during which every cell is refreshed
-    samples_per_diagonal: int = 1024  # marching step = the box diagonal / this (instant-ngp: sqrt(3)*2/1024 on its unit cube)
+    samples_per_diagonal: int | None = None  # marching step = the box diagonal / this (instant-ngp: sqrt(3)*2/1024 on its unit cube)
     early_stop_eps: float = 1e-4  # transmittance below which evaluation stops marching
     eval_stride: int | None = None  # end-of-fit evaluation renders every k-th test view (None: all on GPU, at most 25 on CPU)
-    eval_chunk: int = 16384  # rays per chunk when rendering whole images
+    eval_chunk: int | None = None  # rays per chunk when rendering whole images
     checkpoint_every: int = 2000  # steps; a checkpoint is also written at the end and on Ctrl-C
     log_every: int = 25
     seed: int = 0
     device: str = "auto"
     tcnn: bool = False
+
+    def resolved(self, device: torch.device) -> FitConfig:
+        """A copy with the preset chosen (by device unless given) and every option it sets filled in."""
+        preset = self.preset or ("gpu" if device.type == "cuda" else "cpu")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        unset = {key: value for key, value in PRESETS[preset].items() if getattr(self, key) is None}
+        field_defaults = getattr(REGISTRY.get(self.field), "presets", {}).get(preset, {})
+        return dataclasses.replace(self, preset=preset, field_options={**field_defaults, **self.field_options}, **unset)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

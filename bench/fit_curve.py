@@ -5,7 +5,7 @@ evenly spaced test views (evaluation time is not training time). Prints a Markdo
 row per mark and writes the whole curve as JSON.
 
     python bench/fit_curve.py ../shared/data/lego --max-time 600 --marks 60 120 300 600 \
-        --eval-views 10 --out bench/results/lego-cpu.json [-o levels=8 ...]
+        --eval-views 10 --out bench/results/lego-cpu.json [--preset cpu] [--set KEY=VALUE] [-o levels=8 ...]
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ def main() -> None:
     parser.add_argument("--marks", type=float, nargs="+", required=True, help="training seconds at which to evaluate")
     parser.add_argument("--eval-views", type=int, default=10)
     parser.add_argument("--downscale", type=int, default=1)
-    parser.add_argument("--batch-rays", type=int, default=4096)
-    parser.add_argument("--grid-resolution", type=int, default=128)
-    parser.add_argument("--samples-per-diagonal", type=int, default=1024)
+    parser.add_argument("--preset", help="cpu or gpu (default: by device)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
     parser.add_argument("-o", "--field-option", action="append", default=[])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -42,11 +41,11 @@ def main() -> None:
     started = time.perf_counter()
     scene = load_scene(args.scene, downscale=args.downscale)
     load_seconds = time.perf_counter() - started
-    cfg = FitConfig(scene=args.scene, out="", steps=None, max_time=args.max_time, batch_rays=args.batch_rays,
-                    downscale=args.downscale, occupancy_resolution=args.grid_resolution,
-                    samples_per_diagonal=args.samples_per_diagonal,
-                    field_options=parse_field_options(args.field_option))
+    cfg = FitConfig(scene=args.scene, out="", steps=None, max_time=args.max_time, downscale=args.downscale,
+                    preset=args.preset, field_options=parse_field_options(args.field_option),
+                    **parse_field_options(args.set))
     trainer = Trainer(cfg, scene)
+    cfg = trainer.cfg  # the preset applied
     test = scene.splits["test"]
     stride = max(1, len(test) // args.eval_views)
     rows = []
@@ -58,7 +57,8 @@ def main() -> None:
             trainer.run(stop_at=trainer.step + 10)
         result = evaluate(trainer.pipeline, test, stride, cfg.eval_chunk)
         row = {"train_seconds": round(trainer.progress.seconds, 1), "steps": trainer.step,
-               "rays_per_second": round(trainer.step * cfg.batch_rays / trainer.progress.seconds),
+               "rays_per_second": round(trainer.rays_seen / trainer.progress.seconds),
+               "samples_per_second": round(trainer.samples_seen / trainer.progress.seconds),
                "psnr": round(result["mean"]["psnr"], 3), "ssim": round(result["mean"]["ssim"], 4),
                "eval_seconds": result["seconds"], "views": result["views_evaluated"]}
         rows.append(row)

@@ -24,6 +24,8 @@ class Field(nn.Module):
 
     name: str = "field"
     outputs: frozenset[str] = frozenset()
+    # Option defaults per machine preset ("cpu", "gpu"), under what the user sets (FitConfig.resolved).
+    presets: dict[str, dict[str, Any]] = {}
 
     def __init__(self, aabb: torch.Tensor):
         super().__init__()

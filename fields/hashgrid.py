@@ -24,6 +24,9 @@ class HashGridField(Field):
     """
 
     outputs = frozenset({"density", "rgb"})
+    # On a CPU a step costs in proportion to levels x samples and Adam to the table: half the levels,
+    # a quarter of the table (BENCHMARKS.md, issue 3). The GPU keeps instant-ngp's defaults.
+    presets = {"cpu": {"levels": 8, "log2_table": 17}}
 
     def __init__(
         self,

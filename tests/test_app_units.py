@@ -8,6 +8,7 @@ import torch
 from scipy.signal import convolve2d
 
 from recon.app.checkpoint import latest_checkpoint, load_checkpoint, load_resizing, save_checkpoint
+from recon.app.config import PRESETS, FitConfig
 from recon.app.metrics import ground_truth_on_white, psnr, ssim
 from recon.app.schedules import FINAL_LEARNING_RATE_FACTOR, Progress, learning_rate_factor
 
@@ -82,3 +83,17 @@ def test_ssim_matches_reference():
     b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
     assert ssim(torch.tensor(b), torch.tensor(a)) == pytest.approx(reference_ssim(b, a), abs=1e-9)
     assert ssim(torch.tensor(a), torch.tensor(a)) == pytest.approx(1.0)
+
+
+def test_presets_fill_only_what_the_user_left_unset():
+    cfg = FitConfig(scene="s", out="o", batch_rays=512, field_options={"levels": 12})
+    cpu = cfg.resolved(torch.device("cpu"))
+    assert cpu.preset == "cpu" and cpu.batch_rays == 512
+    assert cpu.sample_budget == PRESETS["cpu"]["sample_budget"]
+    assert cpu.occupancy_resolution == PRESETS["cpu"]["occupancy_resolution"]
+    assert cpu.field_options == {"levels": 12, "log2_table": 17}  # the hash grid's CPU preset, under the user's
+    assert cpu.resolved(torch.device("cuda")) == cpu  # resolving is idempotent, even on another device
+    gpu = FitConfig(scene="s", out="o").resolved(torch.device("cuda"))
+    assert gpu.preset == "gpu" and gpu.field_options == {} and gpu.samples_per_diagonal == 1024
+    with pytest.raises(ValueError, match="unknown preset"):
+        FitConfig(scene="s", out="o", preset="tpu").resolved(torch.device("cpu"))

@@ -13,8 +13,8 @@ SMALL_FIELD = {"levels": 8, "log2_table": 15, "max_resolution": 256}
 
 
 def small_config(scene, **overrides) -> FitConfig:
-    options = dict(scene=str(scene), out="", field_options=dict(SMALL_FIELD), batch_rays=1024, steps=400,
-                   occupancy_resolution=32, log_every=10, device="cpu")
+    options = dict(scene=str(scene), out="", field_options=dict(SMALL_FIELD), batch_rays=1024, sample_budget=2**14,
+                   steps=400, occupancy_resolution=32, log_every=10, device="cpu")
     return FitConfig(**(options | overrides))
 
 
@@ -25,6 +25,9 @@ def test_short_fit_reaches_psnr_floor_on_held_out_views(tiny_scene):
     result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
     assert result["mean"]["psnr"] > 24.0, result["mean"]
     assert result["mean"]["ssim"] > 0.85, result["mean"]
+    # The ray batch follows the sample budget (the alpha-seeded grid leaves ~10 samples per ray here).
+    assert trainer.batch_rays > 1024
+    assert trainer.samples_seen / trainer.step == pytest.approx(2**14, rel=0.25)
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_scene):
