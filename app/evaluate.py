@@ -114,7 +114,7 @@ def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: i
         frame = to_uint8(pipeline.render_view(cameras, i, chunk)["rgb"])
         paths.append(out_dir / f"{i:04d}.png")
         imageio.imwrite(paths[-1], frame)
-        frames.append(frame)
+        frames.append(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])  # H.264 4:2:0 needs even sizes
     if video:
         imageio.mimwrite(video, frames, fps=fps, macro_block_size=1)
         paths.append(video)

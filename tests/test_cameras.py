@@ -183,3 +183,14 @@ def test_indexing_and_device():
     assert len(cams) == 3 and len(cams[1]) == 1 and len(cams[-1]) == 1 and len(cams[1:]) == 2
     assert torch.equal(cams[torch.tensor([2, 0])].c2w, cams.c2w[[2, 0]])
     assert cams.to("cpu").fx.device.type == "cpu"
+
+
+def test_downscaled_pixels_cover_the_same_rays():
+    cams = make_cameras()
+    half = cams.downscaled(2)
+    assert (half.width == cams.width // 2).all() and (half.height == cams.height // 2).all()
+    # A pixel of the halved image looks where the centre of its 2x2 block did: x' = x / 2.
+    point = torch.tensor([[0.3, -0.2, 0.1]])
+    px, py, _ = cams.project(point)
+    hx, hy, _ = half.project(point)
+    assert torch.allclose(hx, px / 2, atol=1e-5) and torch.allclose(hy, py / 2, atol=1e-5)
