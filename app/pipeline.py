@@ -90,9 +90,11 @@ class Pipeline:
         return render_rays(rays, self.field_fn, self.density_fn, background=background, generator=generator, **self._trace_args())
 
     @torch.no_grad()
-    def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4) -> dict[str, torch.Tensor]:
-        return render_chunked(rays, self.field_fn, background=background, chunk=chunk,
-                              early_stop_eps=early_stop_eps, **self._trace_args())
+    def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4,
+                            near: float | None = None) -> dict[str, torch.Tensor]:
+        """rgb, depth, opacity of many rays without grad; `near` overrides the tracer's (rays starting at a surface)."""
+        args = self._trace_args() | ({} if near is None else {"near": near})
+        return render_chunked(rays, self.field_fn, background=background, chunk=chunk, early_stop_eps=early_stop_eps, **args)
 
     @torch.no_grad()
     def render_view(self, cameras: Cameras, index: int, chunk: int = 16384, background: float = 1.0) -> dict[str, torch.Tensor]:
