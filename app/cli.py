@@ -25,8 +25,7 @@ from recon.fields import REGISTRY
 
 # The built-in example: small enough to fit in a few minutes on a 2-core CPU.
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
-DEMO_FIT = {"steps": 1000, "batch_rays": 2048, "occupancy_resolution": 64,
-            "field_options": {"levels": 8, "log2_table": 16, "max_resolution": 512}}
+DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
 
 
 class ProgressBar:
@@ -153,9 +152,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "steps", "max_time", "batch_rays", "lr", "downscale", "occupancy_resolution",
-                 "samples_per_diagonal", "eval_stride",
-                 "seed", "device"):
+    for name in ("field", "steps", "max_time", "preset", "batch_rays", "sample_budget", "lr", "downscale",
+                 "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -202,9 +200,49 @@ def cmd_render(args: argparse.Namespace) -> None:
         cameras = orbit_cameras(scene.splits["train"].cameras, args.frames)
     else:
         cameras = scene.splits[args.path].cameras
+    if args.downscale < 1:
+        raise UserError(f"--downscale {args.downscale}: must be a positive integer")
+    cameras = cameras.downscaled(args.downscale)
     out = run.renders / f"{args.path}-render"
     paths = render_cameras(pipeline, cameras, out, cfg.eval_chunk, video=run.renders / f"{args.path}.mp4", fps=args.fps)
     print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
+
+
+def cmd_export_mesh(args: argparse.Namespace) -> None:
+    from recon.app.export import FORMATS, extract_mesh
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format}: unknown mesh format (known: {', '.join(FORMATS)})")
+    run, cfg, pipeline, _ = load_run(args.run)
+    crop_file = run.path / "crop.json"  # one crop box per run: given once, used by every later export
+    if args.crop is not None:
+        crop = torch.tensor(args.crop, dtype=torch.float32).view(2, 3)
+        if (crop[1] <= crop[0]).any():
+            raise UserError(f"--crop {args.crop}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
+    elif crop_file.exists():
+        crop = torch.tensor(json.loads(crop_file.read_text())["world_box"])
+    else:
+        crop = None
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    mesh, info = extract_mesh(pipeline, scene.splits["train"].cameras, scene.to_unit, args.resolution, args.level,
+                              crop, clean=args.clean)
+    if args.crop is not None:
+        run.write_json(crop_file, {"world_box": crop.tolist(), "frame": "input cameras (world)"})
+    output = Path(args.output) if args.output else run.path / "export" / f"mesh-{args.resolution}.{args.format}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    mesh.save(output)
+    run.write_json(output.with_suffix(".json"), {"mesh": output.name, "crop_world_box": None if crop is None else crop.tolist(), **info})
+    print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s")
+
+
+def cmd_eval_mesh(args: argparse.Namespace) -> None:
+    from recon.app.metrics import mesh_distances
+
+    result = mesh_distances(Path(args.pred), Path(args.gt), samples=args.samples, tau_fraction=args.tau)
+    print(f"Chamfer {result['chamfer']:.6g}  F-score {result['fscore']:.4f} at tau {result['tau']:.4g} "
+          f"({args.tau:g} of the ground truth's diagonal), {args.samples:,} samples per mesh")
+    output = Path(args.output) if args.output else Path(args.pred).with_suffix(".eval.json")
+    output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
         p.add_argument("--steps", type=int, help="training steps (default 20000)")
         p.add_argument("--max-time", type=float, help="training time cap in seconds (schedules follow it)")
-        p.add_argument("--batch-rays", type=int, help="rays per step (default 4096)")
+        p.add_argument("--preset", choices=("cpu", "gpu"), help="machine defaults (default: by device)")
+        p.add_argument("--batch-rays", type=int, help="rays of the first step (preset: 1024 cpu, 4096 gpu)")
+        p.add_argument("--sample-budget", type=int,
+                       help="field samples per step; the ray batch adapts to it (preset: 2^15 cpu, 2^18 gpu)")
         p.add_argument("--lr", type=float, help="base learning rate (default 1e-2)")
         p.add_argument("--downscale", type=int, help="divide image resolution by N")
         p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
-                       help="occupancy grid cells per side (default 128)")
+                       help="occupancy grid cells per side (preset: 64 cpu, 128 gpu)")
         p.add_argument("--samples-per-diagonal", type=int,
-                       help="marching step = box diagonal / this (default 1024, as instant-ngp)")
+                       help="marching step = box diagonal / this (preset: 256 cpu, 1024 gpu as instant-ngp)")
         p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
         p.add_argument("--seed", type=int)
         p.add_argument("--device", help="auto, cpu or cuda")
@@ -254,7 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="test", help="test, val, train or orbit")
     p.add_argument("--frames", type=int, default=120, help="orbit frames")
     p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--downscale", type=int, default=1, help="render images N times smaller than the scene's")
     p.set_defaults(func=cmd_render)
+
+    export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="what", required=True)
+    p = export.add_parser("mesh", help="marching cubes over the field, in the input cameras' coordinates")
+    p.add_argument("run")
+    p.add_argument("--resolution", type=int, default=512, help="voxels along the box's longest side")
+    p.add_argument("--format", default="ply", help="ply, obj or glb")
+    p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                   help="world-frame box to mesh; stored with the run for later exports")
+    p.add_argument("--level", type=float, default=0.5, help="surface opacity over one voxel, 1 - exp(-sigma * voxel)")
+    p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
+    p.add_argument("--output", help="file to write (default RUN/export/mesh-RESOLUTION.FORMAT)")
+    p.set_defaults(func=cmd_export_mesh)
+
+    p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
+    p.add_argument("pred")
+    p.add_argument("gt")
+    p.add_argument("--samples", type=int, default=200_000, help="surface points sampled from each mesh")
+    p.add_argument("--tau", type=float, default=0.01, help="F-score distance, a fraction of the ground truth's diagonal")
+    p.add_argument("--output", help="JSON file (default PRED.eval.json)")
+    p.set_defaults(func=cmd_eval_mesh)
     return parser
 
 

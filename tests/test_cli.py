@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
+import imageio.v3 as iio
 import pytest
+import trimesh
 
 from recon.app.cli import main
 
@@ -33,9 +35,21 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
     main(["eval", str(run), "--stride", "2"])
     assert json.loads((run / "metrics.json").read_text())["eval"]["views_evaluated"] == 2
 
-    main(["render", str(run), "--path", "orbit", "--frames", "4"])
+    main(["render", str(run), "--path", "orbit", "--frames", "4", "--downscale", "2"])
     assert (run / "renders" / "orbit.mp4").stat().st_size > 0
-    assert len(list((run / "renders" / "orbit-render").glob("*.png"))) == 4
+    frames = sorted((run / "renders" / "orbit-render").glob("*.png"))
+    assert len(frames) == 4 and iio.imread(frames[0]).shape[:2] == (24, 24)  # the 48-pixel scene, halved
+
+    main(["export", "mesh", str(run), "--resolution", "32", "--format", "obj"])
+    mesh = trimesh.load(run / "export" / "mesh-32.obj", force="mesh")
+    truth = trimesh.load(tiny_scene / "mesh.ply")
+    # In the input cameras' frame: the mesh overlaps the ground truth's box, never far outside it.
+    assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
+    assert (mesh.bounds[0] > truth.bounds[0] - 0.3).all() and (mesh.bounds[1] < truth.bounds[1] + 0.3).all()
+    for bad in (["--format", "xyz"], ["--crop", "10", "10", "10", "11", "11", "11"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "mesh", str(run), "--resolution", "16", *bad])
+        assert exit_info.value.code == 2
 
     main(["fit", "--resume", str(run), "--steps", "40"])
     assert (run / "checkpoints" / "step-0000040.pt").exists()
