@@ -211,6 +211,8 @@ def cmd_render(args: argparse.Namespace) -> None:
 def cmd_export_mesh(args: argparse.Namespace) -> None:
     from recon.app.export import FORMATS, extract_mesh
 
+    if args.resolution < 8:
+        raise UserError(f"--resolution {args.resolution}: need at least 8 voxels along the box")
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: unknown mesh format (known: {', '.join(FORMATS)})")
     run, cfg, pipeline, _ = load_run(args.run)
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="ply", help="ply, obj or glb")
     p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                    help="world-frame box to mesh; stored with the run for later exports")
-    p.add_argument("--level", type=float, default=0.5, help="surface opacity over one voxel, 1 - exp(-sigma * voxel)")
+    p.add_argument("--level", type=float, help="surface opacity over one voxel, 1 - exp(-sigma * voxel) (default 0.5)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
     p.add_argument("--output", help="file to write (default RUN/export/mesh-RESOLUTION.FORMAT)")
     p.set_defaults(func=cmd_export_mesh)

@@ -40,7 +40,6 @@ class FitConfig:
     occupancy_every: int = 16  # steps between occupancy-grid updates
     occupancy_warmup: float = 0.02  # progress during which every cell is refreshed
     samples_per_diagonal: int | None = None  # marching step = the box diagonal / this (instant-ngp: sqrt(3)*2/1024 on its unit cube)
-    early_stop_eps: float = 1e-4  # transmittance below which evaluation stops marching
     eval_stride: int | None = None  # end-of-fit evaluation renders every k-th test view (None: all on GPU, at most 25 on CPU)
     eval_chunk: int | None = None  # rays per chunk when rendering whole images
     checkpoint_every: int = 2000  # steps; a checkpoint is also written at the end and on Ctrl-C

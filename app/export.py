@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import trimesh
 from torch import Tensor
 
 from recon.app.pipeline import Pipeline
 from recon.app.run import UserError
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
-from recon.renderers.mesh import extract_isosurface, lattice_shape, remove_small_components
+from recon.renderers.mesh import COARSE_STEP, extract_isosurface, lattice_shape, remove_small_components
 
 OPACITY_LEVEL = 0.5  # opacity of one export voxel at the surface
 MIN_COMPONENT_FRACTION = 0.02  # --clean drops pieces under 2% of the largest piece's area
@@ -39,8 +40,6 @@ class Mesh:
     colors: np.ndarray  # [V, 3] uint8
 
     def save(self, path: Path) -> None:
-        import trimesh
-
         mesh = trimesh.Trimesh(self.vertices, self.faces, vertex_colors=self.colors, process=False)
         mesh.export(path, file_type=path.suffix[1:])
 
@@ -57,8 +56,8 @@ def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tens
     box = torch.tensor(pipeline.grid_config["aabb"])
     if crop is None:
         return box
-    cut = torch.stack([torch.maximum(box[0], world_to_unit_box(crop, to_unit)[0]),
-                       torch.minimum(box[1], world_to_unit_box(crop, to_unit)[1])])
+    crop_unit = world_to_unit_box(crop, to_unit)
+    cut = torch.stack([torch.maximum(box[0], crop_unit[0]), torch.minimum(box[1], crop_unit[1])])
     if (cut[1] <= cut[0]).any():
         raise UserError(f"--crop {crop.flatten().tolist()}: the crop box is empty or outside the scene")
     return cut
@@ -66,7 +65,7 @@ def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tens
 
 def memory_needed(box: Tensor, resolution: int) -> int:
     """Bytes the extraction holds at once: the fine volume, its upsampling and masks (~16 bytes a point)."""
-    _, cells = lattice_shape(box, resolution, coarse_step=4)
+    _, cells = lattice_shape(box, resolution, COARSE_STEP)
     return 16 * math.prod(n + 1 for n in cells)
 
 
@@ -120,9 +119,11 @@ def vertex_colors(pipeline: Pipeline, vertices: Tensor, normals: Tensor, offset:
 
 @torch.no_grad()
 def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, resolution: int = 512,
-                 level: float = OPACITY_LEVEL, crop: Tensor | None = None, clean: bool = True,
+                 level: float | None = None, crop: Tensor | None = None, clean: bool = True,
                  chunk: int = 2**16) -> tuple[Mesh, dict[str, Any]]:
-    """Mesh a radiance field's pipeline; returns the mesh in world coordinates and what was done."""
+    """Mesh a radiance field's pipeline (level None: OPACITY_LEVEL); returns the mesh in world coordinates
+    and what was done."""
+    level = OPACITY_LEVEL if level is None else level
     if "density" not in pipeline.field.outputs:
         raise UserError(f"field {pipeline.field.name!r} has no density output to mesh")
     started = time.perf_counter()
@@ -146,8 +147,6 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     vertices, faces = extract_isosurface(inside_fn, box, resolution, level, chunk=chunk)
     if clean:
         vertices, faces = remove_small_components(vertices, faces, MIN_COMPONENT_FRACTION)
-    import trimesh
-
     normals = torch.from_numpy(np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)).float()
     verts = torch.from_numpy(vertices).float().to(pipeline.device)
     colors = vertex_colors(pipeline, verts, normals.to(pipeline.device), 2 * voxel, chunk)

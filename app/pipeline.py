@@ -87,7 +87,7 @@ class Pipeline:
 
     def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Differentiable render of a ray batch (training)."""
-        return render_rays(rays, self.field_fn, self.density_fn, background=background, generator=generator, **self._trace_args())
+        return render_rays(rays, self.field_fn, background=background, generator=generator, **self._trace_args())
 
     @torch.no_grad()
     def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4,

@@ -18,7 +18,7 @@ from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
 from recon.app.schedules import Progress, learning_rate_factor
 from recon.app.checkpoint import load_resizing
-from recon.data.scene import Scene, Split, visual_hull
+from recon.data.scene import Scene, visual_hull
 
 
 class Observer(Protocol):
@@ -40,8 +40,6 @@ class Trainer:
         options = dict(cfg.field_options, **({"tcnn": True} if cfg.tcnn else {}))
         self.pipeline = Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near, scene.cone_angle,
                                        cfg.occupancy_resolution, cfg.samples_per_diagonal).to(self.device)
-        if scene.splits["train"].has_alpha:
-            self._seed_grid_from_alpha(scene.splits["train"])
         self.train = scene.splits["train"].to(self.device)  # pixels live where the step runs
         # One generator drives every random choice of the loop, so a resumed run replays exactly.
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -52,12 +50,12 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._rays_since_log = self._samples_since_log = self._steps_since_log = 0
 
-    def _seed_grid_from_alpha(self, train: Split) -> None:
+    def _seed_grid_from_alpha(self) -> None:
         """Mark empty, for good, every grid cell some training view sees as wholly transparent: marching
         then skips the space around an RGBA object from the first step instead of learning it is empty."""
         grid = self.pipeline.grid
         centres, half_diagonals = grid.cell_centres()
-        _, opaque = visual_hull(train, centres.cpu(), half_diagonals.cpu())
+        _, opaque = visual_hull(self.scene.splits["train"], centres.cpu(), half_diagonals.cpu())
         grid.seed(opaque.view(grid.levels, -1).to(grid.values.device))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -117,6 +115,8 @@ class Trainer:
         """Train until progress reaches 1 (or step `stop_at`), telling observers every log_every steps."""
         cfg = self.cfg
         self.pipeline.field.train()
+        if self.step == 0 and self.scene.splits["train"].has_alpha:  # a fresh run (a resumed one loads its grid)
+            self._seed_grid_from_alpha()
         last_log = time.perf_counter()
         self.progress.start_clock()
         try:

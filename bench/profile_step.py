@@ -23,7 +23,7 @@ from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene
 
-PHASES = ("occupancy_update", "sample_rays", "march", "prune_occluded", "field", "composite", "backward", "optimizer")
+PHASES = ("occupancy_update", "sample_rays", "march", "field", "composite", "backward", "optimizer")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ field: callers pass `density_fn(x)` and `field_fn(x, d)` closures, so one render
 """
 
 from recon.renderers.compositing import accumulate, alpha_to_tau, composite, density_to_tau, render_weights
-from recon.renderers.marching import Samples, StepRule, march, prune_occluded, ray_aabb
+from recon.renderers.marching import Samples, StepRule, march, ray_aabb
 from recon.renderers.occupancy import DensityFn, OccupancyGrid
 from recon.renderers.render import FieldFn, render_chunked, render_rays
 
@@ -20,7 +20,6 @@ __all__ = [
     "composite",
     "density_to_tau",
     "march",
-    "prune_occluded",
     "ray_aabb",
     "render_chunked",
     "render_rays",

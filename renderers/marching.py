@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from recon.data.rays import Rays
-from recon.renderers.compositing import first_of_ray, render_weights
+from recon.renderers.compositing import first_of_ray
 from recon.renderers.occupancy import OccupancyGrid, rand
 
 
@@ -162,9 +162,3 @@ def _interval(rule: StepRule, t_start: Tensor, t_far: Tensor, k: Tensor) -> tupl
     """The k-th interval [t_k, t_k + dt(t_k)], cut at the box exit (broadcasting)."""
     t0 = rule.boundary(t_start, k)
     return t0, torch.minimum(t0 + rule.dt(t0), t_far)
-
-
-def prune_occluded(samples: Samples, tau: Tensor, eps: float = 1e-4) -> Tensor:
-    """bool [S]: samples whose transmittance before them is >= eps (early ray termination, packed)."""
-    _, transmittance = render_weights(tau, samples.ray_idx, samples.n_rays)
-    return transmittance >= eps

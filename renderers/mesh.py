@@ -13,9 +13,11 @@ import mcubes
 import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
 from torch import Tensor
 
 InsideFn = Callable[[Tensor], Tensor]  # positions [N, 3] -> values [N], > level inside
+COARSE_STEP = 4  # voxels between the coarse evaluations that find where to refine
 
 
 def lattice_shape(box: Tensor, resolution: int, coarse_step: int = 1) -> tuple[float, list[int]]:
@@ -27,7 +29,7 @@ def lattice_shape(box: Tensor, resolution: int, coarse_step: int = 1) -> tuple[f
 
 
 @torch.no_grad()
-def extract_isosurface(inside_fn: InsideFn, box: Tensor, resolution: int, level: float, coarse_step: int = 4,
+def extract_isosurface(inside_fn: InsideFn, box: Tensor, resolution: int, level: float, coarse_step: int = COARSE_STEP,
                        chunk: int = 2**18) -> tuple[np.ndarray, np.ndarray]:
     """Vertices [V, 3] (float64, box frame) and faces [F, 3] of the surface where inside_fn crosses `level`.
 
@@ -74,8 +76,6 @@ def _evaluate_lattice(inside_fn: InsideFn, origin: Tensor, spacing: float, cells
 
 def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Drop connected pieces whose area is below `min_fraction` of the largest piece's (floaters)."""
-    import trimesh
-
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     if len(faces) == 0:
         return vertices, faces

@@ -11,26 +11,18 @@ from torch.profiler import record_function
 
 from recon.data.rays import Rays
 from recon.renderers.compositing import accumulate, composite, density_to_tau, finish, first_of_ray, integrate
-from recon.renderers.marching import Samples, march, prune_occluded
-from recon.renderers.occupancy import DensityFn, OccupancyGrid
+from recon.renderers.marching import Samples, march
+from recon.renderers.occupancy import OccupancyGrid
 
 FieldFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # positions, unit dirs [S, 3] -> sigma [S], rgb [S, 3]
 
 
-def render_rays(rays: Rays, field_fn: FieldFn, density_fn: DensityFn, grid: OccupancyGrid, aabb: Tensor,
-                step_size: float, cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                generator: torch.Generator | None = None, early_stop_eps: float = 0.0) -> dict[str, Tensor | int]:
-    """Differentiable render: `composite`'s rgb, depth, opacity, weights, plus n_samples (the field evaluations).
-
-    With early_stop_eps > 0, a no-grad density pass first drops the samples whose transmittance is below it,
-    so the (costlier, differentiated) field pass skips what lies behind opaque surfaces.
-    """
+def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor, step_size: float,
+                cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor | int]:
+    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus n_samples (the field evaluations)."""
     with record_function("march"):
         samples = march(rays, grid, aabb, step_size, cone_angle, near, generator)
-    if early_stop_eps > 0:
-        with torch.no_grad(), record_function("prune_occluded"):
-            tau = density_to_tau(density_fn(samples.positions(rays)), samples.dt)
-            samples = samples[prune_occluded(samples, tau, early_stop_eps)]
     with record_function("field"):
         sigma, rgb = field_fn(samples.positions(rays), samples.dirs(rays))
     with record_function("composite"):

@@ -46,10 +46,12 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
     # In the input cameras' frame: the mesh overlaps the ground truth's box, never far outside it.
     assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
     assert (mesh.bounds[0] > truth.bounds[0] - 0.3).all() and (mesh.bounds[1] < truth.bounds[1] + 0.3).all()
-    for bad in (["--format", "xyz"], ["--crop", "10", "10", "10", "11", "11", "11"]):
+    for bad in (["export", "mesh", str(run), "--format", "xyz"], ["export", "mesh", str(run), "--resolution", "4"],
+                ["export", "mesh", str(run), "--crop", "10", "10", "10", "11", "11", "11"],
+                ["render", str(run), "--downscale", "0"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["export", "mesh", str(run), "--resolution", "16", *bad])
-        assert exit_info.value.code == 2
+            main(bad)
+        assert exit_info.value.code == 2, bad
 
     main(["fit", "--resume", str(run), "--steps", "40"])
     assert (run / "checkpoints" / "step-0000040.pt").exists()

@@ -15,7 +15,6 @@ from recon.renderers import (
     composite,
     density_to_tau,
     march,
-    prune_occluded,
     ray_aabb,
     render_chunked,
     render_rays,
@@ -88,7 +87,7 @@ def test_constant_density_cube_matches_closed_form():
     def field_fn(x, d):
         return density_fn(x) / sigma * log_sigma.exp(), color.expand(len(x), 3)
 
-    out = render_rays(rays, field_fn, density_fn, grid, UNIT, STEP, background=background)
+    out = render_rays(rays, field_fn, grid, UNIT, STEP, background=background)
 
     opacity = 1 - torch.exp(-sigma * length)
     tol = sigma * STEP  # the sampled length is within one step of L, and d(opacity)/dL <= sigma
@@ -135,7 +134,7 @@ def test_empty_scene_renders_background():
     empty.update(zero, warmup=True)
     assert empty.occupancy_fraction == 0.0
     for grid in (full, empty):
-        out = render_rays(rays, constant_field(zero, [1.0, 0.0, 0.0]), zero, grid, UNIT, STEP, background=background)
+        out = render_rays(rays, constant_field(zero, [1.0, 0.0, 0.0]), grid, UNIT, STEP, background=background)
         assert (out["n_samples"] > 0) == (grid is full)
         assert torch.equal(out["opacity"], torch.zeros(3))
         assert torch.equal(out["depth"], torch.zeros(3))
@@ -206,28 +205,21 @@ def test_early_termination_prunes_behind_an_opaque_wall():
     rays = Rays(origins, unit(torch.cat([torch.ones(20, 1), lateral], 1)))
     grid = OccupancyGrid(UNIT, 32)
 
-    samples = march(rays, grid, UNIT, STEP)
-    keep = prune_occluded(samples, density_to_tau(density_fn(samples.positions(rays)), samples.dt), eps=1e-4)
-    x = samples.positions(rays)[:, 0]
-    assert keep[x < -0.6].all()  # everything before the wall is evaluated
-    assert not keep[x > -0.6 + 0.06].any()  # nor anything past 0.06 into it (tau > 200 * (0.06 - STEP) > -log 1e-4)
-
     bg = torch.tensor([0.0, 0.0, 1.0])
-    full = render_rays(rays, field_fn, density_fn, grid, UNIT, STEP, background=bg)
-    pruned = render_rays(rays, field_fn, density_fn, grid, UNIT, STEP, background=bg, early_stop_eps=1e-4)
-    assert pruned["n_samples"] < full["n_samples"] / 3
-    for key in ("rgb", "opacity"):
-        assert torch.allclose(pruned[key], full[key], atol=1e-4)
-    assert torch.allclose(pruned["depth"], full["depth"], atol=1e-4 * 5)  # weights lost <= 1e-4, at t < 5
-
+    full = render_rays(rays, field_fn, grid, UNIT, STEP, background=bg)
     # Rendering in rounds front to back stops each ray within a round (8 samples) of turning opaque.
     evaluated = []
-    counting_fn = lambda x, d: (evaluated.append(len(x)), field_fn(x, d))[1]
+    counting_fn = lambda x, d: (evaluated.append(x[:, 0]), field_fn(x, d))[1]
     chunked = render_chunked(rays, counting_fn, grid, UNIT, STEP, background=bg, chunk=7, early_stop_eps=1e-4)
-    assert sum(evaluated) <= pruned["n_samples"] + 8 * len(rays)
+    x = torch.cat(evaluated)
+    assert len(x) < full["n_samples"] / 3
+    marched = march(rays, grid, UNIT, STEP).positions(rays)[:, 0]
+    assert (x < -0.6).sum() == (marched < -0.6).sum()  # everything before the wall is evaluated
+    # nothing past the depth where tau > 200 * (0.06 - STEP) > -log 1e-4, plus one round
+    assert (x < -0.6 + 0.06 + 8 * STEP).all()
     for key in ("rgb", "opacity"):
         assert torch.allclose(chunked[key], full[key], atol=1e-4)
-    assert torch.allclose(chunked["depth"], full["depth"], atol=1e-4 * 5)
+    assert torch.allclose(chunked["depth"], full["depth"], atol=1e-4 * 5)  # weights lost <= 1e-4, at t < 5
 
 
 def test_composite_per_ray_background():
