@@ -1,4 +1,4 @@
-"""The `recon` command line: fit, demo, eval, render."""
+"""The `recon` command line: fit, demo, eval, render, export, eval-mesh."""
 
 from __future__ import annotations
 
@@ -193,48 +193,116 @@ def cmd_eval(args: argparse.Namespace) -> None:
     evaluate_run(run, pipeline, scene, cfg, train, stride=args.stride or 1, split=args.split)
 
 
+def path_cameras(cfg: FitConfig, path: str, frames: int, downscale: int):
+    """The cameras of a render path: a split's, or an orbit around the training cameras."""
+    if downscale < 1:
+        raise UserError(f"--downscale {downscale}: must be a positive integer")
+    scene = load_split(cfg, "train" if path == "orbit" else path)
+    cameras = orbit_cameras(scene.splits["train"].cameras, frames) if path == "orbit" else scene.splits[path].cameras
+    return cameras.downscaled(downscale)
+
+
 def cmd_render(args: argparse.Namespace) -> None:
     run, cfg, pipeline, _ = load_run(args.run)
-    scene = load_split(cfg, "train" if args.path == "orbit" else args.path)
-    if args.path == "orbit":
-        cameras = orbit_cameras(scene.splits["train"].cameras, args.frames)
-    else:
-        cameras = scene.splits[args.path].cameras
-    if args.downscale < 1:
-        raise UserError(f"--downscale {args.downscale}: must be a positive integer")
-    cameras = cameras.downscaled(args.downscale)
+    cameras = path_cameras(cfg, args.path, args.frames, args.downscale)
     out = run.renders / f"{args.path}-render"
     paths = render_cameras(pipeline, cameras, out, cfg.eval_chunk, video=run.renders / f"{args.path}.mp4", fps=args.fps)
     print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
 
 
+def export_crop(run: RunDir, given: list[float] | None) -> torch.Tensor | None:
+    """The run's crop box (world frame): --crop when given (then stored for later exports), else the stored one."""
+    crop_file = run.path / "crop.json"
+    if given is not None:
+        crop = torch.tensor(given, dtype=torch.float32).view(2, 3)
+        if (crop[1] <= crop[0]).any():
+            raise UserError(f"--crop {given}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
+        return crop
+    if crop_file.exists():
+        return torch.tensor(json.loads(crop_file.read_text())["world_box"])
+    return None
+
+
+def store_crop(run: RunDir, given: list[float] | None) -> None:
+    """Called once the export accepted the box (it is inside the scene)."""
+    if given is not None:
+        run.write_json(run.path / "crop.json", {"world_box": torch.tensor(given).view(2, 3).tolist(),
+                                                "frame": "input cameras (world)"})
+
+
+def export_output(run: RunDir, given: str | None, default_name: str) -> Path:
+    output = Path(given) if given else run.path / "export" / default_name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution < 8:
+        raise UserError(f"--resolution {resolution}: need at least 8 voxels along the box")
+
+
 def cmd_export_mesh(args: argparse.Namespace) -> None:
     from recon.app.export import FORMATS, extract_mesh
 
-    if args.resolution < 8:
-        raise UserError(f"--resolution {args.resolution}: need at least 8 voxels along the box")
+    check_resolution(args.resolution)
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: unknown mesh format (known: {', '.join(FORMATS)})")
+    if args.simplify is not None and args.simplify < 4:
+        raise UserError(f"--simplify {args.simplify}: need at least 4 faces")
     run, cfg, pipeline, _ = load_run(args.run)
-    crop_file = run.path / "crop.json"  # one crop box per run: given once, used by every later export
-    if args.crop is not None:
-        crop = torch.tensor(args.crop, dtype=torch.float32).view(2, 3)
-        if (crop[1] <= crop[0]).any():
-            raise UserError(f"--crop {args.crop}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
-    elif crop_file.exists():
-        crop = torch.tensor(json.loads(crop_file.read_text())["world_box"])
-    else:
-        crop = None
+    crop = export_crop(run, args.crop)
     scene = load_scene(cfg.scene, downscale=cfg.downscale)
     mesh, info = extract_mesh(pipeline, scene.splits["train"].cameras, scene.to_unit, args.resolution, args.level,
-                              crop, clean=args.clean)
-    if args.crop is not None:
-        run.write_json(crop_file, {"world_box": crop.tolist(), "frame": "input cameras (world)"})
-    output = Path(args.output) if args.output else run.path / "export" / f"mesh-{args.resolution}.{args.format}"
-    output.parent.mkdir(parents=True, exist_ok=True)
+                              crop, clean=args.clean, method=args.method, simplify_to=args.simplify)
+    store_crop(run, args.crop)
+    suffix = "" if args.method == "marching" else f"-{args.method}"
+    output = export_output(run, args.output, f"mesh-{args.resolution}{suffix}.{args.format}")
     mesh.save(output)
     run.write_json(output.with_suffix(".json"), {"mesh": output.name, "crop_world_box": None if crop is None else crop.tolist(), **info})
     print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s")
+
+
+def cmd_export_sdf(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from recon.app.export import signed_distance_volume
+
+    check_resolution(args.resolution)
+    run, cfg, pipeline, _ = load_run(args.run)
+    crop = export_crop(run, args.crop)
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    volume = signed_distance_volume(pipeline, scene.splits["train"].cameras, scene.to_unit, args.resolution, crop)
+    store_crop(run, args.crop)
+    output = export_output(run, args.output, f"sdf-{args.resolution}.npz")
+    np.savez_compressed(output, **volume)
+    print(f"wrote {output}: {'x'.join(map(str, volume['sdf'].shape))} signed distances, voxel {volume['voxel_size']:.4g} "
+          f"(world units), in {volume['seconds']} s")
+
+
+def cmd_export_pointcloud(args: argparse.Namespace) -> None:
+    from recon.app.export import point_cloud
+
+    if args.points < 1 or args.image_side < 8 or not 0 < args.min_opacity <= 1:
+        raise UserError("--points must be positive, --image-side at least 8, --min-opacity in (0, 1]")
+    run, cfg, pipeline, _ = load_run(args.run)
+    crop = export_crop(run, args.crop)
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    cloud, info = point_cloud(pipeline, scene.splits["train"].cameras, scene.to_unit, crop, args.points,
+                              args.image_side, args.min_opacity)
+    store_crop(run, args.crop)
+    output = export_output(run, args.output, "pointcloud.ply")
+    cloud.save(output)
+    run.write_json(output.with_suffix(".json"), {"pointcloud": output.name, **info})
+    print(f"wrote {output}: {info['points']:,} points from {info['views']} views in {info['seconds']} s")
+
+
+def cmd_export_video(args: argparse.Namespace) -> None:
+    run, cfg, pipeline, _ = load_run(args.run)
+    cameras = path_cameras(cfg, args.path, args.frames, args.downscale)
+    output = export_output(run, args.output, f"video-{args.path}.mp4")
+    frames = output.parent / f"{output.stem}-frames"
+    render_cameras(pipeline, cameras, frames, cfg.eval_chunk, video=output, fps=args.fps, with_depth=True)
+    print(f"wrote {output} ({len(cameras)} frames, colour and depth side by side; PNGs in {frames})")
 
 
 def cmd_eval_mesh(args: argparse.Namespace) -> None:
@@ -276,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-viewer", dest="viewer", action="store_false",
                        help="do not start the web viewer (the viewer itself is not built yet: issue 9)")
 
+    def path_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--path", default="test", help="test, val, train or orbit")
+        p.add_argument("--frames", type=int, default=120, help="orbit frames")
+        p.add_argument("--fps", type=int, default=30)
+        p.add_argument("--downscale", type=int, default=1, help="render images N times smaller than the scene's")
+
+    def crop_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                       help="world-frame box to export; stored with the run for later exports")
+
     p = sub.add_parser("fit", help="train a field on a posed-image scene (no scene: the built-in demo)")
     p.add_argument("scene", nargs="?", help="scene folder or transforms file")
     p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
@@ -294,10 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="render test views or an orbit to PNG and MP4")
     p.add_argument("run")
-    p.add_argument("--path", default="test", help="test, val, train or orbit")
-    p.add_argument("--frames", type=int, default=120, help="orbit frames")
-    p.add_argument("--fps", type=int, default=30)
-    p.add_argument("--downscale", type=int, default=1, help="render images N times smaller than the scene's")
+    path_options(p)
     p.set_defaults(func=cmd_render)
 
     export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="what", required=True)
@@ -305,12 +380,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--resolution", type=int, default=512, help="voxels along the box's longest side")
     p.add_argument("--format", default="ply", help="ply, obj or glb")
-    p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                   help="world-frame box to mesh; stored with the run for later exports")
-    p.add_argument("--level", type=float, help="surface opacity over one voxel, 1 - exp(-sigma * voxel) (default 0.5)")
+    crop_option(p)
+    p.add_argument("--level", type=float,
+                   help="surface level: opacity over one voxel, 1 - exp(-sigma * voxel) (default 0.5); SDF fields: a distance (0)")
+    p.add_argument("--method", default="marching", help="marching (the field itself) or tsdf (fused rendered depth; open3d)")
+    p.add_argument("--simplify", type=int, metavar="FACES", help="decimate to about this many faces (open3d or fast-simplification)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
     p.add_argument("--output", help="file to write (default RUN/export/mesh-RESOLUTION.FORMAT)")
     p.set_defaults(func=cmd_export_mesh)
+
+    p = export.add_parser("sdf", help="dense signed-distance volume (.npz, world units, negative inside)")
+    p.add_argument("run")
+    p.add_argument("--resolution", type=int, default=256, help="voxels along the box's longest side")
+    crop_option(p)
+    p.add_argument("--output", help="file to write (default RUN/export/sdf-RESOLUTION.npz)")
+    p.set_defaults(func=cmd_export_sdf)
+
+    p = export.add_parser("pointcloud", help="where the training views' rays end, with colours and normals (PLY)")
+    p.add_argument("run")
+    p.add_argument("--points", type=int, default=1_000_000, help="keep at most this many (random, fixed seed)")
+    p.add_argument("--image-side", type=int, default=400, help="render the training views at most this wide")
+    p.add_argument("--min-opacity", type=float, default=0.9, help="pixels less opaque make no point")
+    crop_option(p)
+    p.add_argument("--output", help="file to write (default RUN/export/pointcloud.ply)")
+    p.set_defaults(func=cmd_export_pointcloud)
+
+    p = export.add_parser("video", help="colour and depth side by side along a path, as MP4")
+    p.add_argument("run")
+    path_options(p)
+    p.add_argument("--output", help="file to write (default RUN/export/video-PATH.mp4)")
+    p.set_defaults(func=cmd_export_video)
 
     p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
     p.add_argument("pred")

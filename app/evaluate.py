@@ -79,11 +79,27 @@ def metrics_document(task: str, run_name: str, scene: str, pipeline: Pipeline, t
     }
 
 
+ARC_GAP_DEG = 120  # training cameras leaving a wider gap around the target are forward-facing: orbit an arc
+RING_UP_MAX_DEG = 30  # the camera ring's normal replaces the mean up vector when this close to it
+DEPTH_COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255  # viridis
+
+
 def orbit_cameras(reference: Cameras, frames: int) -> Cameras:
-    """A circle of cameras around the training cameras' centre of attention, at their mean height."""
+    """Cameras circling the training cameras' centre of attention at their mean height and distance,
+    about the normal of the plane their centres lie in (or their mean up vector, see RING_UP_MAX_DEG).
+
+    When the training cameras leave a gap wider than ARC_GAP_DEG around it (a forward-facing capture),
+    the path sweeps back and forth over the arc they cover instead of going behind the scene.
+    """
     centres = reference.c2w[:, :, 3]
     up = reference.c2w[:, :, 1].mean(0)
     up = up / up.norm()
+    # Cameras on a ring or a part of one: the ring's plane gives the up axis (the mean of the cameras' up
+    # vectors tilts towards a partial ring's middle). A planar grid facing the scene does not: keep the mean.
+    ring_normal = torch.linalg.svd(centres - centres.mean(0)).Vh[-1]
+    ring_normal = ring_normal * torch.sign(ring_normal @ up)
+    if ring_normal @ up > math.cos(math.radians(RING_UP_MAX_DEG)):
+        up = ring_normal
     # The point closest to every optical axis (least squares) is what the cameras look at.
     forward = -reference.c2w[:, :, 2]
     projector = torch.eye(3) - forward[:, :, None] * forward[:, None, :]
@@ -93,9 +109,17 @@ def orbit_cameras(reference: Cameras, frames: int) -> Cameras:
     radius = (offsets - (offsets @ up)[:, None] * up).norm(dim=1).mean()
     side = torch.linalg.svd(torch.eye(3) - up[:, None] * up[None]).U[:, 0]
     side2 = torch.linalg.cross(up, side)
+    azimuths = torch.atan2(offsets @ side2, offsets @ side).sort().values
+    gaps = torch.diff(azimuths, append=azimuths[:1] + 2 * math.pi)
+    widest = int(gaps.argmax())
+    steps = torch.arange(frames) / frames
+    if gaps[widest] > math.radians(ARC_GAP_DEG):
+        start, span = azimuths[(widest + 1) % len(azimuths)], 2 * math.pi - gaps[widest]
+        angles = start + span * (1 - torch.cos(2 * math.pi * steps)) / 2  # there and back, easing at the ends
+    else:
+        angles = 2 * math.pi * steps
     c2w = []
-    for k in range(frames):
-        angle = 2 * math.pi * k / frames
+    for angle in angles.tolist():
         position = target + up * height + radius * (math.cos(angle) * side + math.sin(angle) * side2)
         back = (position - target) / (position - target).norm()  # OpenGL cameras look down -z
         right = torch.linalg.cross(up, back)
@@ -106,16 +130,35 @@ def orbit_cameras(reference: Cameras, frames: int) -> Cameras:
                    height=first.height, distortion=torch.zeros_like(first.distortion), fisheye=torch.zeros_like(first.fisheye))
 
 
-def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: int, video: Path | None, fps: int = 30) -> list[Path]:
-    """Render each camera to out_dir/NNNN.png and, if asked, all of them to an MP4."""
+def colorize_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: float) -> np.ndarray:
+    """Depth [H, W] as viridis RGB [H, W, 3] in [0, 1] (near bright), faded to white where nothing was hit."""
+    x = np.clip((far - depth) / max(far - near, 1e-9), 0, 1) * (len(DEPTH_COLORS) - 1)
+    anchors = np.arange(len(DEPTH_COLORS))
+    rgb = np.stack([np.interp(x, anchors, DEPTH_COLORS[:, c]) for c in range(3)], -1)
+    return rgb * opacity[..., None] + (1 - opacity[..., None])
+
+
+def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: int, video: Path | None, fps: int = 30,
+                   with_depth: bool = False) -> list[Path]:
+    """Render each camera to out_dir/NNNN.png (colour, or colour and depth side by side) and, if asked,
+    all of them to an MP4, frame by frame. Depth colours span the first frame's 2nd to 98th percentile."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, frames = [], []
+    writer = imageio.get_writer(video, format="FFMPEG", fps=fps, macro_block_size=1) if video else None
+    paths, depth_range = [], None
     for i in tqdm(range(len(cameras)), desc="rendering", unit="view"):
-        frame = to_uint8(pipeline.render_view(cameras, i, chunk)["rgb"])
+        out = {k: v.cpu().numpy() for k, v in pipeline.render_view(cameras, i, chunk).items()}
+        image = out["rgb"]
+        if with_depth:
+            if depth_range is None:
+                hit = out["depth"][out["opacity"] > 0.5]
+                depth_range = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
+            image = np.concatenate([image, colorize_depth(out["depth"], out["opacity"], *depth_range)], axis=1)
+        frame = to_uint8(torch.from_numpy(image))
         paths.append(out_dir / f"{i:04d}.png")
         imageio.imwrite(paths[-1], frame)
-        frames.append(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])  # H.264 4:2:0 needs even sizes
-    if video:
-        imageio.mimwrite(video, frames, fps=fps, macro_block_size=1)
+        if writer:
+            writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])  # H.264 4:2:0 needs even sizes
+    if writer:
+        writer.close()
         paths.append(video)
     return paths

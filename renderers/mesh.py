@@ -39,7 +39,6 @@ def extract_isosurface(inside_fn: InsideFn, box: Tensor, resolution: int, level:
     so skipped space keeps the sign the coarse evaluation found (a constant there would make a second shell).
     Faces wind counter-clockwise seen from outside (positive signed volume).
     """
-    device = box.device
     voxel, cells = lattice_shape(box, resolution, coarse_step)
     coarse_cells = [n // coarse_step for n in cells]
     coarse = _evaluate_lattice(inside_fn, box[0], voxel * coarse_step, coarse_cells, chunk)

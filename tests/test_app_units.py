@@ -1,4 +1,4 @@
-"""Schedules, checkpoints and metrics, against independent arithmetic."""
+"""Schedules, checkpoints, metrics and render paths, against independent arithmetic."""
 
 import math
 
@@ -9,6 +9,7 @@ from scipy.signal import convolve2d
 
 from recon.app.checkpoint import latest_checkpoint, load_checkpoint, load_resizing, save_checkpoint
 from recon.app.config import PRESETS, FitConfig
+from recon.app.evaluate import orbit_cameras
 from recon.app.metrics import ground_truth_on_white, psnr, ssim
 from recon.app.schedules import FINAL_LEARNING_RATE_FACTOR, Progress, learning_rate_factor
 
@@ -97,3 +98,39 @@ def test_presets_fill_only_what_the_user_left_unset():
     assert gpu.preset == "gpu" and gpu.field_options == {} and gpu.samples_per_diagonal == 1024
     with pytest.raises(ValueError, match="unknown preset"):
         FitConfig(scene="s", out="o", preset="tpu").resolved(torch.device("cpu"))
+
+
+def cameras_at(azimuths_deg, distance=4.0, height=1.0):
+    from geometry import look_at
+    from recon.data.cameras import Cameras
+
+    a = np.radians(azimuths_deg)
+    eyes = np.stack([distance * np.cos(a), distance * np.sin(a), np.full_like(a, height)], -1)
+    n = len(eyes)
+    full = lambda v, dtype=torch.float32: torch.full((n,), v, dtype=dtype)
+    c2w = torch.tensor(np.stack([look_at(e)[:3] for e in eyes]), dtype=torch.float32)
+    return Cameras(c2w, full(50.0), full(50.0), full(32.0), full(32.0), full(64, torch.long), full(64, torch.long),
+                   torch.zeros(n, 6), torch.zeros(n, dtype=torch.bool))
+
+
+def orbit_azimuths(cameras) -> np.ndarray:
+    centres = cameras.c2w[:, :, 3].numpy()
+    return np.degrees(np.arctan2(centres[:, 1], centres[:, 0]))
+
+
+@pytest.mark.parametrize("captured, full_circle", [(np.arange(0, 360, 30), True), (np.linspace(-60, 50, 12), False)])
+def test_orbit_circles_surrounding_captures_and_sweeps_forward_facing_ones(captured, full_circle):
+    orbit = orbit_cameras(cameras_at(captured), 24)
+    azimuths = orbit_azimuths(orbit)
+    # At the captures' distance and height (the up axis, the mean of the cameras' up vectors, tilts a
+    # little towards a partial ring's middle).
+    assert torch.allclose(orbit.c2w[:, :, 3].norm(dim=-1), torch.tensor(17.0).sqrt(), rtol=0.02)
+    assert torch.allclose(orbit.c2w[:, 2, 3], torch.tensor(1.0), atol=0.1)
+    # Every orbit camera looks at the target the captures share (the origin).
+    towards = -orbit.c2w[:, :, 2]
+    assert torch.allclose(torch.linalg.cross(towards, -orbit.c2w[:, :, 3]), torch.zeros(24, 3), atol=1e-4)
+    if full_circle:
+        assert np.ptp(np.unwrap(np.radians(azimuths))) > np.radians(330)
+    else:  # forward-facing: never behind the scene, and the whole covered arc is swept
+        assert azimuths.min() >= -61 and azimuths.max() <= 51
+        assert azimuths.min() < -58 and azimuths.max() > 48

@@ -1,7 +1,6 @@
 """The command line end to end: fit, eval, render, resume, Ctrl-C and bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -46,7 +45,15 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
     # In the input cameras' frame: the mesh overlaps the ground truth's box, never far outside it.
     assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
     assert (mesh.bounds[0] > truth.bounds[0] - 0.3).all() and (mesh.bounds[1] < truth.bounds[1] + 0.3).all()
-    for bad in (["export", "mesh", str(run), "--format", "xyz"], ["export", "mesh", str(run), "--resolution", "4"],
+    main(["export", "pointcloud", str(run), "--points", "50", "--min-opacity", "0.5"])
+    cloud = trimesh.load(run / "export" / "pointcloud.ply")
+    assert len(cloud.vertices) == 50 and (cloud.bounds[0] > truth.bounds[0] - 0.3).all()
+    main(["export", "video", str(run), "--path", "test", "--fps", "2"])
+    frame = iio.imread(run / "export" / "video-test-frames" / "0000.png")
+    assert frame.shape == (48, 96, 3) and (run / "export" / "video-test.mp4").stat().st_size > 0  # colour | depth
+    for bad in (["export", "mesh", str(run), "--format", "xyz"], ["export", "mesh", str(run), "--method", "poisson"],
+                ["export", "sdf", str(run), "--resolution", "2"], ["export", "pointcloud", str(run), "--points", "0"],
+                ["export", "video", str(run), "--path", "nowhere"], ["export", "mesh", str(run), "--resolution", "4"],
                 ["export", "mesh", str(run), "--crop", "10", "10", "10", "11", "11", "11"],
                 ["render", str(run), "--downscale", "0"]):
         with pytest.raises(SystemExit) as exit_info:
