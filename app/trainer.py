@@ -74,6 +74,8 @@ class Trainer:
     def train_step(self) -> None:
         cfg, pipeline = self.cfg, self.pipeline
         progress = self.progress.value
+        if pipeline.field.update(progress):
+            self.optimizer = self._make_optimizer()  # the field replaced its parameters (DVGO's upscaling)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * learning_rate_factor(progress)
         if self.step % cfg.occupancy_every == 0:
@@ -90,14 +92,16 @@ class Trainer:
             rays, target, background = rays.to(self.device), target.to(self.device), background.to(self.device)
 
         out = pipeline.render(rays, background, generator=self.generator)
-        loss = F.mse_loss(out["rgb"], target)
+        photometric = F.mse_loss(out["rgb"], target)
+        regularization = pipeline.field.regularization()
+        loss = photometric if regularization is None else photometric + regularization
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # no sample hit the occupied space: nothing to learn this step
             with record_function("backward"):
                 loss.backward()
             with record_function("optimizer"):
                 self.optimizer.step()
-        self._loss_sum += loss.detach()
+        self._loss_sum += photometric.detach()  # the logged loss and PSNR are photometric
         n_samples = out["n_samples"]  # a host int already: marching decides sizes on the host
         self._rays_since_log += len(rays)
         self._samples_since_log += n_samples

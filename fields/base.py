@@ -70,6 +70,15 @@ class Field(nn.Module):
         """
         return [{"name": "all", "params": list(self.parameters()), "lr": lr, "weight_decay": 0.0}]
 
+    def update(self, progress: float) -> bool:
+        """Called before every training step with progress in [0, 1]; a field whose parameters change
+        (DVGO's upscaling) replaces them here and returns True, and the trainer rebuilds its optimiser."""
+        return False
+
+    def regularization(self) -> torch.Tensor | None:
+        """A loss term the field adds to the photometric loss (total variation, L1), or None."""
+        return None
+
     def config(self) -> dict[str, Any]:
         """Keyword arguments (JSON-serialisable) that rebuild this field with `build_field`."""
         raise NotImplementedError

@@ -236,6 +236,23 @@ class SHEncoding(nn.Module):
         return torch.stack(out, -1)
 
 
+class FrequencyEncoding(nn.Module):
+    """NeRF's positional encoding: [x, sin(2^k x), cos(2^k x) for k < frequencies] per coordinate."""
+
+    def __init__(self, dims: int, frequencies: int):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("scales", 2.0 ** torch.arange(frequencies), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.dims * (1 + 2 * len(self.scales))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = (x[..., None] * self.scales).flatten(-2)
+        return torch.cat([x, torch.sin(scaled), torch.cos(scaled)], -1)
+
+
 class MLP(nn.Sequential):
     """in_dim -> `layers` hidden ReLU layers of width `hidden` -> out_dim (no output activation)."""
 
