@@ -30,6 +30,6 @@ def build_field(name: str, aabb: torch.Tensor, **options: Any) -> Field:
     return REGISTRY[name](aabb=aabb, **options)
 
 
-from recon.fields import hashgrid, voxel  # noqa: E402,F401  (each registers its backend)
+from recon.fields import hashgrid, pe, triplane, vm, voxel  # noqa: E402,F401  (each registers its backend)
 
 __all__ = ["Field", "REGISTRY", "register", "build_field"]

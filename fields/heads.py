@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Any
+
+from recon.fields.base import Field
 from recon.fields.encodings import MLP, SHEncoding, trunc_exp
 
 
@@ -38,3 +41,38 @@ class RadianceHead(nn.Module):
 
     def _activate(self, geo: torch.Tensor) -> torch.Tensor:
         return trunc_exp(geo[..., 0] + self.density_bias)
+
+
+class EncodedRadianceField(Field):
+    """A position encoding decoded by a RadianceHead (instant-ngp, K-Planes' hybrid model).
+
+    Subclasses set `self.head` and implement `encode(u)` for box coordinates u [N, 3] in [0, 1]^3
+    (points outside the box arrive unclamped and get density 0). Parameters outside the head are
+    the encoding's: never weight-decayed, while the MLPs take instant-ngp's 1e-6.
+    """
+
+    outputs = frozenset({"density", "rgb"})
+    head: RadianceHead
+
+    def encode(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.normalize(x)
+        return self.encode(u), ((u >= 0) & (u <= 1)).all(-1)
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, inside = self._features(x)
+        density, rgb = self.head(features, d)
+        return {"density": density * inside, "rgb": rgb}
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        features, inside = self._features(x)
+        return self.head.density_only(features) * inside
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        encoding = [p for name, p in self.named_parameters() if not name.startswith("head.")]
+        return [
+            {"name": "encoding", "params": encoding, "lr": lr, "weight_decay": 0.0},
+            {"name": "mlp", "params": list(self.head.parameters()), "lr": lr, "weight_decay": 1e-6},
+        ]

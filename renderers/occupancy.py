@@ -81,7 +81,9 @@ class OccupancyGrid(nn.Module):
         Chosen cells become max(decay * old, new) (several samples of one cell: their max), so a cell turns
         on as soon as anything is seen in it and fades out slowly; warmup chooses every cell, otherwise a
         quarter of the cells uniformly plus up to as many occupied ones. A cell is occupied while its value
-        exceeds min(threshold, mean value).
+        exceeds min(threshold, mean value) (instant-ngp); when no cell does although some hold density (a
+        uniform field, such as DVGO's initial grid, equals its mean everywhere), every cell with density
+        stays occupied, or nothing would ever be sampled to learn from.
         """
         flat = self.values.view(-1)
         n = flat.numel()
@@ -104,7 +106,8 @@ class OccupancyGrid(nn.Module):
         chosen[cells] = True
         flat.copy_(torch.where(chosen, torch.maximum(flat * decay, new), flat))
         mean = flat[flat >= 0].mean()
-        self.occupied.copy_(self.values > mean.clamp(max=threshold))
+        occupied = self.values > mean.clamp(max=threshold)
+        self.occupied.copy_(torch.where(occupied.any(), occupied, self.values > 0))
 
     @torch.no_grad()
     def seed(self, mask: Tensor) -> None:

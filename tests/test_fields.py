@@ -225,12 +225,12 @@ def test_config_round_trip_and_param_groups():
     assert all(torch.equal(a, b) for a, b in zip(rebuilt(x, d).values(), field(x, d).values()))
 
     groups = {g["name"]: g for g in field.param_groups(1e-2)}
-    assert set(groups) == {"grid", "mlp"}
+    assert set(groups) == {"encoding", "mlp"}
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in field.parameters())
-    assert [p is field.encoding.table for p in groups["grid"]["params"]] == [True]
-    assert groups["grid"]["weight_decay"] == 0 and groups["mlp"]["weight_decay"] == 1e-6
-    assert groups["grid"]["lr"] == groups["mlp"]["lr"] == 1e-2
+    assert [p is field.encoding.table for p in groups["encoding"]["params"]] == [True]
+    assert groups["encoding"]["weight_decay"] == 0 and groups["mlp"]["weight_decay"] == 1e-6
+    assert groups["encoding"]["lr"] == groups["mlp"]["lr"] == 1e-2
 
 
 @pytest.mark.skipif(tcnn_available(), reason="tiny-cuda-nn is installed")

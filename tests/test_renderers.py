@@ -282,10 +282,16 @@ def test_occupancy_update_rule():
     assert torch.allclose(grid.values, sigma_dt.expand(2, 64)) and grid.occupied.all()
     grid.update(lambda x: torch.zeros(len(x)), warmup=True, decay=0.5)  # max(decay * old, new)
     assert torch.allclose(grid.values, 0.5 * sigma_dt.expand(2, 64))
-    # occupied: value > min(threshold, mean value)
+    # occupied: value >= min(threshold, mean value)
     grid.update(lambda x: 0.5 * (x[:, 0] > 0).float(), warmup=True, decay=0.0, threshold=1.0)
     assert torch.equal(grid.occupied, grid.values > grid.values.mean())
     assert grid.occupancy_fraction == 0.5
+    # A uniform field (no cell above the mean) keeps every cell it has density in; an empty one none.
+    uniform = OccupancyGrid(UNIT, 4, levels=1, step_size=0.01)
+    uniform.update(lambda x: torch.full((len(x),), 1e-3), warmup=True)
+    assert uniform.occupied.all()
+    uniform.update(lambda x: torch.zeros(len(x)), warmup=True, decay=0.0)
+    assert not uniform.occupied.any()
 
 
 def test_multilevel_query_uses_the_finest_level_containing_the_point():

@@ -1,6 +1,5 @@
-"""DVGO's voxel grid field: post-activation density, progressive scaling, reload, a short fit."""
-
-import math
+"""The dense-grid backends: DVGO's voxel grid (post-activation density, progressive scaling, reload, a
+short fit) and TensoRF's vector-matrix factors (upscaling, L1)."""
 
 import pytest
 import torch
@@ -76,3 +75,22 @@ def test_voxel_field_fits_the_tiny_scene(tiny_scene):
     assert int(trainer.pipeline.field.upscales_done) == 4  # every milestone passed, the optimiser rebuilt each time
     result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
     assert result["mean"]["psnr"] > 22.0, result["mean"]
+
+
+def test_vector_matrix_upscaling_keeps_the_function_and_switches_l1():
+    field = build_field("vm", BOX, num_voxels_init=24**3, num_voxels=48**3, upscale_at=[0.1, 0.2],
+                        density_components=2, appearance_components=3)
+    with torch.no_grad():  # planes linear in their two axes, lines linear along theirs: kept exactly
+        for factors in (field.density_factors, field.appearance_factors):
+            for p in list(factors.planes) + list(factors.lines):
+                h, w = p.shape[2:]
+                ramp = torch.linspace(-1, 1, h)[:, None] + 0.5 * torch.linspace(-1, 1, w)[None]
+                p.copy_((0.3 + 0.2 * ramp).expand_as(p))
+    x, d = torch.rand(400, 3) * (BOX[1] - BOX[0]) + BOX[0], torch.nn.functional.normalize(torch.randn(400, 3), dim=-1)
+    before, l1_before = field(x, d), field.regularization()
+    start = list(field.density_factors.planes[0].shape)
+    assert field.update(0.15) and list(field.density_factors.planes[0].shape) != start
+    after = field(x, d)
+    assert torch.allclose(before["density"], after["density"], rtol=1e-4) and torch.allclose(before["rgb"], after["rgb"], atol=1e-5)
+    assert (field.regularization() / field.density_factors.l1()).item() == pytest.approx(4e-5)
+    assert l1_before is None  # none before the first upscale (see recon.fields.vm)
