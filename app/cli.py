@@ -152,13 +152,15 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "steps", "max_time", "preset", "batch_rays", "sample_budget", "lr", "downscale",
+    for name in ("field", "quantize", "steps", "max_time", "preset", "batch_rays", "sample_budget", "lr", "downscale",
                  "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
     if cfg.field not in REGISTRY:
         raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
+    if cfg.quantize < 0:
+        raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
     cfg.field_options.update(parse_field_options(args.field_option))
     cfg.tcnn = args.tcnn
 
@@ -323,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--field", help="field backend (default hashgrid)")
         p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
+        p.add_argument("--quantize", type=float, metavar="CELL",
+                       help="quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. 2e-4")
         p.add_argument("--steps", type=int, help="training steps (default 20000)")
         p.add_argument("--max-time", type=float, help="training time cap in seconds (schedules follow it)")
         p.add_argument("--preset", choices=("cpu", "gpu"), help="machine defaults (default: by device)")

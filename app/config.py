@@ -29,6 +29,7 @@ class FitConfig:
     out: str  # the run folder
     field: str = "hashgrid"
     field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
+    quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
     preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)

@@ -41,8 +41,11 @@ class Pipeline:
 
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
-              near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int) -> "Pipeline":
+              near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
+              quantize: float = 0.0) -> "Pipeline":
+        """quantize: CQ-NIR's cell size relative to the object radius (Field.set_quantization), 0 for off."""
         field = build_field(field_name, scene_aabb, **field_options)
+        field.set_quantization(quantize)
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
@@ -56,6 +59,7 @@ class Pipeline:
         t = state["tracer"]
         tracer = Tracer(torch.tensor(t["aabb"]), t["step_size"], t["cone_angle"], t["near"])
         field = build_field(state["field"]["name"], tracer.aabb, **state["field"]["config"])
+        field.set_quantization(state["field"].get("quantize", 0.0))
         load_resizing(field, state["field"]["state"])
         pipeline = cls(field, state["grid_config"], tracer)
         load_resizing(pipeline.grid, state["grid"])
@@ -110,7 +114,8 @@ class Pipeline:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "field": {"name": self.field.name, "config": self.field.config(), "state": self.field.state_dict()},
+            "field": {"name": self.field.name, "config": self.field.config(), "quantize": self.field.quantize_relative,
+                      "state": self.field.state_dict()},
             "grid": self.grid.state_dict(),
             "grid_config": self.grid_config,
             "tracer": self.tracer.to_json(),

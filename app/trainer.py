@@ -39,7 +39,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # weight initialisation
         options = dict(cfg.field_options, **({"tcnn": True} if cfg.tcnn else {}))
         self.pipeline = Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near, scene.cone_angle,
-                                       cfg.occupancy_resolution, cfg.samples_per_diagonal).to(self.device)
+                                       cfg.occupancy_resolution, cfg.samples_per_diagonal, cfg.quantize).to(self.device)
         self.train = scene.splits["train"].to(self.device)  # pixels live where the step runs
         # One generator drives every random choice of the loop, so a resumed run replays exactly.
         self.generator = torch.Generator().manual_seed(cfg.seed)
