@@ -1,4 +1,8 @@
-"""The `recon` command line: fit, demo, eval, render, export, eval-mesh."""
+"""The `recon` command line: fit, demo, eval, render, export, eval-mesh.
+
+`recon fit` takes a posed-image scene (a radiance field), an image file (the image task) or a mesh
+file (its signed distance); every later command reads the run folder and knows which it was.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from tqdm import tqdm
 
 from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recon.app.config import FitConfig
-from recon.app.evaluate import default_stride, evaluate, metrics_document, orbit_cameras, render_cameras
+from recon.app.evaluate import default_stride, metrics_document, orbit_cameras, render_cameras
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
+from recon.app.tasks import RadianceTask, Task, task_class
 from recon.app.trainer import Trainer, resolve_device
 from recon.data.scene import Scene, SceneError, load_scene
+from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import REGISTRY
 
 # The built-in example: small enough to fit in a few minutes on a 2-core CPU.
@@ -29,15 +35,17 @@ DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the mach
 
 
 class ProgressBar:
-    """Step, loss, PSNR and rays/s on one terminal line."""
+    """Step, loss, PSNR (where the loss is a colour MSE) and throughput on one terminal line."""
 
     def __init__(self, trainer: Trainer):
         self.bar = tqdm(total=100, initial=round(trainer.progress.value * 100), unit="%", desc="training",
                         bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def on_step(self, trainer: Trainer, stats: dict[str, Any]) -> None:
-        self.bar.set_postfix_str(f"step {stats['step']} loss {stats['loss']:.4f} psnr {stats['psnr']:.2f} "
-                                 f"{stats['rays_per_second'] / 1e3:.1f}k rays/s", refresh=False)
+        unit = trainer.task.unit
+        psnr = f" psnr {stats['psnr']:.2f}" if "psnr" in stats else ""
+        self.bar.set_postfix_str(f"step {stats['step']} loss {stats['loss']:.4f}{psnr} "
+                                 f"{stats[f'{unit}_per_second'] / 1e3:.1f}k {unit}/s", refresh=False)
         self.bar.update(round(stats["progress"] * 100) - self.bar.n)
 
     def close(self) -> None:
@@ -70,14 +78,26 @@ def default_run_name(scene: Path, field: str) -> Path:
     return Path("runs") / f"{stem}-{field}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def fit(cfg: FitConfig, run: RunDir, scene: Scene, resume: bool) -> dict[str, Any]:
-    """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content."""
-    print(scene.describe())
-    trainer = Trainer(cfg, scene)
+Target = Scene | ImageTarget | MeshTarget
+
+
+def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
+    try:
+        return Trainer(cfg, target)
+    except TypeError as error:  # an -o KEY the backend does not take
+        raise UserError(f"--field {cfg.field} -o ...: {error}") from None
+
+
+def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content. A fresh run's
+    folder is made once the field is built, so bad options leave nothing behind."""
+    print(target.describe())
+    trainer = build_trainer(cfg, target)
     cfg = trainer.cfg  # every option resolved, the preset's included
     if not resume:
+        run.create(overwrite)
         cfg.save(run.config)
-        run.write_json(run.scene, scene.to_json())
+        run.write_json(run.scene, target.to_json())
     checkpoint = latest_checkpoint(run.checkpoints) if resume else None
     if checkpoint:
         trainer.load_state_dict(load_checkpoint(checkpoint))
@@ -98,22 +118,28 @@ def fit(cfg: FitConfig, run: RunDir, scene: Scene, resume: bool) -> dict[str, An
         raise SystemExit(130)
     bar.close()
     checkpoint_now(trainer)
-    train = {"steps": trainer.step, "seconds": round(trainer.progress.seconds, 3),
-             "rays_per_second": round(trainer.rays_seen / max(trainer.progress.seconds, 1e-9)),
-             "samples_per_second": round(trainer.samples_seen / max(trainer.progress.seconds, 1e-9))}
-    return evaluate_run(run, trainer.pipeline, scene, cfg, train, stride=cfg.eval_stride)
+    return evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
 
 
-def evaluate_run(run: RunDir, pipeline: Pipeline, scene, cfg: FitConfig, train: dict[str, Any], stride: int | None,
+def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any], stride: int | None = None,
                  split: str = "test") -> dict[str, Any]:
-    data = scene.splits[split]
-    stride = stride or default_stride(len(data), pipeline.device)
-    result = evaluate(pipeline, data, stride, cfg.eval_chunk, out_dir=run.renders / split)
-    metrics = metrics_document("radiance", run.path.name, cfg.scene, pipeline, train, split, result)
+    """Score the task (a radiance field: every `stride`-th view of `split`) and write metrics.json."""
+    if isinstance(task, RadianceTask):
+        views = len(task.scene.splits[split])
+        stride = stride or default_stride(views, task.pipeline.device)
+        result = task.evaluate(run.renders / split, split, stride)
+        mean = result["mean"]
+        summary = (f"{split}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  over {result['views_evaluated']} "
+                   f"of {views} views (every {stride})")
+    else:
+        result, split = task.evaluate(run.renders), None
+        mean = result["mean"]
+        summary = (f"image: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}, {run.renders / 'reconstruction.png'}"
+                   if task.kind == "image" else
+                   f"held-out points: IoU {mean['iou']:.5f}  normal error {mean['normal_angle_deg']:.2f} degrees")
+    metrics = metrics_document(task.kind, run.path.name, cfg.scene, task.pipeline, train, split, result)
     run.write_json(run.metrics, metrics)
-    mean = result["mean"]
-    print(f"{split}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  over {result['views_evaluated']} of "
-          f"{len(data)} views (every {stride})  ->  {run.metrics}")
+    print(f"{summary}  ->  {run.metrics}")
     return metrics
 
 
@@ -138,22 +164,21 @@ def cmd_fit(args: argparse.Namespace) -> None:
         cfg = FitConfig.load(run.config)
         cfg.steps = args.steps if args.steps is not None else cfg.steps
         cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
-        fit(cfg, run, load_scene(cfg.scene, downscale=cfg.downscale), resume=True)
+        fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True)
         return
     if args.scene is None:
         return cmd_demo(args)
     cfg = FitConfig(scene=args.scene, out="")
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path(args.scene), cfg.field))
-    scene = load_scene(cfg.scene, downscale=cfg.downscale)  # bad input fails before any folder is touched
-    run = RunDir(cfg.out)
-    run.create(args.overwrite)
-    fit(cfg, run, scene, resume=False)
+    target = load_input(cfg.scene, downscale=cfg.downscale)  # bad input fails before any folder is touched
+    fit(cfg, RunDir(cfg.out), target, resume=False, overwrite=args.overwrite)
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "quantize", "steps", "max_time", "preset", "batch_rays", "sample_budget", "lr", "downscale",
-                 "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed", "device"):
+    for name in ("field", "quantize", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
+                 "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
+                 "device"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -175,10 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = FitConfig(scene=str(scene_dir), out="", **copy.deepcopy(DEMO_FIT))
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path("demo"), cfg.field))
-    scene = load_scene(cfg.scene, downscale=cfg.downscale)
-    run = RunDir(cfg.out)
-    run.create(args.overwrite)
-    fit(cfg, run, scene, resume=False)
+    fit(cfg, RunDir(cfg.out), load_scene(cfg.scene, downscale=cfg.downscale), resume=False, overwrite=args.overwrite)
 
 
 def load_split(cfg: FitConfig, split: str):
@@ -190,13 +212,20 @@ def load_split(cfg: FitConfig, split: str):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     run, cfg, pipeline, state = load_run(args.run)
-    scene = load_split(cfg, args.split)
+    target = load_split(cfg, args.split) if cfg.task == "radiance" else load_input(cfg.scene)
+    task = task_class(target)(cfg, target, pipeline.device, pipeline)
     train = {"steps": state["step"], "seconds": round(state["train_seconds"], 3)}
-    evaluate_run(run, pipeline, scene, cfg, train, stride=args.stride or 1, split=args.split)
+    evaluate_run(run, task, cfg, train, stride=args.stride or 1, split=args.split)
+
+
+def require_task(cfg: FitConfig, command: str, *tasks: str) -> None:
+    if cfg.task not in tasks:
+        raise UserError(f"{cfg.out}: {command} needs a run of task {' or '.join(tasks)}; this run's task is {cfg.task}")
 
 
 def path_cameras(cfg: FitConfig, path: str, frames: int, downscale: int):
     """The cameras of a render path: a split's, or an orbit around the training cameras."""
+    require_task(cfg, "rendering a camera path", "radiance")
     if downscale < 1:
         raise UserError(f"--downscale {downscale}: must be a positive integer")
     scene = load_split(cfg, "train" if path == "orbit" else path)
@@ -243,6 +272,15 @@ def check_resolution(resolution: int) -> None:
         raise UserError(f"--resolution {resolution}: need at least 8 voxels along the box")
 
 
+def run_frame(run: RunDir, cfg: FitConfig, command: str) -> tuple[Any, torch.Tensor]:
+    """The training cameras (None for a mesh's SDF) and the world -> unit transform a 3D export needs."""
+    require_task(cfg, command, "radiance", "mesh-sdf")
+    if cfg.task == "mesh-sdf":
+        return None, torch.tensor(json.loads(run.scene.read_text())["to_unit"])
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    return scene.splits["train"].cameras, scene.to_unit
+
+
 def cmd_export_mesh(args: argparse.Namespace) -> None:
     from recon.app.export import FORMATS, extract_mesh
 
@@ -253,9 +291,9 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
         raise UserError(f"--simplify {args.simplify}: need at least 4 faces")
     run, cfg, pipeline, _ = load_run(args.run)
     crop = export_crop(run, args.crop)
-    scene = load_scene(cfg.scene, downscale=cfg.downscale)
-    mesh, info = extract_mesh(pipeline, scene.splits["train"].cameras, scene.to_unit, args.resolution, args.level,
-                              crop, clean=args.clean, method=args.method, simplify_to=args.simplify)
+    cameras, to_unit = run_frame(run, cfg, "export mesh")
+    mesh, info = extract_mesh(pipeline, cameras, to_unit, args.resolution, args.level, crop, clean=args.clean,
+                              method=args.method, simplify_to=args.simplify)
     store_crop(run, args.crop)
     suffix = "" if args.method == "marching" else f"-{args.method}"
     output = export_output(run, args.output, f"mesh-{args.resolution}{suffix}.{args.format}")
@@ -272,8 +310,8 @@ def cmd_export_sdf(args: argparse.Namespace) -> None:
     check_resolution(args.resolution)
     run, cfg, pipeline, _ = load_run(args.run)
     crop = export_crop(run, args.crop)
-    scene = load_scene(cfg.scene, downscale=cfg.downscale)
-    volume = signed_distance_volume(pipeline, scene.splits["train"].cameras, scene.to_unit, args.resolution, crop)
+    cameras, to_unit = run_frame(run, cfg, "export sdf")
+    volume = signed_distance_volume(pipeline, cameras, to_unit, args.resolution, crop)
     store_crop(run, args.crop)
     output = export_output(run, args.output, f"sdf-{args.resolution}.npz")
     np.savez_compressed(output, **volume)
@@ -287,6 +325,7 @@ def cmd_export_pointcloud(args: argparse.Namespace) -> None:
     if args.points < 1 or args.image_side < 8 or not 0 < args.min_opacity <= 1:
         raise UserError("--points must be positive, --image-side at least 8, --min-opacity in (0, 1]")
     run, cfg, pipeline, _ = load_run(args.run)
+    require_task(cfg, "export pointcloud", "radiance")
     crop = export_crop(run, args.crop)
     scene = load_scene(cfg.scene, downscale=cfg.downscale)
     cloud, info = point_cloud(pipeline, scene.splits["train"].cameras, scene.to_unit, crop, args.points,
@@ -333,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-rays", type=int, help="rays of the first step (preset: 1024 cpu, 4096 gpu)")
         p.add_argument("--sample-budget", type=int,
                        help="field samples per step; the ray batch adapts to it (preset: 2^15 cpu, 2^18 gpu)")
+        p.add_argument("--batch-points", type=int,
+                       help="image and mesh inputs: pixels or points per step (preset: 2^16 cpu, 2^18 gpu)")
+        p.add_argument("--sdf-pool", type=int, help="mesh inputs: training points with exact distances (default 2^20)")
         p.add_argument("--lr", type=float, help="base learning rate (default 1e-2)")
         p.add_argument("--downscale", type=int, help="divide image resolution by N")
         p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
@@ -358,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                        help="world-frame box to export; stored with the run for later exports")
 
-    p = sub.add_parser("fit", help="train a field on a posed-image scene (no scene: the built-in demo)")
-    p.add_argument("scene", nargs="?", help="scene folder or transforms file")
+    p = sub.add_parser("fit", help="train a field on a posed-image scene, an image or a mesh (none: the built-in demo)")
+    p.add_argument("scene", nargs="?", help="scene folder or transforms file; an image file; a mesh file (its SDF)")
     p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
     fit_options(p)
     p.set_defaults(func=cmd_fit)

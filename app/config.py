@@ -17,10 +17,11 @@ from recon.fields import REGISTRY
 # gpu: instant-ngp's. cpu: what a 2-core CPU trains fastest with (BENCHMARKS.md, issue 3).
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"batch_rays": 4096, "sample_budget": 2**18, "occupancy_resolution": 128, "samples_per_diagonal": 1024,
-            "eval_chunk": 2**16},
+            "eval_chunk": 2**16, "batch_points": 2**18},
     "cpu": {"batch_rays": 1024, "sample_budget": 2**15, "occupancy_resolution": 64, "samples_per_diagonal": 256,
-            "eval_chunk": 2**13},
+            "eval_chunk": 2**13, "batch_points": 2**16},
 }
+TASKS = ("radiance", "image", "mesh-sdf")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FitConfig:
     out: str  # the run folder
     field: str = "hashgrid"
     field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
+    task: str = "radiance"  # what the input is: posed images ("radiance"), an image, or a mesh ("mesh-sdf")
     quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
@@ -42,21 +44,25 @@ class FitConfig:
     occupancy_warmup: float = 0.02  # progress during which every cell is refreshed
     samples_per_diagonal: int | None = None  # marching step = the box diagonal / this (instant-ngp: sqrt(3)*2/1024 on its unit cube)
     eval_stride: int | None = None  # end-of-fit evaluation renders every k-th test view (None: all on GPU, at most 25 on CPU)
-    eval_chunk: int | None = None  # rays per chunk when rendering whole images
+    eval_chunk: int | None = None  # rays (or points) per chunk when rendering whole images
+    batch_points: int | None = None  # pixels or points per step of the image and mesh-sdf tasks
+    sdf_pool: int = 2**20  # mesh-sdf: training points drawn once, with their exact distances
     checkpoint_every: int = 2000  # steps; a checkpoint is also written at the end and on Ctrl-C
     log_every: int = 25
     seed: int = 0
     device: str = "auto"
     tcnn: bool = False
 
-    def resolved(self, device: torch.device) -> FitConfig:
-        """A copy with the preset chosen (by device unless given) and every option it sets filled in."""
+    def resolved(self, device: torch.device, task: str = "radiance") -> FitConfig:
+        """A copy for `task` with the preset chosen (by device unless given) and every option it sets filled
+        in; a backend's own presets are for its radiance field, so they apply to that task only."""
         preset = self.preset or ("gpu" if device.type == "cuda" else "cpu")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         unset = {key: value for key, value in PRESETS[preset].items() if getattr(self, key) is None}
-        field_defaults = getattr(REGISTRY.get(self.field), "presets", {}).get(preset, {})
-        return dataclasses.replace(self, preset=preset, field_options={**field_defaults, **self.field_options}, **unset)
+        field_defaults = getattr(REGISTRY.get(self.field), "presets", {}).get(preset, {}) if task == "radiance" else {}
+        return dataclasses.replace(self, preset=preset, task=task, field_options={**field_defaults, **self.field_options},
+                                   **unset)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -60,8 +60,9 @@ def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir:
 
 
 def metrics_document(task: str, run_name: str, scene: str, pipeline: Pipeline, train: dict[str, Any],
-                     split: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """The metrics.json schema shared by every task (documented in the README)."""
+                     split: str | None, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.json schema shared by every task (documented in the README); `views` and the split
+    are a radiance field's (None for the other tasks)."""
     return {
         "schema": METRICS_SCHEMA,
         "task": task,
@@ -73,7 +74,7 @@ def metrics_document(task: str, run_name: str, scene: str, pipeline: Pipeline, t
         "train": train,
         "eval": {"split": split, **{k: v for k, v in evaluation.items() if k not in ("mean", "views")}},
         "mean": evaluation["mean"],
-        "views": evaluation["views"],
+        "views": evaluation.get("views"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recon_version": __version__,
     }

@@ -38,6 +38,7 @@ VISIBILITY_IMAGE_SIDE = 160  # training views are rendered at most this many pix
 TSDF_TRUNCATION_VOXELS = 4  # --method tsdf: the truncation band, in voxels
 POINT_MIN_OPACITY = 0.9  # a pixel becomes a point when its ray is at least this opaque
 SDF_SIGN_RAYS = 5  # rays whose majority parity gives the sign: robust to small holes and the box's open cuts
+UNCOLOURED = 0.7  # the grey of vertices whose field has no colour
 FORMATS = ("ply", "obj", "glb")
 METHODS = ("marching", "tsdf")
 
@@ -64,8 +65,9 @@ def world_to_unit_box(world_box: Tensor, to_unit: Tensor) -> Tensor:
 
 
 def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tensor:
-    """Where to mesh, in the unit frame: the inner box (the scene box for bounded scenes), cut by the crop box."""
-    box = torch.tensor(pipeline.grid_config["aabb"])
+    """Where to mesh, in the unit frame: the inner box (the scene box for bounded scenes; the field's box
+    for a mesh's SDF), cut by the crop box."""
+    box = torch.tensor(pipeline.grid_config["aabb"]) if pipeline.grid_config else pipeline.field.aabb.cpu()
     if crop is None:
         return box
     crop_unit = world_to_unit_box(crop, to_unit)
@@ -239,13 +241,16 @@ def surface(pipeline: Pipeline, train_cameras: Cameras, box: Tensor, resolution:
 
 @torch.no_grad()
 def vertex_colors(pipeline: Pipeline, vertices: Tensor, normals: Tensor, offset: float, chunk: int) -> Tensor:
-    """Colours [V, 3] in [0, 1]. SDF fields: the colour head at the vertex, where it was trained. Radiance
+    """Colours [V, 3] in [0, 1]. SDF fields: the colour head at the vertex, where it was trained (grey for a
+    field without colour). Radiance
     fields: what a short ray from just outside each vertex (along its normal) sees looking back at it,
     not the colour head at the iso-point, which sits inside the surface, untrained, and comes out dark."""
     field = pipeline.field
     was_training = field.training
     field.eval()
-    if is_sdf(pipeline):
+    if "rgb" not in field.outputs:  # a mesh's SDF: geometry only
+        colors = torch.full_like(vertices, UNCOLOURED)
+    elif is_sdf(pipeline):
         colors = torch.cat([field(x, -n)["rgb"].float() for x, n in zip(vertices.split(chunk), normals.split(chunk))])
     else:
         rays = Rays(vertices + offset * normals, -normals)

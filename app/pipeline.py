@@ -2,6 +2,8 @@
 
 Training, evaluation, rendering and (later) the viewer and export all render through this
 one object, so they can never disagree about the box, the step size or the occupancy grid.
+The coordinate tasks (an image, a mesh's SDF) query their field directly: their pipeline has
+no tracer and no grid.
 """
 
 from __future__ import annotations
@@ -33,22 +35,27 @@ class Tracer:
 
 
 class Pipeline:
-    def __init__(self, field: Field, grid_config: dict[str, Any], tracer: Tracer):
+    def __init__(self, field: Field, grid_config: dict[str, Any] | None = None, tracer: Tracer | None = None):
         self.field, self.tracer = field, tracer
         self.grid_config = grid_config  # OccupancyGrid keyword arguments, kept to rebuild it from a checkpoint
-        self.grid = OccupancyGrid(aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
-                                  levels=grid_config["levels"], step_size=grid_config["step_size"])
+        self.grid = None if grid_config is None else OccupancyGrid(
+            aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
+            levels=grid_config["levels"], step_size=grid_config["step_size"])
 
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
               quantize: float = 0.0) -> "Pipeline":
-        """quantize: CQ-NIR's cell size relative to the object radius (Field.set_quantization), 0 for off."""
+        """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
+        (Field.set_quantization), 0 for off. In an unbounded scene a bounded backend contracts space
+        outside the inner box (Field.set_contraction)."""
         field = build_field(field_name, scene_aabb, **field_options)
         field.set_quantization(quantize)
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
+        if field.bounded and levels > 1:
+            field.set_contraction(inner)
         step_size = float(torch.linalg.norm(inner[1] - inner[0])) / samples_per_diagonal
         grid_config = {"aabb": inner.tolist(), "resolution": grid_resolution, "levels": levels, "step_size": step_size}
         return cls(field, grid_config, Tracer(scene_aabb.clone(), step_size, cone_angle, near))
@@ -56,24 +63,28 @@ class Pipeline:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Pipeline":
         """Rebuild from `state_dict()`; shapes come from the saved tensors, not the config."""
+        saved = state["field"]
         t = state["tracer"]
-        tracer = Tracer(torch.tensor(t["aabb"]), t["step_size"], t["cone_angle"], t["near"])
-        field = build_field(state["field"]["name"], tracer.aabb, **state["field"]["config"])
-        field.set_quantization(state["field"].get("quantize", 0.0))
-        load_resizing(field, state["field"]["state"])
+        tracer = None if t is None else Tracer(torch.tensor(t["aabb"]), t["step_size"], t["cone_angle"], t["near"])
+        field = build_field(saved["name"], torch.tensor(saved["aabb"]), **saved["config"])
+        field.set_quantization(saved["quantize"])
+        field.set_contraction(None if saved["contraction"] is None else torch.tensor(saved["contraction"]))
+        load_resizing(field, saved["state"])
         pipeline = cls(field, state["grid_config"], tracer)
-        load_resizing(pipeline.grid, state["grid"])
+        if pipeline.grid is not None:
+            load_resizing(pipeline.grid, state["grid"])
         return pipeline
 
     def to(self, device: torch.device | str) -> "Pipeline":
         self.field.to(device)
-        self.grid.to(device)
-        self.tracer.aabb = self.tracer.aabb.to(device)
+        if self.tracer is not None:
+            self.grid.to(device)
+            self.tracer.aabb = self.tracer.aabb.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.tracer.aabb.device
+        return self.field.aabb.device
 
     def field_fn(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # bf16 matmuls on CUDA only; the field keeps positions and interpolation in fp32.
@@ -113,10 +124,13 @@ class Pipeline:
         return {k: out[k].reshape(height, width, -1).squeeze(-1) for k in ("rgb", "depth", "opacity")}
 
     def state_dict(self) -> dict[str, Any]:
+        field = self.field
         return {
-            "field": {"name": self.field.name, "config": self.field.config(), "quantize": self.field.quantize_relative,
-                      "state": self.field.state_dict()},
-            "grid": self.grid.state_dict(),
+            "field": {"name": field.name, "aabb": field.aabb.tolist(), "config": field.config(),
+                      "quantize": field.quantize_relative,
+                      "contraction": None if field.contraction is None else field.contraction.tolist(),
+                      "state": field.state_dict()},
+            "grid": None if self.grid is None else self.grid.state_dict(),
             "grid_config": self.grid_config,
-            "tracer": self.tracer.to_json(),
+            "tracer": None if self.tracer is None else self.tracer.to_json(),
         }

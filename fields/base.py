@@ -8,10 +8,13 @@ nerfacc does, so one renderer serves density and SDF fields alike.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from recon.fields.encodings import Encoding
 
 
 class Field(nn.Module):
@@ -26,13 +29,21 @@ class Field(nn.Module):
     outputs: frozenset[str] = frozenset()
     # Option defaults per machine preset ("cpu", "gpu"), under what the user sets (FitConfig.resolved).
     presets: dict[str, dict[str, Any]] = {}
+    # A backend of finite extent at uniform resolution (dense grids, planes): in an unbounded scene it reads
+    # contracted space (set_contraction); the hash grid instead spans instant-ngp's cascaded box.
+    bounded: bool = False
+    # The MLP that decodes this backend's encoding in the coordinate tasks (images, SDFs): instant-ngp's.
+    coordinate_decoder: dict[str, Any] = {"hidden": 64, "layers": 2}
 
     def __init__(self, aabb: torch.Tensor):
         super().__init__()
-        # The box, in the unit frame, that the field's encoding covers ([2, 3]: min, max).
-        self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3).clone())
+        # The box, in the unit frame, that the field's encoding covers ([2, D]: min, max; D = 3 but for images).
+        self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, -1).clone())
         self.quantize_relative = 0.0  # CQ-NIR cell size / object radius; 0: positions used as they are
         self.quantize_cell = 0.0  # the same cell in the unit frame
+        # The inner box [2, D] outside which space is contracted (None: not contracted). Not state: the
+        # pipeline records it with the field's options.
+        self.register_buffer("contraction", None, persistent=False)
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         """Query positions x [N, 3] with unit view directions d [N, 3].
@@ -76,11 +87,34 @@ class Field(nn.Module):
         snapped = (torch.floor(x / self.quantize_cell) + 0.5) * self.quantize_cell
         return x + (snapped - x).detach()
 
+    @classmethod
+    def coordinate_encoding(cls, extent: list[float], finest: float, **options: Any) -> "Encoding":
+        """This backend's encoding for the coordinate tasks, over a box of side lengths `extent` (2 or 3 of
+        them) whose finest detail is `finest` cells along its longest side (fields.coordinate)."""
+        raise NotImplementedError(f"{cls.name} has no coordinate encoding")
+
+    def set_contraction(self, inner: torch.Tensor | None) -> None:
+        """Contract space outside the box `inner` [2, D] (unbounded scenes): nerfacto's L-infinity form of
+        mip-NeRF 360's contraction, y -> (2 - 1 / |y|_inf) y / |y|_inf for |y|_inf > 1 in coordinates where
+        `inner` is [-1, 1]^D, so all of space lands in twice the inner box, which the encoding then covers."""
+        self.contraction = None if inner is None else torch.as_tensor(inner, dtype=torch.float32).to(self.aabb.device)  # type: ignore[assignment]
+
+    def _contract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x in the contracted frame, and the box (lo, hi) it lies in."""
+        if self.contraction is None:
+            return x, self.aabb[0], self.aabb[1]
+        inner = self.contraction
+        centre, half = inner.mean(0), (inner[1] - inner[0]) / 2
+        y = (x - centre) / half
+        norm = y.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        y = torch.where(norm > 1, (2 - 1 / norm) * y / norm, y)
+        return centre + y * half, centre - 2 * half, centre + 2 * half
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Positions in the unit frame -> [0, 1]^3 over the field's box (quantized first, if asked): every
-        backend reads positions through here, so quantization applies to all of them."""
-        lo, hi = self.aabb[0], self.aabb[1]
-        return (self.quantize(x) - lo) / (hi - lo)
+        """Positions in the unit frame -> [0, 1]^D over the field's box (quantized first, then contracted in
+        an unbounded scene): every backend reads positions through here, so both apply to all of them."""
+        x, lo, hi = self._contract(self.quantize(x))
+        return (x - lo) / (hi - lo)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups, each with a "name", its own "lr" and "weight_decay".

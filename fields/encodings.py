@@ -1,7 +1,8 @@
 """Encodings and small networks shared by the field backends.
 
-`HashGridEncoding` is instant-ngp's multiresolution hash encoding in plain torch, with the
-function and parameter layout of tiny-cuda-nn's "HashGrid" (so weights trained by either
+`Encoding` is what every backend contributes to the coordinate tasks (images, SDFs): coordinates in
+[0, 1]^D to features. `HashGridEncoding` is instant-ngp's multiresolution hash encoding in plain torch,
+with the function and parameter layout of tiny-cuda-nn's "HashGrid" (so weights trained by either
 implementation load into the other), `SHEncoding` the real spherical harmonics used for view
 directions, `MLP` a plain ReLU stack and `trunc_exp` instant-ngp's density activation.
 """
@@ -14,6 +15,60 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+class Encoding(nn.Module):
+    """Coordinates u [N, D] in [0, 1]^D -> features [N, out_dim].
+
+    `lr_scale` multiplies the base learning rate for its parameters (grids often train faster than
+    MLPs); `update` and `regularization` mirror Field's (progressive upscaling, TV and L1 terms).
+    """
+
+    dims: int
+    lr_scale: float = 1.0
+
+    @property
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    def update(self, progress: float) -> bool:
+        return False
+
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+
+def grid_shape(extent: list[float] | torch.Tensor, num_voxels: int) -> list[int]:
+    """Voxels per axis for about `num_voxels` cubic voxels over a box of side lengths `extent` (DVGO's rule)."""
+    extent = [float(e) for e in extent]
+    voxel = (math.prod(extent) / num_voxels) ** (1 / len(extent))
+    return [max(2, int(e / voxel)) for e in extent]
+
+
+class Upscaling(nn.Module):
+    """Progressive scaling of a grid: from `initial` to `final` voxels in log-spaced steps, one at each
+    milestone of progress passed (DVGO doubles the voxels at each; TensoRF log-spaces 128³ -> 300³). The
+    number of upscales done is state, so a checkpoint reloads at the resolution it reached."""
+
+    def __init__(self, initial: int, final: int, milestones: tuple[float, ...] | list[float]):
+        super().__init__()
+        self.initial, self.final, self.milestones = initial, final, tuple(milestones)
+        self.register_buffer("done", torch.zeros((), dtype=torch.long))
+
+    def voxels(self, done: int | None = None) -> int:
+        done = int(self.done) if done is None else done
+        if not self.milestones:
+            return self.final
+        start, end = math.log(self.initial), math.log(self.final)
+        return round(math.exp(start + (end - start) * done / len(self.milestones)))
+
+    def advance(self, progress: float) -> bool:
+        """Count the milestones passed; True when that raised the voxel count (the caller resamples)."""
+        due = sum(progress >= at for at in self.milestones)
+        if due <= int(self.done):
+            return False
+        self.done.fill_(due)
+        return True
+
 
 # tiny-cuda-nn's spatial hash: coordinates times these, XORed (the 1 keeps x-neighbours close in memory).
 _PRIMES = (1, 2654435761, 805459861)
@@ -72,17 +127,17 @@ class _Interpolate(torch.autograd.Function):
         return grad_table, grad_weights, None
 
 
-class HashGridEncoding(nn.Module):
-    """Multiresolution hash encoding (Müller et al. 2022): [..., 3] in [0, 1]^3 -> [..., L*F].
+class HashGridEncoding(Encoding):
+    """Multiresolution hash encoding (Müller et al. 2022): [..., D] in [0, 1]^D -> [..., L*F] (D = 2 or 3).
 
     Level l spans `scale_l = base * b^l - 1` cells with `V_l = ceil(scale_l) + 1` vertices per
     axis (b = growth factor from base to max resolution), a point sits at `x * scale_l + 0.5`
-    in vertex units, and its feature is the trilinear blend of the 8 surrounding vertices.
+    in vertex units, and its feature is the (bi/tri)linear blend of the 2^D surrounding vertices.
     These are tiny-cuda-nn's conventions, so the function equals its "HashGrid" encoding. A
-    level whose V^3 vertices fit in T = 2^log2_table rows is stored densely
+    level whose V^D vertices fit in T = 2^log2_table rows is stored densely
     (x + y V + z V^2); finer levels hash (x * 1 ^ y * 2654435761 ^ z * 805459861) & (T - 1).
     All levels share one table [sum of level sizes, F], level-major, each level
-    min(T, V^3 rounded up to 8) rows: tiny-cuda-nn's parameter layout (flattened).
+    min(T, V^D rounded up to 8) rows: tiny-cuda-nn's parameter layout (flattened).
 
     Positions beyond the upper face of a level's grid (the last half cell, where
     tiny-cuda-nn reads past the level's end) are clamped onto it.
@@ -96,9 +151,12 @@ class HashGridEncoding(nn.Module):
         base_resolution: int = 16,
         max_resolution: float = 2048,
         tcnn: bool = False,
+        dims: int = 3,
     ):
         super().__init__()
-        self.levels, self.features, self.log2_table = levels, features, log2_table
+        if dims not in (2, 3):
+            raise ValueError(f"hash grid of {dims} dimensions: only 2 and 3 are supported")
+        self.dims, self.levels, self.features, self.log2_table = dims, levels, features, log2_table
         self.base_resolution, self.max_resolution = base_resolution, max_resolution
         self.growth = math.exp(math.log(max_resolution / base_resolution) / (levels - 1)) if levels > 1 else 1.0
         table_size = 1 << log2_table
@@ -106,23 +164,23 @@ class HashGridEncoding(nn.Module):
         growth32 = torch.tensor(self.growth, dtype=torch.float32)
         scales = torch.exp2(torch.arange(levels, dtype=torch.float32) * torch.log2(growth32)) * base_resolution - 1
         vertices = [math.ceil(s) + 1 for s in scales.tolist()]
-        dense = [v**3 <= table_size for v in vertices]
-        sizes = [min(-(-(v**3) // 8) * 8, table_size) for v in vertices]
+        dense = [v**dims <= table_size for v in vertices]
+        sizes = [min(-(-(v**dims) // 8) * 8, table_size) for v in vertices]
         offsets = [sum(sizes[:level]) for level in range(levels)]
         if sum(sizes) >= 2**31:
             raise ValueError(f"hash grid of {sum(sizes)} rows exceeds int32 indexing")
         self.dense_levels = sum(dense)  # dense levels are the coarsest ones, first in the table
 
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
-        # Shaped [L, 3, 1] / [L, 1, 1] to broadcast over [L, 3, N]; not state (derived from the options).
+        # Shaped [L, D, 1] / [L, 1, 1] to broadcast over [L, D, N]; not state (derived from the options).
         v = torch.tensor(vertices, dtype=torch.float32)[:, None, None]
         self.register_buffer("_scale", scales[:, None, None], persistent=False)
         self.register_buffer("_pos_max", v - 1, persistent=False)
         self.register_buffer("_cell_max", v - 2, persistent=False)
-        multipliers = [(1, n, n * n) if d else _PRIMES for n, d in zip(vertices, dense)]
+        multipliers = [tuple(n**a for a in range(dims)) if d else _PRIMES[:dims] for n, d in zip(vertices, dense)]
         self.register_buffer("_mult", torch.tensor(multipliers)[:, :, None], persistent=False)
         self.register_buffer("_mask", torch.tensor([-1 if d else table_size - 1 for d in dense])[:, None, None], persistent=False)
-        self.register_buffer("_offset", torch.tensor(offsets, dtype=torch.int32).view(-1, 1, 1, 1, 1), persistent=False)
+        self.register_buffer("_offset", torch.tensor(offsets, dtype=torch.int32).view(-1, *[1] * (dims + 1)), persistent=False)
         self._tcnn = self._make_tcnn() if tcnn else None
 
     @property
@@ -148,48 +206,57 @@ class HashGridEncoding(nn.Module):
             "per_level_scale": self.growth,
             "interpolation": "Linear",
         }
-        encoding = tinycudann.Encoding(3, config, dtype=torch.float32)
+        encoding = tinycudann.Encoding(self.dims, config, dtype=torch.float32)
         if encoding.params.numel() != self.table.numel():
             raise RuntimeError(f"tiny-cuda-nn grid has {encoding.params.numel()} parameters, expected {self.table.numel()}")
         del encoding.params
         return encoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[:-1]
-        x = x.reshape(-1, 3).to(self.table.dtype).clamp(0, 1)
+        batch, dims = x.shape[:-1], self.dims
+        x = x.reshape(-1, dims).to(self.table.dtype).clamp(0, 1)
         if self._tcnn is not None:
             self._tcnn.params = self.table.view(-1)
             return self._tcnn(x).view(*batch, self.out_dim)
         n, levels, ld = x.shape[0], self.levels, self.dense_levels
 
-        # Per level and axis [L, 3, N], so every elementwise op runs along N contiguous points.
+        # Per level and axis [L, D, N], so every elementwise op runs along N contiguous points.
         pos = torch.minimum(x.t() * self._scale + 0.5, self._pos_max)
         cell = torch.minimum(pos.detach().floor(), self._cell_max)  # the top vertex stays in range
         frac = pos - cell  # autograd reaches x through here
         w = torch.stack([1 - frac, frac], 2).permute(0, 3, 1, 2)  # [L, N, axis, corner bit]
-        weights = w[:, :, 2, :, None, None] * w[:, :, 1, None, :, None] * w[:, :, 0, None, None, :]
+        weights = _outer_over_axes(w, torch.mul)  # [L, N, (z,) y, x]
 
         with torch.no_grad():
             # Per-axis terms of the index for both corner bits, then combined separably:
             # dense levels add them (x + y V + z V^2), hashed levels XOR them.
             lo = cell.long() * self._mult  # int64: prime products overflow int32
-            terms = torch.empty(levels, 3, 2, n, dtype=torch.int32, device=x.device)  # [L, axis, bit, N]
+            terms = torch.empty(levels, dims, 2, n, dtype=torch.int32, device=x.device)  # [L, axis, bit, N]
             torch.bitwise_and(lo, self._mask, out=terms[:, :, 0])
             torch.bitwise_and(lo + self._mult, self._mask, out=terms[:, :, 1])
-            index = torch.empty(levels, n, 2, 2, 2, dtype=torch.int32, device=x.device)  # [L, N, z, y, x]
-            d, h = terms[:ld].permute(0, 3, 1, 2), terms[ld:].permute(0, 3, 1, 2)  # [L, N, axis, bit]
-            torch.add(d[:, :, 2, :, None, None] + d[:, :, 1, None, :, None], d[:, :, 0, None, None, :] + self._offset[:ld], out=index[:ld])
-            torch.add(h[:, :, 2, :, None, None] ^ h[:, :, 1, None, :, None] ^ h[:, :, 0, None, None, :], self._offset[ld:], out=index[ld:])
+            terms = terms.permute(0, 3, 1, 2)  # [L, N, axis, bit]
+            index = torch.cat([_outer_over_axes(terms[:ld], torch.add), _outer_over_axes(terms[ld:], torch.bitwise_xor)])
+            index += self._offset
 
-        out = _Interpolate.apply(self.table, weights.reshape(-1, 8), index.view(-1, 8))  # [L * N, F]
+        corners = 2**dims
+        out = _Interpolate.apply(self.table, weights.reshape(-1, corners), index.reshape(-1, corners))  # [L * N, F]
         return out.view(levels, n, self.features).transpose(0, 1).reshape(*batch, self.out_dim)
 
     def extra_repr(self) -> str:
         return (
-            f"levels={self.levels}, features={self.features}, log2_table={self.log2_table}, "
+            f"dims={self.dims}, levels={self.levels}, features={self.features}, log2_table={self.log2_table}, "
             f"resolution={self.base_resolution}..{self.max_resolution:g}, dense_levels={self.dense_levels}, "
             f"tcnn={self._tcnn is not None}"
         )
+
+
+def _outer_over_axes(per_axis: torch.Tensor, combine) -> torch.Tensor:
+    """[L, N, D, 2] -> [L, N, 2, ..., 2]: combine(axis terms) for every corner, the last axis varying fastest
+    in reverse (x fastest), e.g. for D = 3 out[..., z, y, x] = combine(combine(t_z, t_y), t_x)."""
+    out = per_axis[:, :, 0]
+    for axis in range(1, per_axis.shape[2]):
+        out = combine(per_axis[:, :, axis].reshape(*per_axis.shape[:2], 2, *[1] * (axis)), out[:, :, None])
+    return out
 
 
 class SHEncoding(nn.Module):
@@ -236,12 +303,12 @@ class SHEncoding(nn.Module):
         return torch.stack(out, -1)
 
 
-class FrequencyEncoding(nn.Module):
+class FrequencyEncoding(Encoding):
     """NeRF's positional encoding: [x, sin(2^k x), cos(2^k x) for k < frequencies] per coordinate."""
 
     def __init__(self, dims: int, frequencies: int):
         super().__init__()
-        self.dims = dims
+        self.dims, self.frequencies = dims, frequencies
         self.register_buffer("scales", 2.0 ** torch.arange(frequencies), persistent=False)
 
     @property

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from recon.fields import register
-from recon.fields.encodings import HashGridEncoding, tcnn_available
+from recon.fields.encodings import Encoding, HashGridEncoding, tcnn_available
 from recon.fields.heads import EncodedRadianceField, RadianceHead
 
 __all__ = ["HashGridField", "tcnn_available"]
@@ -51,6 +51,14 @@ class HashGridField(EncodedRadianceField):
         )
         self.encoding = HashGridEncoding(levels, features, log2_table, base_resolution, max_resolution, tcnn)
         self.head = RadianceHead(self.encoding.out_dim, hidden)
+
+    @classmethod
+    def coordinate_encoding(cls, extent: list[float], finest: float, levels: int = 16, features: int = 2,
+                            log2_table: int | None = None, base_resolution: int = 16,
+                            max_resolution: float | None = None, tcnn: bool = False) -> Encoding:
+        """instant-ngp's image (2^24 table) and SDF (2^19) encodings, the finest level at the finest cells."""
+        return HashGridEncoding(levels, features, log2_table or (24 if len(extent) == 2 else 19), base_resolution,
+                                max_resolution or finest, tcnn, dims=len(extent))
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         return self.encoding(u)

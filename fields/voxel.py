@@ -9,6 +9,9 @@ resolution reached is stored with the weights, so checkpoints reload at it. Tota
 regularisation on both grids is an option (the official NeRF-synthetic configuration leaves it off;
 its unbounded configurations use 1e-6 and 1e-7).
 
+For the coordinate tasks (images, SDFs) the backend is the feature grid alone, in 2D or 3D, with the
+same progressive scaling, decoded by the task's MLP.
+
 Not taken from DVGO: its coarse stage (recon's occupancy grid, seeded by the alpha visual hull, finds
 the occupied box and skips empty space) and its background-entropy and per-point colour losses.
 """
@@ -24,24 +27,64 @@ from torch import nn
 
 from recon.fields import register
 from recon.fields.base import Field
-from recon.fields.encodings import MLP, FrequencyEncoding
+from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, Upscaling, grid_shape
 
-
-def grid_shape(extent: torch.Tensor, num_voxels: int) -> list[int]:
-    """Voxels per axis for about `num_voxels` cubic voxels over a box of side lengths `extent` (DVGO's rule)."""
-    voxel = (float(extent.prod()) / num_voxels) ** (1 / 3)
-    return [max(2, int(e / voxel)) for e in extent.tolist()]
+DOUBLINGS = (0.05, 0.1, 0.15, 0.2)  # DVGO's progressive scaling at steps 1k, 2k, 3k, 4k of 20k
 
 
 def sample_grid(grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples [N, C] of a grid [1, C, X, Y, Z] at u [N, 3] in [0, 1]^3 (corner voxels at 0 and 1)."""
-    coords = (u * 2 - 1).flip(-1).view(1, 1, 1, -1, 3)  # grid_sample wants (z, y, x) order in [-1, 1]
+    """(Bi/tri)linear samples [N, C] of a grid [1, C, *shape] at u [N, D] in [0, 1]^D (corner voxels at 0 and 1)."""
+    dims = u.shape[-1]
+    coords = (u * 2 - 1).flip(-1).view(1, *[1] * (dims - 1), -1, dims)  # grid_sample wants (z, y, x) order in [-1, 1]
     return F.grid_sample(grid, coords, mode="bilinear", align_corners=True).view(grid.shape[1], -1).T
 
 
 def total_variation(grid: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of neighbouring voxels along each axis, summed over the three axes."""
-    return sum(grid.diff(dim=axis).pow(2).mean() for axis in (2, 3, 4))
+    """Mean squared difference of neighbouring voxels along each axis, summed over the axes."""
+    return sum(grid.diff(dim=axis).pow(2).mean() for axis in range(2, grid.dim()))
+
+
+class DenseGrid(Encoding):
+    """`features` channels on a dense grid of cubic voxels over a box of side lengths `extent` (2D or 3D).
+
+    It starts at num_voxels / 2^len(upscale_at) voxels and doubles them at each milestone of progress,
+    resampling trilinearly, which keeps the function it holds (within interpolation error). `tv`
+    weights its total variation. Values start at 0 (DVGO), or uniform in +-`init` (a decoder whose only
+    input is this grid needs it to start non-zero, or its first layer gets no gradient).
+    """
+
+    lr_scale = 10.0  # DVGO: 0.1 for the grids, i.e. 10x recon's base rate of 1e-2
+
+    def __init__(self, extent: list[float], num_voxels: int, features: int, upscale_at: tuple[float, ...] = (),
+                 tv: float = 0.0, init: float = 0.0):
+        super().__init__()
+        self.dims, self.features, self.extent, self.tv = len(extent), features, [float(e) for e in extent], tv
+        self.upscaling = Upscaling(num_voxels // 2 ** len(upscale_at), num_voxels, upscale_at)
+        grid = torch.zeros(1, features, *grid_shape(self.extent, self.upscaling.voxels()))
+        self.grid = nn.Parameter(grid.uniform_(-init, init) if init else grid)
+
+    @property
+    def out_dim(self) -> int:
+        return self.features
+
+    @property
+    def resolution(self) -> list[int]:
+        return list(self.grid.shape[2:])
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return sample_grid(self.grid, u.clamp(0, 1))
+
+    def update(self, progress: float) -> bool:
+        if not self.upscaling.advance(progress):
+            return False
+        size = grid_shape(self.extent, self.upscaling.voxels())
+        mode = "trilinear" if self.dims == 3 else "bilinear"
+        with torch.no_grad():
+            self.grid = nn.Parameter(F.interpolate(self.grid.data, size=size, mode=mode, align_corners=True))
+        return True
+
+    def regularization(self) -> torch.Tensor | None:
+        return self.tv * total_variation(self.grid) if self.tv else None
 
 
 @register("voxel")
@@ -56,72 +99,64 @@ class VoxelGridField(Field):
 
     outputs = frozenset({"density", "rgb"})
     presets = {"cpu": {"num_voxels": 96**3}}
+    bounded = True
+    coordinate_decoder = {"hidden": 128, "layers": 2}  # DVGO's rgbnet
 
     def __init__(self, aabb: torch.Tensor, num_voxels: int = 160**3, features: int = 12, hidden: int = 128,
                  hidden_layers: int = 2, view_frequencies: int = 4, alpha_init: float = 1e-2,
-                 upscale_at: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2), tv_density: float = 0.0,
-                 tv_features: float = 0.0):
+                 upscale_at: tuple[float, ...] = DOUBLINGS, tv_density: float = 0.0, tv_features: float = 0.0):
         super().__init__(aabb)
         self._config = dict(num_voxels=num_voxels, features=features, hidden=hidden, hidden_layers=hidden_layers,
                             view_frequencies=view_frequencies, alpha_init=alpha_init, upscale_at=list(upscale_at),
                             tv_density=tv_density, tv_features=tv_features)
-        extent = self.aabb[1] - self.aabb[0]
-        self.voxel_base = (float(extent.prod()) / num_voxels) ** (1 / 3)
+        extent = (self.aabb[1] - self.aabb[0]).tolist()
+        self.voxel_base = (math.prod(extent) / num_voxels) ** (1 / 3)
         self.shift = math.log(1 / (1 - alpha_init) - 1)  # softplus(0 + shift) * 1 voxel = -log(1 - alpha_init)
-        self.upscale_at = tuple(upscale_at)
-        self.register_buffer("upscales_done", torch.zeros((), dtype=torch.long))
-        shape = grid_shape(extent, num_voxels // 2 ** len(upscale_at))
-        self.density_grid = nn.Parameter(torch.zeros(1, 1, *shape))
-        self.feature_grid = nn.Parameter(torch.zeros(1, features, *shape))
+        self.density_grid = DenseGrid(extent, num_voxels, 1, upscale_at, tv_density)
+        self.feature_grid = DenseGrid(extent, num_voxels, features, upscale_at, tv_features)
         self.view_encoding = FrequencyEncoding(3, view_frequencies)
         self.color_net = MLP(features + self.view_encoding.out_dim, 3, hidden, hidden_layers)
         nn.init.zeros_(self.color_net[-1].bias)
 
+    @classmethod
+    def coordinate_encoding(cls, extent: list[float], finest: float, num_voxels: int | None = None,
+                            features: int = 12, upscale_at: tuple[float, ...] = DOUBLINGS, tv: float = 0.0) -> Encoding:
+        """The feature grid; by default DVGO's 160³ in 3D, and one voxel per 2 x 2 finest cells (pixels) in 2D."""
+        default = 160**3 if len(extent) == 3 else round((finest / 2) ** 2)
+        return DenseGrid(extent, num_voxels or default, features, upscale_at, tv, init=1e-4)  # instant-ngp's grid init
+
     @property
     def resolution(self) -> list[int]:
-        return list(self.density_grid.shape[2:])
+        return self.density_grid.resolution
 
     def _inside(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
         return u.clamp(0, 1), ((u >= 0) & (u <= 1)).all(-1)
 
+    def _density(self, u: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.density_grid(u)[:, 0] + self.shift) / self.voxel_base * inside  # post-activation
+
     def density(self, x: torch.Tensor) -> torch.Tensor:
-        u, inside = self._inside(x)
-        raw = sample_grid(self.density_grid, u)[:, 0]
-        return F.softplus(raw + self.shift) / self.voxel_base * inside  # post-activation
+        return self._density(*self._inside(x))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         u, inside = self._inside(x)
-        raw = sample_grid(self.density_grid, u)[:, 0]
-        features = sample_grid(self.feature_grid, u)
-        rgb = torch.sigmoid(self.color_net(torch.cat([features, self.view_encoding(d)], -1)))
-        return {"density": F.softplus(raw + self.shift) / self.voxel_base * inside, "rgb": rgb}
+        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1)))
+        return {"density": self._density(u, inside), "rgb": rgb}
 
     def update(self, progress: float) -> bool:
-        """Progressive scaling: upscale once per milestone passed; True when the parameters were replaced."""
-        due = sum(progress >= at for at in self.upscale_at)
-        if due <= int(self.upscales_done):
-            return False
-        self.upscales_done.fill_(due)
-        extent = self.aabb[1] - self.aabb[0]
-        shape = grid_shape(extent, self._config["num_voxels"] // 2 ** (len(self.upscale_at) - due))
-        with torch.no_grad():
-            for name in ("density_grid", "feature_grid"):
-                grid = getattr(self, name)
-                resized = F.interpolate(grid.data, size=shape, mode="trilinear", align_corners=True)
-                setattr(self, name, nn.Parameter(resized))
-        return True
+        """Progressive scaling of both grids; True when their parameters were replaced."""
+        return self.density_grid.update(progress) | self.feature_grid.update(progress)
 
     def regularization(self) -> torch.Tensor | None:
-        weights = (self._config["tv_density"], self._config["tv_features"])
-        if not any(weights):
-            return None
-        return weights[0] * total_variation(self.density_grid) + weights[1] * total_variation(self.feature_grid)
+        terms = [t for t in (self.density_grid.regularization(), self.feature_grid.regularization()) if t is not None]
+        return sum(terms) if terms else None
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # DVGO: 0.1 for the grids and 1e-3 for the MLP, i.e. 10x and 0.1x recon's base rate of 1e-2.
+        grids = list(self.density_grid.parameters()) + list(self.feature_grid.parameters())
         return [
-            {"name": "grids", "params": [self.density_grid, self.feature_grid], "lr": 10 * lr, "weight_decay": 0.0},
+            {"name": "grids", "params": grids, "lr": DenseGrid.lr_scale * lr, "weight_decay": 0.0},
             {"name": "mlp", "params": list(self.color_net.parameters()), "lr": 0.1 * lr, "weight_decay": 0.0},
         ]
 

@@ -25,8 +25,8 @@ def test_a_fresh_grid_starts_at_its_initial_alpha():
 def test_density_is_interpolated_before_its_activation():
     field = build_field("voxel", BOX, num_voxels=16**3, upscale_at=[])
     with torch.no_grad():
-        field.density_grid.zero_()
-        field.density_grid[0, 0, 8] = 20.0  # one slab of high raw density
+        field.density_grid.grid.zero_()
+        field.density_grid.grid[0, 0, 8] = 20.0  # one slab of high raw density
     nx = field.resolution[0]
     between = BOX[0, 0] + (8.5 / (nx - 1)) * (BOX[1, 0] - BOX[0, 0])  # halfway to the next slab
     sigma = field.density(torch.tensor([[between, 0.0, 0.0]]))
@@ -38,7 +38,7 @@ def test_upscaling_keeps_the_function_and_reloads():
     field = build_field("voxel", BOX, num_voxels=48**3, upscale_at=[0.1, 0.2])
     start = field.resolution
     with torch.no_grad():  # a linear function of position is kept exactly by trilinear upscaling
-        for grid in (field.density_grid, field.feature_grid):
+        for grid in (field.density_grid.grid, field.feature_grid.grid):
             ijk = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in grid.shape[2:]], indexing="ij"))
             grid.copy_((ijk * torch.tensor([1.0, -2.0, 0.5])[:, None, None, None]).sum(0).expand_as(grid[0])[None])
     x = torch.rand(500, 3) * (BOX[1] - BOX[0]) + BOX[0]
@@ -53,7 +53,7 @@ def test_upscaling_keeps_the_function_and_reloads():
     pipeline = Pipeline(field, {"aabb": BOX.tolist(), "resolution": 8, "levels": 1, "step_size": 0.01},
                         Pipeline.build("voxel", {}, BOX, 1.0, 0.0, 0.0, 8, 64).tracer)
     reloaded = Pipeline.from_state(pipeline.state_dict()).field
-    assert reloaded.resolution == grown and int(reloaded.upscales_done) == 1
+    assert reloaded.resolution == grown and int(reloaded.density_grid.upscaling.done) == 1
     assert torch.equal(reloaded(x, d)["rgb"], after["rgb"])
     assert reloaded.update(0.25) and reloaded.resolution != grown  # the second milestone still comes
 
@@ -61,9 +61,9 @@ def test_upscaling_keeps_the_function_and_reloads():
 def test_total_variation_is_added_and_reaches_the_grids():
     field = build_field("voxel", BOX, num_voxels=16**3, tv_density=1.0, tv_features=0.5)
     with torch.no_grad():
-        field.density_grid.normal_()
+        field.density_grid.grid.normal_()
     field.regularization().backward()
-    assert field.density_grid.grad.abs().sum() > 0
+    assert field.density_grid.grid.grad.abs().sum() > 0
     assert build_field("voxel", BOX, num_voxels=16**3).regularization() is None
 
 
@@ -72,7 +72,7 @@ def test_voxel_field_fits_the_tiny_scene(tiny_scene):
     cfg = small_config(tiny_scene, field="voxel", field_options={"num_voxels": 48**3}, steps=300)
     trainer = Trainer(cfg, scene)
     trainer.run()
-    assert int(trainer.pipeline.field.upscales_done) == 4  # every milestone passed, the optimiser rebuilt each time
+    assert int(trainer.pipeline.field.density_grid.upscaling.done) == 4  # every milestone passed, the optimiser rebuilt each time
     result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
     assert result["mean"]["psnr"] > 22.0, result["mean"]
 

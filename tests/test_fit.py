@@ -26,7 +26,7 @@ def test_short_fit_reaches_psnr_floor_on_held_out_views(tiny_scene):
     assert result["mean"]["psnr"] > 24.0, result["mean"]
     assert result["mean"]["ssim"] > 0.85, result["mean"]
     # The ray batch follows the sample budget (the alpha-seeded grid leaves ~10 samples per ray here).
-    assert trainer.batch_rays > 1024
+    assert trainer.task.batch_rays > 1024
     assert trainer.samples_seen / trainer.step == pytest.approx(2**14, rel=0.25)
 
 

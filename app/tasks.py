@@ -1,0 +1,239 @@
+"""Tasks: how a training batch is drawn, what its loss is, and how the result is scored.
+
+- `RadianceTask`: posed images -> a radiance field, rendered through the occupancy grid (the core task);
+- `ImageTask`: an image -> pixel coordinates to colour, L2;
+- `MeshSDFTask`: a mesh -> its signed distance, from torch-ngp's surface / near-surface / uniform points,
+  with instant-ngp's MAPE loss.
+
+The trainer owns the loop, the optimiser and the schedules; a task owns its data and its pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imageio.v2 as imageio
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.profiler import record_function
+
+from recon.app.config import FitConfig
+from recon.app.evaluate import evaluate, to_uint8
+from recon.app.metrics import psnr, ssim
+from recon.app.pipeline import Pipeline
+from recon.data.scene import Scene, visual_hull
+from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
+from recon.fields import build_field
+
+MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
+IOU_POINTS = 2**20  # held-out uniform points of the SDF IoU
+NORMAL_POINTS = 2**16  # held-out surface points of the normal angular error
+EVAL_SEED = 2**31 - 1  # held-out points never share the training points' stream
+
+
+@dataclass
+class StepLoss:
+    loss: Tensor  # what the step minimises (the field's regulariser is added by the trainer)
+    data_loss: Tensor  # the photometric / distance term, for the log
+    items: int  # rays, pixels or points in the batch
+    samples: int  # field evaluations
+
+
+class Task:
+    kind: str  # metrics.json's "task"
+    unit: str  # what a batch item is, for rates ("rays" -> rays_per_second)
+    reports_psnr: bool = True  # the data loss is an MSE of colours in [0, 1]
+    pipeline: Pipeline
+
+    def prepare(self) -> None:
+        """Before the first step of a fresh run (a resumed run loads its state instead)."""
+
+    def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
+        """Upkeep outside the gradient: the occupancy grid."""
+
+    def loss(self, generator: torch.Generator) -> StepLoss:
+        raise NotImplementedError
+
+    def after_step(self, result: StepLoss) -> None:
+        """Adapt to what the step cost (the ray batch)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def evaluate(self, out_dir: Path | None) -> dict[str, Any]:
+        """Scores for metrics.json: at least "mean"."""
+        raise NotImplementedError
+
+
+def task_class(target: Scene | ImageTarget | MeshTarget) -> type[Task]:
+    """The task a loaded input calls for."""
+    return {Scene: RadianceTask, ImageTarget: ImageTask, MeshTarget: MeshSDFTask}[type(target)]
+
+
+def coordinate_pipeline(cfg: FitConfig, box: Tensor, field_task: str, device: torch.device) -> Pipeline:
+    field = build_field(cfg.field, box, task=field_task, **cfg.field_options)
+    field.set_quantization(cfg.quantize)
+    return Pipeline(field).to(device)
+
+
+class RadianceTask(Task):
+    kind, unit = "radiance", "rays"
+
+    def __init__(self, cfg: FitConfig, scene: Scene, device: torch.device, pipeline: Pipeline | None = None):
+        self.cfg, self.scene = cfg, scene
+        options = dict(cfg.field_options, **({"tcnn": True} if cfg.tcnn else {}))
+        self.pipeline = pipeline or Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near,
+                                                   scene.cone_angle, cfg.occupancy_resolution, cfg.samples_per_diagonal,
+                                                   cfg.quantize).to(device)
+        self.train = scene.splits["train"].to(device)  # pixels live where the step runs
+        self.device = device
+        self.batch_rays = cfg.batch_rays  # resized every step to spend about cfg.sample_budget samples
+
+    def prepare(self) -> None:
+        """An RGBA scene: mark empty, for good, every grid cell some training view sees as wholly transparent,
+        so marching skips the space around the object from the first step instead of learning it is empty."""
+        if not self.scene.splits["train"].has_alpha:
+            return
+        grid = self.pipeline.grid
+        centres, half_diagonals = grid.cell_centres()
+        _, opaque = visual_hull(self.scene.splits["train"], centres.cpu(), half_diagonals.cpu())
+        grid.seed(opaque.view(grid.levels, -1).to(grid.values.device))
+
+    def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
+        if step % self.cfg.occupancy_every == 0:
+            with record_function("occupancy_update"):
+                self.pipeline.grid.update(self.pipeline.density_fn, warmup=progress < self.cfg.occupancy_warmup,
+                                          generator=generator)
+
+    def loss(self, generator: torch.Generator) -> StepLoss:
+        with record_function("sample_rays"):
+            rays, pixels = self.train.sample(self.batch_rays, generator)
+            # A random background per ray makes transparency learnable (instant-ngp).
+            background = torch.rand(len(rays), 3, generator=generator)
+            target = pixels[:, :3]
+            if pixels.shape[1] == 4:
+                target = target * pixels[:, 3:] + background * (1 - pixels[:, 3:])
+            rays, target, background = rays.to(self.device), target.to(self.device), background.to(self.device)
+        out = self.pipeline.render(rays, background, generator=generator)
+        photometric = F.mse_loss(out["rgb"], target)
+        return StepLoss(photometric, photometric.detach(), len(rays), out["n_samples"])  # n_samples: a host int
+
+    def after_step(self, result: StepLoss) -> None:
+        budget = self.cfg.sample_budget
+        if budget and result.samples:
+            # nerfacc's rule: scale the next batch by budget / samples spent, in multiples of 256
+            # (fewer distinct sizes) and never more rays than the budget has samples.
+            rays_wanted = self.batch_rays * budget / result.samples
+            self.batch_rays = int(min(max(256, round(rays_wanted / 256) * 256), budget))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_rays": self.batch_rays}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_rays = state["batch_rays"]
+
+    def evaluate(self, out_dir: Path | None, split: str = "test", stride: int = 1) -> dict[str, Any]:
+        return evaluate(self.pipeline, self.scene.splits[split], stride, self.cfg.eval_chunk, out_dir)
+
+
+class ImageTask(Task):
+    """Fit an image: random pixels per step, scored on the whole image (PSNR, SSIM)."""
+
+    kind, unit = "image", "pixels"
+
+    def __init__(self, cfg: FitConfig, image: ImageTarget, device: torch.device, pipeline: Pipeline | None = None):
+        self.cfg, self.image = cfg, image
+        self.pipeline = pipeline or coordinate_pipeline(cfg, image.box, "image", device)
+        self.coords = image.pixel_centres().to(device)
+        self.colours = image.pixels.view(-1, 3).to(device)
+
+    def loss(self, generator: torch.Generator) -> StepLoss:
+        pick = torch.randint(len(self.coords), (self.cfg.batch_points,), generator=generator).to(self.coords.device)
+        mse = F.mse_loss(self.pipeline.field.rgb(self.coords[pick]), self.colours[pick])
+        return StepLoss(mse, mse.detach(), len(pick), len(pick))
+
+    @torch.no_grad()
+    def reconstruction(self) -> Tensor:
+        """The field over every pixel centre: [H, W, 3] in [0, 1]."""
+        field = self.pipeline.field
+        was_training = field.training
+        field.eval()
+        rgb = torch.cat([field.rgb(c) for c in self.coords.split(self.cfg.eval_chunk)])
+        field.train(was_training)
+        return rgb.clamp(0, 1).view(self.image.height, self.image.width, 3).cpu()
+
+    def evaluate(self, out_dir: Path | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        pred, gt = self.reconstruction(), self.image.pixels
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            imageio.imwrite(out_dir / "reconstruction.png", to_uint8(pred))
+        return {"seconds": round(time.perf_counter() - started, 3),
+                "protocol": "the field at every pixel centre, clipped to [0, 1], against the image in [0, 1] "
+                            "(16-bit images unquantised); PSNR and SSIM (11x11 Gaussian, sigma 1.5) over the image",
+                "mean": {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt)}}
+
+
+class MeshSDFTask(Task):
+    """Fit a mesh's signed distance: a fixed pool of torch-ngp's training points with exact distances,
+    batches drawn from it, instant-ngp's MAPE loss; scored by IoU and normal angle on held-out points."""
+
+    kind, unit, reports_psnr = "mesh-sdf", "points", False
+
+    def __init__(self, cfg: FitConfig, mesh: MeshTarget, device: torch.device, pipeline: Pipeline | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.pipeline = pipeline or coordinate_pipeline(cfg, mesh.box, "sdf", device)
+        self._pool: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def pool(self) -> tuple[Tensor, Tensor]:
+        """Training points and their distances, made on first use (evaluation never needs them). A function
+        of the mesh and the seed, so a resumed run draws the same points."""
+        if self._pool is None:
+            points, distance = sdf_samples(self.mesh, self.cfg.sdf_pool, torch.Generator().manual_seed(self.cfg.seed))
+            self._pool = points.to(self.pipeline.device), distance.to(self.pipeline.device)
+        return self._pool
+
+    def loss(self, generator: torch.Generator) -> StepLoss:
+        points, distance = self.pool
+        pick = torch.randint(len(points), (self.cfg.batch_points,), generator=generator).to(points.device)
+        gt = distance[pick]
+        mape = ((self.pipeline.field.sdf(points[pick]) - gt).abs() / (gt.abs() + MAPE_EPSILON)).mean()
+        return StepLoss(mape, mape.detach(), len(pick), len(pick))
+
+    def evaluate(self, out_dir: Path | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        scores = sdf_scores(self.pipeline.field, self.mesh, self.cfg.eval_chunk)
+        return {"seconds": round(time.perf_counter() - started, 3), "protocol": SDF_PROTOCOL, "mean": scores}
+
+
+SDF_PROTOCOL = (f"IoU of the insides (sdf < 0) over {IOU_POINTS:,} points uniform in the unit box [-1, 1]^3; normal "
+                f"angular error: mean angle in degrees between the field's gradient and the face normal at "
+                f"{NORMAL_POINTS:,} area-weighted surface points; both sets drawn with seed {EVAL_SEED}, apart from "
+                "the training points")
+
+
+@torch.no_grad()
+def sdf_scores(field, mesh: MeshTarget, chunk: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    uniform = torch.rand(IOU_POINTS, 3, generator=generator) * 2 - 1
+    gt_inside = signed_distance(mesh.vertices, mesh.faces, uniform) < 0
+    surface, normals = sample_surface(mesh.vertices, mesh.faces, NORMAL_POINTS, generator)
+    device = field.aabb.device
+    was_training = field.training
+    field.eval()
+    inside = torch.cat([field.sdf(p.to(device)) < 0 for p in uniform.split(chunk)]).cpu()
+    gradient = torch.cat([field.gradient(p.to(device), "sdf") for p in surface.split(chunk)]).cpu()
+    field.train(was_training)
+    cosine = F.cosine_similarity(gradient, normals, dim=-1).clamp(-1, 1)
+    union = (inside | gt_inside).sum().item()
+    return {"iou": (inside & gt_inside).sum().item() / max(union, 1),
+            "normal_angle_deg": math.degrees(torch.acos(cosine).mean().item())}
