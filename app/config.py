@@ -32,6 +32,7 @@ class FitConfig:
     field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
     task: str = "radiance"  # what the input is: posed images ("radiance"), an image, or a mesh ("mesh-sdf")
     quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
+    params: int | None = None  # a parameter budget the backend's size option is set to fill (comparisons)
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
     preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)

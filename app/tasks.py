@@ -46,6 +46,7 @@ class StepLoss:
 
 class Task:
     kind: str  # metrics.json's "task"
+    field_task: str  # which field a backend builds for it (fields.build_field's task)
     unit: str  # what a batch item is, for rates ("rays" -> rays_per_second)
     reports_psnr: bool = True  # the data loss is an MSE of colours in [0, 1]
     pipeline: Pipeline
@@ -85,7 +86,7 @@ def coordinate_pipeline(cfg: FitConfig, box: Tensor, field_task: str, device: to
 
 
 class RadianceTask(Task):
-    kind, unit = "radiance", "rays"
+    kind, field_task, unit = "radiance", "radiance", "rays"
 
     def __init__(self, cfg: FitConfig, scene: Scene, device: torch.device, pipeline: Pipeline | None = None):
         self.cfg, self.scene = cfg, scene
@@ -147,11 +148,11 @@ class RadianceTask(Task):
 class ImageTask(Task):
     """Fit an image: random pixels per step, scored on the whole image (PSNR, SSIM)."""
 
-    kind, unit = "image", "pixels"
+    kind, field_task, unit = "image", "image", "pixels"
 
     def __init__(self, cfg: FitConfig, image: ImageTarget, device: torch.device, pipeline: Pipeline | None = None):
         self.cfg, self.image = cfg, image
-        self.pipeline = pipeline or coordinate_pipeline(cfg, image.box, "image", device)
+        self.pipeline = pipeline or coordinate_pipeline(cfg, image.box, self.field_task, device)
         self.coords = image.pixel_centres().to(device)
         self.colours = image.pixels.view(-1, 3).to(device)
 
@@ -186,11 +187,11 @@ class MeshSDFTask(Task):
     """Fit a mesh's signed distance: a fixed pool of torch-ngp's training points with exact distances,
     batches drawn from it, instant-ngp's MAPE loss; scored by IoU and normal angle on held-out points."""
 
-    kind, unit, reports_psnr = "mesh-sdf", "points", False
+    kind, field_task, unit, reports_psnr = "mesh-sdf", "sdf", "points", False
 
     def __init__(self, cfg: FitConfig, mesh: MeshTarget, device: torch.device, pipeline: Pipeline | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.pipeline = pipeline or coordinate_pipeline(cfg, mesh.box, "sdf", device)
+        self.pipeline = pipeline or coordinate_pipeline(cfg, mesh.box, self.field_task, device)
         self._pool: tuple[Tensor, Tensor] | None = None
 
     @property

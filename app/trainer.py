@@ -20,6 +20,7 @@ from recon.app.schedules import Progress, learning_rate_factor
 from recon.app.tasks import Task, task_class
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget
+from recon.fields import options_for_budget
 
 
 class Observer(Protocol):
@@ -37,6 +38,8 @@ class Trainer:
         self.device = device or resolve_device(cfg.device)
         kind = task_class(target)
         self.cfg = cfg = cfg.resolved(self.device, kind.kind)
+        if cfg.params:  # the backend's size option fills the budget; config.json records the value chosen
+            cfg.field_options = options_for_budget(cfg.field, target.box, kind.field_task, cfg.params, **cfg.field_options)
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.task: Task = kind(cfg, target, self.device)
         self.pipeline = self.task.pipeline

@@ -84,6 +84,11 @@ class Scene:
     summary: dict  # JSON-ready: what was found and what was chosen
 
     @property
+    def box(self) -> Tensor:
+        """The field's box (the same as `aabb`; every task's input has one)."""
+        return self.aabb
+
+    @property
     def unbounded(self) -> bool:
         return self.aabb_scale > 1
 

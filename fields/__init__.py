@@ -34,6 +34,29 @@ def build_field(name: str, aabb: torch.Tensor, task: str = "radiance", **options
     return CoordinateField(aabb, name, task, **options)
 
 
+def final_parameters(name: str, aabb: torch.Tensor, task: str = "radiance", **options: Any) -> int:
+    """Parameters of the field once every progressive upscale is done (DVGO, TensoRF grow while training)."""
+    field = build_field(name, aabb, task, **options)
+    field.update(1.0)
+    return field.num_parameters()
+
+
+def options_for_budget(name: str, aabb: torch.Tensor, task: str, budget: int, **options: Any) -> dict[str, Any]:
+    """`options` with the backend's size option (its class's `size_option[task]`) set so that its final
+    parameter count comes closest to `budget`: comparisons at equal size."""
+    key = REGISTRY[name].size_option[task]
+    count = lambda value: final_parameters(name, aabb, task, **{**options, key: value})  # noqa: E731
+    lo, hi = 1, 2
+    while count(hi) < budget:  # counts grow with the option; bracket the budget, then bisect.
+        # Gentle steps: a size option may be an exponent (log2_table), where doubling it would not fit in memory.
+        lo, hi = hi, max(hi + 1, int(hi * 1.25))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < budget else (lo, mid)
+    best = min((lo, hi), key=lambda value: abs(count(value) - budget))
+    return {**options, key: best}
+
+
 from recon.fields import hashgrid, pe, triplane, vm, voxel  # noqa: E402,F401  (each registers its backend)
 from recon.fields.coordinate import CoordinateField  # noqa: E402
 

@@ -32,6 +32,8 @@ class Field(nn.Module):
     # A backend of finite extent at uniform resolution (dense grids, planes): in an unbounded scene it reads
     # contracted space (set_contraction); the hash grid instead spans instant-ngp's cascaded box.
     bounded: bool = False
+    # The integer option that sets the backend's size, per task (fields.options_for_budget).
+    size_option: dict[str, str] = {}
     # The MLP that decodes this backend's encoding in the coordinate tasks (images, SDFs): instant-ngp's.
     coordinate_decoder: dict[str, Any] = {"hidden": 64, "layers": 2}
 

@@ -51,7 +51,7 @@ class Upscaling(nn.Module):
 
     def __init__(self, initial: int, final: int, milestones: tuple[float, ...] | list[float]):
         super().__init__()
-        self.initial, self.final, self.milestones = initial, final, tuple(milestones)
+        self.initial, self.final, self.milestones = max(1, initial), max(1, final), tuple(milestones)
         self.register_buffer("done", torch.zeros((), dtype=torch.long))
 
     def voxels(self, done: int | None = None) -> int:

@@ -25,6 +25,7 @@ class HashGridField(EncodedRadianceField):
     # On a CPU a step costs in proportion to levels x samples and Adam to the table: half the levels,
     # a quarter of the table (BENCHMARKS.md, issue 3). The GPU keeps instant-ngp's defaults.
     presets = {"cpu": {"levels": 8, "log2_table": 17}}
+    size_option = {"radiance": "log2_table", "image": "log2_table", "sdf": "log2_table"}
 
     def __init__(
         self,

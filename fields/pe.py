@@ -38,6 +38,7 @@ class PositionalEncodingField(Field):
     outputs = frozenset({"density", "rgb"})
     # Eight 256-wide layers per sample are ~1 s a step on 2 cores; four 128-wide ones ~8x less.
     presets = {"cpu": {"depth": 4, "width": 128}}
+    size_option = {"radiance": "width", "image": "hidden", "sdf": "hidden"}
     coordinate_decoder = {"hidden": 256, "layers": 4, "lr_scale": 0.1}
 
     def __init__(self, aabb: torch.Tensor, frequencies: int = 10, view_frequencies: int = 4, depth: int = 8,

@@ -73,6 +73,7 @@ class TriPlaneField(EncodedRadianceField):
     """resolution: the coarsest planes' side; scales multiply it (K-Planes: 128 x [1, 2, 4], 32 features each)."""
 
     presets = {"cpu": {"resolution": 64, "features": 16}}
+    size_option = {"radiance": "resolution", "image": "resolution", "sdf": "resolution"}
     bounded = True
 
     def __init__(self, aabb: torch.Tensor, resolution: int = 128, scales: tuple[int, ...] = (1, 2, 4),

@@ -97,6 +97,8 @@ class VectorMatrix(Encoding):
 class VectorMatrixField(Field):
     outputs = frozenset({"density", "rgb"})
     presets = {"cpu": {"num_voxels_init": 64**3, "num_voxels": 128**3}}
+    # In 2D the factors are vectors, whose length the image fixes: the component count sizes them.
+    size_option = {"radiance": "num_voxels", "image": "components", "sdf": "num_voxels"}
     bounded = True
     coordinate_decoder = {"hidden": 128, "layers": 2}  # TensoRF's MLP_Fea
 

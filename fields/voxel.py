@@ -99,6 +99,7 @@ class VoxelGridField(Field):
 
     outputs = frozenset({"density", "rgb"})
     presets = {"cpu": {"num_voxels": 96**3}}
+    size_option = {"radiance": "num_voxels", "image": "num_voxels", "sdf": "num_voxels"}
     bounded = True
     coordinate_decoder = {"hidden": 128, "layers": 2}  # DVGO's rgbnet
 

@@ -89,3 +89,38 @@ def test_quantization_is_saved_with_the_pipeline():
     pipeline = Pipeline.build("hashgrid", SMALL["hashgrid"], BOX, 1.0, 0.0, 0.0, 8, 64, quantize=2e-4)
     reloaded = Pipeline.from_state(pipeline.state_dict())
     assert reloaded.field.quantize_relative == 2e-4 and reloaded.field.quantize_cell == pipeline.field.quantize_cell
+
+
+def test_bounded_backends_contract_unbounded_space_and_keep_it_on_reload():
+    scene_box = torch.tensor([[-4.0] * 3, [4.0] * 3])  # aabb_scale 4: the inner box is [-1, 1]^3
+    voxel = Pipeline.build("voxel", SMALL["voxel"], scene_box, 4.0, 0.2, 1 / 256, 8, 64)
+    hashed = Pipeline.build("hashgrid", SMALL["hashgrid"], scene_box, 4.0, 0.2, 1 / 256, 8, 64)
+    assert hashed.field.contraction is None  # instant-ngp's grid spans the whole cascaded box
+    field = voxel.field
+    assert torch.equal(field.contraction, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    inside = torch.rand(100, 3) * 2 - 1
+    assert torch.allclose(field.normalize(inside), (inside + 2) / 4)  # identity inside, in a box twice as large
+    far = torch.nn.functional.normalize(torch.randn(100, 3), dim=-1) * 1e6
+    u = field.normalize(far)
+    assert ((u >= 0) & (u <= 1)).all() and torch.allclose((u - 0.5).abs().amax(-1), torch.tensor(0.5), atol=1e-5)
+    edge = torch.tensor([[1.0, 0.3, -0.2]])
+    assert torch.allclose(field.normalize(edge * (1 + 1e-4)), field.normalize(edge), atol=1e-4)  # continuous at the box
+    y = torch.tensor([[3.0, 1.5, 0.0]])  # |y|_inf = 3 -> (2 - 1/3) y / 3
+    assert torch.allclose(field.normalize(y) * 4 - 2, (2 - 1 / 3) * y / 3)
+    x, d = random_queries(64)
+    reloaded = Pipeline.from_state(voxel.state_dict()).field
+    assert torch.equal(reloaded.contraction, field.contraction)
+    assert torch.equal(reloaded(x * 4, d)["density"], field(x * 4, d)["density"])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_a_parameter_budget_sizes_every_backend(name):
+    from recon.fields import final_parameters, options_for_budget
+
+    for task, box, budget in (("radiance", BOX, 300_000), ("image", torch.tensor([[0.0, 0.0], [300.0, 200.0]]), 60_000)):
+        options = options_for_budget(name, box, task, budget)
+        count = final_parameters(name, box, task, **options)
+        key = REGISTRY[name].size_option[task]
+        neighbours = [final_parameters(name, box, task, **{key: options[key] + step}) for step in (-1, 1)]
+        # The closest the size option can come: no neighbouring value is nearer the budget.
+        assert all(abs(count - budget) <= abs(n - budget) for n in neighbours), (options, count, neighbours)
