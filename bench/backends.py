@@ -1,0 +1,76 @@
+"""Every backend on one input at one parameter budget, with and without quantized coordinates.
+
+Runs `recon fit INPUT --field NAME --params BUDGET ...` for each backend (and each --quantize value),
+reads each run's metrics.json, and writes one JSON file plus the Markdown rows of BENCHMARKS.md's table.
+
+    python bench/backends.py ../shared/data/meshes/armadillo.obj --params 1000000 --steps 1500 \
+        --out bench/results/backends-armadillo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKENDS = ("hashgrid", "voxel", "triplane", "vm", "pe")
+
+
+def run_one(args: argparse.Namespace, field: str, quantize: float) -> dict:
+    name = f"{Path(args.input).stem}-{field}-q{quantize:g}"
+    run = Path(args.runs) / name
+    command = [sys.executable, "-m", "recon.app.cli", "fit", args.input, "--field", field, "--params", str(args.params),
+               "--quantize", str(quantize), "--out", str(run), "--overwrite", "--no-viewer", *args.extra]
+    command += ["--steps", str(args.steps)] if args.steps else []
+    command += ["--max-time", str(args.max_time)] if args.max_time else []
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+        return {"field": field, "quantize": quantize, "error": result.stderr.strip().splitlines()[-1:]}
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    return {"field": field, "quantize": quantize, "parameters": metrics["parameters"],
+            "field_options": config["field_options"], "train": metrics["train"], "mean": metrics["mean"],
+            "wall_seconds": round(time.perf_counter() - started, 1), "command": " ".join(command[2:])}
+
+
+def markdown_row(row: dict) -> str:
+    if "error" in row:
+        return f"| `{row['field']}` | {row['quantize']:g} | failed: {row['error']} |"
+    mean, train = row["mean"], row["train"]
+    scores = (f"{mean['iou']:.5f} | {mean['normal_angle_deg']:.2f}" if "iou" in mean
+              else f"{mean['psnr']:.2f} | {mean['ssim']:.4f}")
+    return (f"| `{row['field']}` | {row['quantize']:g} | {row['parameters'] / 1e6:.3f} M | {train['steps']} | "
+            f"{train['seconds']:.0f} | {scores} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="an image, a mesh or a posed-image scene")
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--max-time", type=float)
+    parser.add_argument("--quantize", type=float, nargs="+", default=[0.0, 2e-4])
+    parser.add_argument("--fields", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--runs", default="runs/bench", help="where the run folders go")
+    parser.add_argument("--out", required=True, help="JSON results file")
+    parser.add_argument("extra", nargs="*", help="more recon fit options, after --")
+    args = parser.parse_args()
+    rows = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else []
+    done = {(r["field"], r["quantize"]) for r in rows if "error" not in r}
+    for field in args.fields:
+        for quantize in args.quantize:
+            if (field, quantize) in done:
+                continue
+            row = run_one(args, field, quantize)
+            rows = [r for r in rows if (r["field"], r["quantize"]) != (field, quantize)] + [row]
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+            print(markdown_row(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
