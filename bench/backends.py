@@ -4,7 +4,7 @@ Runs `recon fit INPUT --field NAME --params BUDGET ...` for each backend (and ea
 reads each run's metrics.json, and writes one JSON file plus the Markdown rows of BENCHMARKS.md's table.
 
     python bench/backends.py ../shared/data/meshes/armadillo.obj --params 1000000 --steps 1500 \
-        --out bench/results/backends-armadillo.json
+        --out bench/results/backends-armadillo.json [more recon fit options, e.g. --downscale 2]
 """
 
 from __future__ import annotations
@@ -58,8 +58,7 @@ def main() -> None:
     parser.add_argument("--fields", nargs="+", default=list(BACKENDS))
     parser.add_argument("--runs", default="runs/bench", help="where the run folders go")
     parser.add_argument("--out", required=True, help="JSON results file")
-    parser.add_argument("extra", nargs="*", help="more recon fit options, after --")
-    args = parser.parse_args()
+    args, args.extra = parser.parse_known_args()  # anything else goes to recon fit as it is
     rows = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else []
     done = {(r["field"], r["quantize"]) for r in rows if "error" not in r}
     for field in args.fields:
