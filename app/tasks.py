@@ -155,10 +155,16 @@ class ImageTask(Task):
         self.pipeline = pipeline or coordinate_pipeline(cfg, image.box, self.field_task, device)
         self.coords = image.pixel_centres().to(device)
         self.colours = image.pixels.view(-1, 3).to(device)
+        self.attached = self.pipeline.field.attach(self.coords)  # an encoding may index the pixels once
+
+    def prepare(self) -> None:
+        """A data-adaptive encoding (NeuRBF) places itself where the image's Sobel gradient is large."""
+        self.pipeline.field.adapt(self.coords, sobel_magnitude(self.image.pixels).view(-1).to(self.coords.device))
 
     def loss(self, generator: torch.Generator) -> StepLoss:
         pick = torch.randint(len(self.coords), (self.cfg.batch_points,), generator=generator).to(self.coords.device)
-        mse = F.mse_loss(self.pipeline.field.rgb(self.coords[pick]), self.colours[pick])
+        rgb = self.pipeline.field.rgb(self.coords[pick], point_ids=pick if self.attached else None)
+        mse = F.mse_loss(rgb, self.colours[pick])
         return StepLoss(mse, mse.detach(), len(pick), len(pick))
 
     @torch.no_grad()
@@ -201,19 +207,35 @@ class MeshSDFTask(Task):
         if self._pool is None:
             points, distance = sdf_samples(self.mesh, self.cfg.sdf_pool, torch.Generator().manual_seed(self.cfg.seed))
             self._pool = points.to(self.pipeline.device), distance.to(self.pipeline.device)
+            self.attached = self.pipeline.field.attach(self._pool[0])  # an encoding may index the pool once
         return self._pool
+
+    def prepare(self) -> None:
+        """A data-adaptive encoding (NeuRBF) places itself by 1 / |SDF| over the training points."""
+        points, distance = self.pool
+        self.pipeline.field.adapt(points, 1 / (distance.abs() + 1e-9))
 
     def loss(self, generator: torch.Generator) -> StepLoss:
         points, distance = self.pool
         pick = torch.randint(len(points), (self.cfg.batch_points,), generator=generator).to(points.device)
         gt = distance[pick]
-        mape = ((self.pipeline.field.sdf(points[pick]) - gt).abs() / (gt.abs() + MAPE_EPSILON)).mean()
+        sdf = self.pipeline.field.sdf(points[pick], point_ids=pick if self.attached else None)
+        mape = ((sdf - gt).abs() / (gt.abs() + MAPE_EPSILON)).mean()
         return StepLoss(mape, mape.detach(), len(pick), len(pick))
 
     def evaluate(self, out_dir: Path | None) -> dict[str, Any]:
         started = time.perf_counter()
         scores = sdf_scores(self.pipeline.field, self.mesh, self.cfg.eval_chunk)
         return {"seconds": round(time.perf_counter() - started, 3), "protocol": SDF_PROTOCOL, "mean": scores}
+
+
+def sobel_magnitude(image: Tensor) -> Tensor:
+    """[H, W] norm of the normalised Sobel gradient (kernels / 8, replicated borders) over every channel of
+    an [H, W, C] image: NeuRBF's k-means weights for images."""
+    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+    channels = F.pad(image.permute(2, 0, 1)[:, None], (1, 1, 1, 1), mode="replicate")  # [C, 1, H + 2, W + 2]
+    gx, gy = (F.conv2d(channels, k[None, None]) for k in (kernel, kernel.T))
+    return (gx.square() + gy.square()).sum((0, 1)).sqrt()
 
 
 SDF_PROTOCOL = (f"IoU of the insides (sdf < 0) over {IOU_POINTS:,} points uniform in the unit box [-1, 1]^3; normal "

@@ -37,7 +37,7 @@ def build_field(name: str, aabb: torch.Tensor, task: str = "radiance", **options
 def final_parameters(name: str, aabb: torch.Tensor, task: str = "radiance", **options: Any) -> int:
     """Parameters of the field once every progressive upscale is done (DVGO, TensoRF grow while training)."""
     field = build_field(name, aabb, task, **options)
-    field.update(1.0)
+    field.grow(1.0)
     return field.num_parameters()
 
 
@@ -57,7 +57,7 @@ def options_for_budget(name: str, aabb: torch.Tensor, task: str, budget: int, **
     return {**options, key: best}
 
 
-from recon.fields import hashgrid, pe, triplane, vm, voxel  # noqa: E402,F401  (each registers its backend)
+from recon.fields import hashgrid, neurbf, pe, triplane, vm, voxel  # noqa: E402,F401  (each registers its backend)
 from recon.fields.coordinate import CoordinateField  # noqa: E402
 
 __all__ = ["Field", "REGISTRY", "register", "build_field"]

@@ -90,6 +90,11 @@ class Field(nn.Module):
         return x + (snapped - x).detach()
 
     @classmethod
+    def decoder_defaults(cls, task: str) -> dict[str, Any]:
+        """The coordinate decoder's options for `task` ("image" or "sdf")."""
+        return dict(cls.coordinate_decoder)
+
+    @classmethod
     def coordinate_encoding(cls, extent: list[float], finest: float, **options: Any) -> "Encoding":
         """This backend's encoding for the coordinate tasks, over a box of side lengths `extent` (2 or 3 of
         them) whose finest detail is `finest` cells along its longest side (fields.coordinate)."""
@@ -126,10 +131,15 @@ class Field(nn.Module):
         """
         return [{"name": "all", "params": list(self.parameters()), "lr": lr, "weight_decay": 0.0}]
 
-    def update(self, progress: float) -> bool:
-        """Called before every training step with progress in [0, 1]; a field whose parameters change
-        (DVGO's upscaling) replaces them here and returns True, and the trainer rebuilds its optimiser."""
+    def grow(self, progress: float) -> bool:
+        """Change the parameters' shapes as progress in [0, 1] passes milestones (DVGO's and TensoRF's
+        upscaling); True when they were replaced."""
         return False
+
+    def update(self, progress: float) -> bool:
+        """Called before every training step: `grow`, and whatever else a field does at a point of progress
+        (NeuRBF places its kernels). True when parameters changed; the trainer then rebuilds its optimiser."""
+        return self.grow(progress)
 
     def regularization(self) -> torch.Tensor | None:
         """A loss term the field adds to the photometric loss (total variation, L1), or None."""

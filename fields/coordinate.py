@@ -58,15 +58,35 @@ class SphereInitMLP(nn.Module):
         return self.out(h)
 
 
+class SineMLP(nn.Module):
+    """in_dim -> `layers` hidden layers of `hidden` units -> out_dim, the first sinusoidal (NeuRBF's
+    composition on the first layer): h = W x + b; h + sin(h * m0), m0 log-spaced over [lo, hi] across the
+    units, in place of an activation; then ReLU layers and a linear output."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int, frequencies: tuple[float, float]):
+        super().__init__()
+        self.first = nn.Linear(in_dim, hidden)
+        self.rest = MLP(hidden, out_dim, hidden, layers - 1) if layers > 1 else nn.Linear(hidden, out_dim)
+        lo, hi = frequencies
+        self.register_buffer("m0", torch.exp2(torch.linspace(math.log2(lo), math.log2(hi), hidden)), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.first(h)
+        return self.rest(h + torch.sin(h * self.m0))
+
+
 class CoordinateField(Field):
     """Backend `backend`'s coordinate encoding over the box `aabb` [2, D], decoded for `task`.
 
-    hidden, layers, lr_scale: the decoder (defaults: the backend's `coordinate_decoder`); every other option
-    goes to the backend's `coordinate_encoding`.
+    hidden, layers, lr_scale, sine: the decoder (defaults: the backend's `decoder_defaults(task)`); `sine`
+    [lo, hi] makes its first layer sinusoidal (SineMLP), and an SDF decoder then sees the encoding alone
+    (NeuRBF's) instead of the sphere-initialised one. Every other option goes to the backend's
+    `coordinate_encoding`.
     """
 
     def __init__(self, aabb: torch.Tensor, backend: str, task: str, hidden: int | None = None,
-                 layers: int | None = None, lr_scale: float | None = None, **encoding_options: Any):
+                 layers: int | None = None, lr_scale: float | None = None, sine: list[float] | None = None,
+                 **encoding_options: Any):
         from recon.fields import REGISTRY
 
         if task not in TASKS:
@@ -75,15 +95,19 @@ class CoordinateField(Field):
         super().__init__(aabb.reshape(2, -1))
         self.name, self.task = backend, task
         self.outputs = frozenset({"rgb"} if task == "image" else {"sdf"})
-        given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale}
-        self.decoder_options = {**REGISTRY[backend].coordinate_decoder, **{k: v for k, v in given.items() if v is not None}}
+        given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale, "sine": sine}
+        self.decoder_options = {**REGISTRY[backend].decoder_defaults(task), **{k: v for k, v in given.items() if v is not None}}
         self._config = {"task": task, **{k: v for k, v in given.items() if v is not None}, **encoding_options}
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         finest = max(extent) if task == "image" else FINEST_PER_UNIT * max(extent)
         self.encoding = REGISTRY[backend].coordinate_encoding(extent, finest, **encoding_options)
-        hidden, layers = self.decoder_options["hidden"], self.decoder_options["layers"]
-        if task == "image":
-            self.decoder = MLP(self.encoding.out_dim, 3, hidden, layers)
+        hidden, layers, sine = self.decoder_options["hidden"], self.decoder_options["layers"], self.decoder_options.get("sine")
+        out = 3 if task == "image" else 1
+        self.sees_coordinates = task == "sdf" and not sine
+        if sine:
+            self.decoder = SineMLP(self.encoding.out_dim, out, hidden, layers, tuple(sine))
+        elif task == "image":
+            self.decoder = MLP(self.encoding.out_dim, out, hidden, layers)
         else:
             self.decoder = SphereInitMLP(self.dims + self.encoding.out_dim, self.dims, hidden, layers)
 
@@ -91,27 +115,44 @@ class CoordinateField(Field):
     def dims(self) -> int:
         return self.aabb.shape[1]
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, point_ids: torch.Tensor | None) -> torch.Tensor:
         u = self.normalize(x)
-        if self.task == "image":
-            return self.decoder(self.encoding(u))
-        # Box-centred coordinates, [-1, 1] along the longest side, so the initial sphere stays round.
-        extent = self.aabb[1] - self.aabb[0]
-        centred = (u - 0.5) * (extent / extent.max() * 2)
-        return self.decoder(torch.cat([centred, self.encoding(u)], -1))[:, 0]
+        features = self.encoding(u) if point_ids is None else self.encoding(u, point_ids=point_ids)
+        if self.sees_coordinates:
+            # Box-centred coordinates, [-1, 1] along the longest side, so the initial sphere stays round.
+            extent = self.aabb[1] - self.aabb[0]
+            features = torch.cat([(u - 0.5) * (extent / extent.max() * 2), features], -1)
+        out = self.decoder(features)
+        return out if self.task == "image" else out[:, 0]
 
-    def forward(self, x: torch.Tensor, d: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"rgb" if self.task == "image" else "sdf": self._decode(x)}
+    def forward(self, x: torch.Tensor, d: torch.Tensor | None = None,
+                point_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"rgb" if self.task == "image" else "sdf": self._decode(x, point_ids)}
 
-    def rgb(self, x: torch.Tensor) -> torch.Tensor:
-        """Colours [N, 3] (image task; not clamped)."""
-        return self._decode(x)
+    def rgb(self, x: torch.Tensor, point_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Colours [N, 3] (image task; not clamped). point_ids: rows of the attached point set that x are."""
+        return self._decode(x, point_ids)
 
-    def sdf(self, x: torch.Tensor) -> torch.Tensor:
+    def sdf(self, x: torch.Tensor, point_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Signed distance [N] in unit-frame lengths, negative inside (sdf task)."""
-        return self._decode(x)
+        return self._decode(x, point_ids)
 
-    def update(self, progress: float) -> bool:
+    def adapt(self, x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator | None = None) -> bool:
+        """Let a data-adaptive encoding (NeuRBF) place itself from points x weighted by `weights`; True if it did."""
+        if not hasattr(self.encoding, "adapt"):
+            return False
+        self.encoding.adapt(self.normalize(x), weights, generator)
+        return True
+
+    def attach(self, x: torch.Tensor) -> bool:
+        """Tell the encoding the fixed set of points training draws from, so it can index them once
+        (`point_ids` then name rows of x); True if it keeps them."""
+        if not hasattr(self.encoding, "attach"):
+            return False
+        self.encoding.attach(self.normalize(x))
+        return True
+
+    def grow(self, progress: float) -> bool:
         return self.encoding.update(progress)
 
     def regularization(self) -> torch.Tensor | None:

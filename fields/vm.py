@@ -106,7 +106,8 @@ class VectorMatrixField(Field):
                  upscale_at: tuple[float, ...] = TENSORF_UPSCALES,
                  density_components: int = 16, appearance_components: int = 48, appearance_features: int = 27,
                  hidden: int = 128, frequencies: int = 2, density_shift: float = -10.0, distance_scale: float = 25.0,
-                 l1: tuple[float, float] = (0.0, 4e-5)):
+                 l1: tuple[float, float] = (0.0, 4e-5), extra_appearance: int = 0):
+        """extra_appearance: channels a subclass adds to the appearance features (`_appearance`), e.g. NeuRBF's."""
         super().__init__(aabb)
         self._config = dict(num_voxels_init=num_voxels_init, num_voxels=num_voxels, upscale_at=list(upscale_at),
                             density_components=density_components, appearance_components=appearance_components,
@@ -116,7 +117,7 @@ class VectorMatrixField(Field):
         self.density_factors = VectorMatrix(extent, density_components, num_voxels_init, num_voxels, upscale_at)
         self.appearance_factors = VectorMatrix(extent, appearance_components, num_voxels_init, num_voxels, upscale_at)
         self.basis = nn.Linear(3 * appearance_components, appearance_features, bias=False)
-        self.feature_encoding = FrequencyEncoding(appearance_features, frequencies)
+        self.feature_encoding = FrequencyEncoding(appearance_features + extra_appearance, frequencies)
         self.view_encoding = FrequencyEncoding(3, frequencies)
         self.color_net = MLP(self.feature_encoding.out_dim + self.view_encoding.out_dim, 3, hidden, layers=2)
 
@@ -141,13 +142,17 @@ class VectorMatrixField(Field):
     def density(self, x: torch.Tensor) -> torch.Tensor:
         return self._density(*self._box(x))
 
+    def _appearance(self, u: torch.Tensor) -> torch.Tensor:
+        """The appearance features the colour MLP encodes and decodes: TensoRF's basis of the factors."""
+        return self.basis(self.appearance_factors(u))
+
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         u, inside = self._box(x)
-        features = self.basis(self.appearance_factors(u))
+        features = self._appearance(u)
         rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_encoding(features), self.view_encoding(d)], -1)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
-    def update(self, progress: float) -> bool:
+    def grow(self, progress: float) -> bool:
         """Upscale both factorisations once per milestone passed; True when parameters changed."""
         return self.density_factors.update(progress) | self.appearance_factors.update(progress)
 

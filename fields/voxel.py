@@ -145,7 +145,7 @@ class VoxelGridField(Field):
         rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
-    def update(self, progress: float) -> bool:
+    def grow(self, progress: float) -> bool:
         """Progressive scaling of both grids; True when their parameters were replaced."""
         return self.density_grid.update(progress) | self.feature_grid.update(progress)
 

@@ -26,9 +26,11 @@ SMALL = {
     "pe": {"frequencies": 6, "hidden": 64, "layers": 2},
     "triplane": {"resolution": 8, "features": 8},
     "vm": {"components": 8, "num_voxels_init": 16**2, "num_voxels": 24**2, "upscale_at": [0.3]},
+    "neurbf": {"kernels": 64, "features": 8, "grid_resolution": 24},
 }
 SMALL_3D = SMALL | {"voxel": {"num_voxels": 24**3, "upscale_at": [0.3]},
-                    "vm": {"components": 8, "num_voxels_init": 16**3, "num_voxels": 24**3, "upscale_at": [0.3]}}
+                    "vm": {"components": 8, "num_voxels_init": 16**3, "num_voxels": 24**3, "upscale_at": [0.3]},
+                    "neurbf": {"kernels": 64, "features": 8, "grid_resolution": 32}}
 
 
 def test_every_backend_has_small_coordinate_configurations():
@@ -82,7 +84,8 @@ def test_coordinate_task_trains_and_reloads(kind, name, quantize, photo, bunny):
     result = trainer.task.loss(torch.Generator().manual_seed(1))
     result.loss.backward()
     for pname, parameter in field.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, pname
+        if parameter.requires_grad:  # NeuRBF's kernel centres and shapes are frozen by design
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, pname
     field.zero_grad()
 
     losses = record_losses(trainer)
