@@ -176,7 +176,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "quantize", "params", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
+    for name in ("field", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
                  "device"):
         value = getattr(args, name)
@@ -366,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
         p.add_argument("--quantize", type=float, metavar="CELL",
                        help="quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. 2e-4")
+        p.add_argument("--cam", nargs="?", const="auto", choices=("auto", "plane", "direction", "triplane"),
+                       help="coordinate-aware modulation of the field's MLPs (CAM); auto: the view direction for "
+                            "radiance, a 2D grid for images, tri-planes for SDFs")
+        p.add_argument("--cam-resolution", type=int, metavar="N", help="CAM grid side (default the paper's)")
+        p.add_argument("--cam-bits", type=int, metavar="B", help="quantise CAM's gamma and beta to B bits, e.g. 8")
         p.add_argument("--params", type=int, metavar="N",
                        help="size the backend to about N parameters (its size option, e.g. log2_table, num_voxels)")
         p.add_argument("--steps", type=int, help="training steps (default 20000)")

@@ -33,6 +33,9 @@ class FitConfig:
     task: str = "radiance"  # what the input is: posed images ("radiance"), an image, or a mesh ("mesh-sdf")
     quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
     params: int | None = None  # a parameter budget the backend's size option is set to fill (comparisons)
+    cam: str | None = None  # CAM on the field's MLPs: "auto" (the task's coordinate), "plane", "direction", "triplane"
+    cam_resolution: int | None = None  # CAM grid side (None: the paper's, 32 / 10 x 3 / 512)
+    cam_bits: int | None = None  # quantise CAM's gamma and beta to this many bits (the paper's 8-bit variant)
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
     preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)

@@ -45,12 +45,14 @@ class Pipeline:
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
-              quantize: float = 0.0) -> "Pipeline":
+              quantize: float = 0.0, cam: dict[str, Any] | None = None) -> "Pipeline":
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
-        (Field.set_quantization), 0 for off. In an unbounded scene a bounded backend contracts space
-        outside the inner box (Field.set_contraction)."""
+        (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off. In an
+        unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction)."""
         field = build_field(field_name, scene_aabb, **field_options)
         field.set_quantization(quantize)
+        if cam:
+            field.enable_cam(**cam)
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
@@ -69,6 +71,8 @@ class Pipeline:
         field = build_field(saved["name"], torch.tensor(saved["aabb"]), **saved["config"])
         field.set_quantization(saved["quantize"])
         field.set_contraction(None if saved["contraction"] is None else torch.tensor(saved["contraction"]))
+        if saved["cam"]:
+            field.enable_cam(**saved["cam"])
         load_resizing(field, saved["state"])
         pipeline = cls(field, state["grid_config"], tracer)
         if pipeline.grid is not None:
@@ -128,7 +132,7 @@ class Pipeline:
         return {
             "field": {"name": field.name, "aabb": field.aabb.tolist(), "config": field.config(),
                       "quantize": field.quantize_relative,
-                      "contraction": None if field.contraction is None else field.contraction.tolist(),
+                      "contraction": None if field.contraction is None else field.contraction.tolist(), "cam": field.cam,
                       "state": field.state_dict()},
             "grid": None if self.grid is None else self.grid.state_dict(),
             "grid_config": self.grid_config,

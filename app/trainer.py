@@ -52,7 +52,7 @@ class Trainer:
         self._items_since_log = self._samples_since_log = self._steps_since_log = 0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        groups = self.pipeline.field.param_groups(self.cfg.lr)
+        groups = self.pipeline.field.optimizer_groups(self.cfg.lr)
         for group in groups:
             group["base_lr"] = group["lr"]
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)  # instant-ngp's Adam

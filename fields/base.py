@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from recon.fields.cam import Modulation
+from recon.fields.encodings import MLP
+
 if TYPE_CHECKING:
     from recon.fields.encodings import Encoding
 
@@ -46,6 +49,7 @@ class Field(nn.Module):
         # The inner box [2, D] outside which space is contracted (None: not contracted). Not state: the
         # pipeline records it with the field's options.
         self.register_buffer("contraction", None, persistent=False)
+        self.cam: dict[str, Any] | None = None  # CAM's settings once enable_cam added its grids
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         """Query positions x [N, 3] with unit view directions d [N, 3].
@@ -122,6 +126,35 @@ class Field(nn.Module):
         an unbounded scene): every backend reads positions through here, so both apply to all of them."""
         x, lo, hi = self._contract(self.quantize(x))
         return (x - lo) / (hi - lo)
+
+    def cam_targets(self) -> list[MLP]:
+        """The MLPs CAM modulates: all of the field's (a backend may keep some out, as NeRF's colour branch)."""
+        return [m for m in self.modules() if isinstance(m, MLP)]
+
+    def enable_cam(self, kind: str, resolution: int | None = None, bits: int | None = None,
+                   normalize: bool | None = None) -> None:
+        """Coordinate-aware modulation (fields.cam) on every hidden layer of `cam_targets()`; normalize None:
+        as the paper's variant for that coordinate."""
+        for mlp in self.cam_targets():
+            mlp.modulation = Modulation(kind, len(mlp.hidden), resolution, bits, normalize).to(self.aabb.device)
+        self.cam = {"kind": kind, "resolution": resolution, "bits": bits, "normalize": normalize}
+
+    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
+        """`param_groups`, with CAM's grids split out at their factor (fields.cam.LR_FACTOR) times the rate
+        of the MLP they modulate."""
+        groups = self.param_groups(lr)
+        factor = {id(p): m.lr_factor for m in self.modules() if isinstance(m, Modulation) for p in m.parameters()}
+        if not factor:
+            return groups
+        out = []
+        for group in groups:
+            own = [p for p in group["params"] if id(p) not in factor]
+            grids = [p for p in group["params"] if id(p) in factor]
+            out += [{**group, "params": own}] if own else []
+            if grids:
+                out.append({**group, "name": f"{group['name']}-cam", "params": grids,
+                            "lr": factor[id(grids[0])] * group["lr"], "weight_decay": 0.0})
+        return out
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups, each with a "name", its own "lr" and "weight_decay".

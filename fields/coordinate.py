@@ -21,66 +21,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from recon.fields.base import Field
+from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP
 
 TASKS = ("image", "sdf")
 # instant-ngp's SDF and NeRF grids end at 2048 cells over a box of side 2: the finest detail per unit length.
 FINEST_PER_UNIT = 1024
 SPHERE_RADIUS = 0.5  # of the untrained SDF, in box-centred coordinates ([-1, 1] along the longest side)
-SOFTPLUS_BETA = 100  # NeuS / IDR
 
 
-class SphereInitMLP(nn.Module):
-    """in_dim -> `layers` softplus(beta=100) layers -> 1, whose first `coords` inputs are positions.
-
-    Geometric initialisation (Atzmon & Lipman, SAL; as IDR and NeuS): hidden weights N(0, sqrt(2 / width)),
-    the first layer's weights on everything but the positions zero, the last layer's weights
-    N(sqrt(pi / width), 1e-4) and bias -radius, so the output starts close to |x| - radius.
-    """
-
-    def __init__(self, in_dim: int, coords: int, hidden: int, layers: int, radius: float = SPHERE_RADIUS):
-        super().__init__()
-        dims = [in_dim] + [hidden] * layers
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], 1)
-        with torch.no_grad():
-            for i, layer in enumerate(self.hidden):
-                nn.init.normal_(layer.weight, 0.0, math.sqrt(2 / layer.out_features))
-                nn.init.zeros_(layer.bias)
-                if i == 0:
-                    layer.weight[:, coords:] = 0
-            nn.init.normal_(self.out.weight, math.sqrt(math.pi / dims[-1]), 1e-4)
-            self.out.bias.fill_(-radius)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for layer in self.hidden:
-            h = F.softplus(layer(h), beta=SOFTPLUS_BETA)
-        return self.out(h)
-
-
-class SineMLP(nn.Module):
-    """in_dim -> `layers` hidden layers of `hidden` units -> out_dim, the first sinusoidal (NeuRBF's
-    composition on the first layer): h = W x + b; h + sin(h * m0), m0 log-spaced over [lo, hi] across the
-    units, in place of an activation; then ReLU layers and a linear output."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int, frequencies: tuple[float, float]):
-        super().__init__()
-        self.first = nn.Linear(in_dim, hidden)
-        self.rest = MLP(hidden, out_dim, hidden, layers - 1) if layers > 1 else nn.Linear(hidden, out_dim)
-        lo, hi = frequencies
-        self.register_buffer("m0", torch.exp2(torch.linspace(math.log2(lo), math.log2(hi), hidden)), persistent=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.first(h)
-        return self.rest(h + torch.sin(h * self.m0))
+def sphere_init(mlp: MLP, coords: int, radius: float = SPHERE_RADIUS) -> MLP:
+    """Geometric initialisation (Atzmon & Lipman, SAL; as IDR and NeuS) of an MLP whose first `coords`
+    inputs are positions: hidden weights N(0, sqrt(2 / width)), the first layer's weights on everything but
+    the positions zero, the last layer's weights N(sqrt(pi / width), 1e-4) and bias -radius, so the output
+    starts close to |x| - radius."""
+    with torch.no_grad():
+        for i, layer in enumerate(mlp.hidden):
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2 / layer.out_features))
+            nn.init.zeros_(layer.bias)
+            if i == 0:
+                layer.weight[:, coords:] = 0
+        nn.init.normal_(mlp.out.weight, math.sqrt(math.pi / mlp.out.in_features), 1e-4)
+        mlp.out.bias.fill_(-radius)
+    return mlp
 
 
 class CoordinateField(Field):
     """Backend `backend`'s coordinate encoding over the box `aabb` [2, D], decoded for `task`.
 
     hidden, layers, lr_scale, sine: the decoder (defaults: the backend's `decoder_defaults(task)`); `sine`
-    [lo, hi] makes its first layer sinusoidal (SineMLP), and an SDF decoder then sees the encoding alone
-    (NeuRBF's) instead of the sphere-initialised one. Every other option goes to the backend's
+    [lo, hi] makes its first layer sinusoidal (NeuRBF's), and an SDF decoder then sees the encoding alone
+    instead of being the sphere-initialised one. Every other option goes to the backend's
     `coordinate_encoding`.
     """
 
@@ -104,12 +75,10 @@ class CoordinateField(Field):
         hidden, layers, sine = self.decoder_options["hidden"], self.decoder_options["layers"], self.decoder_options.get("sine")
         out = 3 if task == "image" else 1
         self.sees_coordinates = task == "sdf" and not sine
-        if sine:
-            self.decoder = SineMLP(self.encoding.out_dim, out, hidden, layers, tuple(sine))
-        elif task == "image":
-            self.decoder = MLP(self.encoding.out_dim, out, hidden, layers)
+        if self.sees_coordinates:  # softplus (beta 100) layers, as NeuS / IDR, starting as a sphere
+            self.decoder = sphere_init(MLP(self.dims + self.encoding.out_dim, out, hidden, layers, "softplus"), self.dims)
         else:
-            self.decoder = SphereInitMLP(self.dims + self.encoding.out_dim, self.dims, hidden, layers)
+            self.decoder = MLP(self.encoding.out_dim, out, hidden, layers, sine=sine or None)
 
     @property
     def dims(self) -> int:
@@ -122,7 +91,7 @@ class CoordinateField(Field):
             # Box-centred coordinates, [-1, 1] along the longest side, so the initial sphere stays round.
             extent = self.aabb[1] - self.aabb[0]
             features = torch.cat([(u - 0.5) * (extent / extent.max() * 2), features], -1)
-        out = self.decoder(features)
+        out = self.decoder(features, CamQuery(u))
         return out if self.task == "image" else out[:, 0]
 
     def forward(self, x: torch.Tensor, d: torch.Tensor | None = None,

@@ -320,15 +320,46 @@ class FrequencyEncoding(Encoding):
         return torch.cat([x, torch.sin(scaled), torch.cos(scaled)], -1)
 
 
-class MLP(nn.Sequential):
-    """in_dim -> `layers` hidden ReLU layers of width `hidden` -> out_dim (no output activation)."""
+class MLP(nn.Module):
+    """in_dim -> `layers` hidden layers of width `hidden` -> out_dim (no output activation; out_dim None:
+    the last hidden activation, a trunk).
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 64, layers: int = 1):
-        dims = [in_dim] + [hidden] * layers
-        blocks: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            blocks += [nn.Linear(a, b), nn.ReLU(inplace=True)]
-        super().__init__(*blocks, nn.Linear(dims[-1], out_dim))
+    activation: "relu", or "softplus" (beta 100, NeuS's smooth ReLU). sine: [lo, hi] replaces the first
+    hidden layer's activation by NeuRBF's composition h + sin(h * m0), m0 log-spaced over the units. skip:
+    the input joins again before that hidden layer (NeRF's). `modulation` (CAM, fields.cam) scales and
+    shifts every hidden layer's pre-activation by values read at the query's coordinate, given as `at`.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int | None, hidden: int = 64, layers: int = 1, activation: str = "relu",
+                 sine: tuple[float, float] | list[float] | None = None, skip: int | None = None):
+        super().__init__()
+        if activation not in ("relu", "softplus"):
+            raise ValueError(f"unknown activation {activation!r}")
+        self.activation, self.skip = activation, skip
+        widths = [in_dim] + [hidden] * layers
+        self.hidden = nn.ModuleList(nn.Linear(a + (in_dim if i == skip else 0), b)
+                                    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])))
+        self.out = nn.Linear(widths[-1], out_dim) if out_dim is not None else None
+        m0 = None if sine is None else torch.exp2(torch.linspace(math.log2(sine[0]), math.log2(sine[1]), hidden))
+        self.register_buffer("m0", m0, persistent=False)
+        self.modulation: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor, at=None) -> torch.Tensor:
+        gammas = betas = None
+        if self.modulation is not None:
+            gammas, betas = self.modulation(at, len(x))
+        h = x
+        for i, layer in enumerate(self.hidden):
+            h = layer(torch.cat([h, x], -1) if i == self.skip else h)
+            if gammas is not None:
+                h = self.modulation.modulate(h, gammas[i], betas[i])
+            if i == 0 and self.m0 is not None:
+                h = h + torch.sin(h * self.m0)
+            elif self.activation == "relu":
+                h = F.relu(h)
+            else:
+                h = F.softplus(h, beta=100)
+        return self.out(h) if self.out is not None else h
 
 
 class _TruncExp(torch.autograd.Function):

@@ -8,6 +8,7 @@ from torch import nn
 from typing import Any
 
 from recon.fields.base import Field
+from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, SHEncoding, trunc_exp
 
 
@@ -29,15 +30,15 @@ class RadianceHead(nn.Module):
         self.dir_encoding = SHEncoding(sh_degree)
         self.color_net = MLP(geo_dim + self.dir_encoding.out_dim, 3, hidden, layers=2)
 
-    def forward(self, features: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(density [N], rgb [N, 3])."""
-        geo = self.density_net(features)
-        rgb = torch.sigmoid(self.color_net(torch.cat([geo, self.dir_encoding(dirs)], -1)))
+    def forward(self, features: torch.Tensor, dirs: torch.Tensor, at: CamQuery | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(density [N], rgb [N, 3]). at: the query's coordinates for CAM."""
+        geo = self.density_net(features, at)
+        rgb = torch.sigmoid(self.color_net(torch.cat([geo, self.dir_encoding(dirs)], -1), at))
         return self._activate(geo), rgb
 
-    def density_only(self, features: torch.Tensor) -> torch.Tensor:
+    def density_only(self, features: torch.Tensor, at: CamQuery | None = None) -> torch.Tensor:
         """Density [N] without the colour branch (occupancy updates, export)."""
-        return self._activate(self.density_net(features))
+        return self._activate(self.density_net(features, at))
 
     def _activate(self, geo: torch.Tensor) -> torch.Tensor:
         return trunc_exp(geo[..., 0] + self.density_bias)
@@ -57,18 +58,18 @@ class EncodedRadianceField(Field):
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
-        return self.encode(u), ((u >= 0) & (u <= 1)).all(-1)
+        return self.encode(u), ((u >= 0) & (u <= 1)).all(-1), u
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, inside = self._features(x)
-        density, rgb = self.head(features, d)
+        features, inside, u = self._features(x)
+        density, rgb = self.head(features, d, CamQuery(u, d))
         return {"density": density * inside, "rgb": rgb}
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
-        features, inside = self._features(x)
-        return self.head.density_only(features) * inside
+        features, inside, u = self._features(x)
+        return self.head.density_only(features, CamQuery(u)) * inside
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         encoding = [p for name, p in self.named_parameters() if not name.startswith("head.")]

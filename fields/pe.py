@@ -21,7 +21,8 @@ from torch import nn
 
 from recon.fields import register
 from recon.fields.base import Field
-from recon.fields.encodings import Encoding, FrequencyEncoding
+from recon.fields.cam import CamQuery
+from recon.fields.encodings import MLP, Encoding, FrequencyEncoding
 
 SKIP_AFTER = 4  # NeRF feeds the encoded position again after its 4th layer
 
@@ -47,33 +48,29 @@ class PositionalEncodingField(Field):
         self._config = dict(frequencies=frequencies, view_frequencies=view_frequencies, depth=depth, width=width)
         self.position_encoding = FrequencyEncoding(3, frequencies)
         self.view_encoding = FrequencyEncoding(3, view_frequencies)
-        encoded = self.position_encoding.out_dim
-        self.trunk = nn.ModuleList(
-            nn.Linear(encoded if i == 0 else width + (encoded if i == SKIP_AFTER else 0), width) for i in range(depth))
+        self.trunk = MLP(self.position_encoding.out_dim, None, width, depth, skip=SKIP_AFTER)
         self.density_out = nn.Linear(width, 1)
         self.feature_out = nn.Linear(width, width)
-        self.color_net = nn.Sequential(nn.Linear(width + self.view_encoding.out_dim, width // 2), nn.ReLU(inplace=True),
-                                       nn.Linear(width // 2, 3))
+        self.color_net = MLP(width + self.view_encoding.out_dim, 3, width // 2, 1)
 
     @classmethod
     def coordinate_encoding(cls, extent: list[float], finest: float, frequencies: int = 10) -> Encoding:
         return CentredFrequencyEncoding(len(extent), frequencies)
 
-    def _trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cam_targets(self) -> list[MLP]:
+        return [self.trunk]  # CAM's NeRF variants modulate the trunk, not the colour branch
+
+    def _trunk(self, x: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
         inside = ((u >= 0) & (u <= 1)).all(-1)
-        encoded = self.position_encoding(u * 2 - 1)
-        h = encoded
-        for i, layer in enumerate(self.trunk):
-            h = F.relu(layer(torch.cat([h, encoded], -1) if i == SKIP_AFTER and i > 0 else h))
-        return h, inside
+        return self.trunk(self.position_encoding(u * 2 - 1), CamQuery(u, d)), inside
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         h, inside = self._trunk(x)
         return F.softplus(self.density_out(h)[:, 0]) * inside
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, inside = self._trunk(x)
+        h, inside = self._trunk(x, d)
         rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_out(h), self.view_encoding(d)], -1)))
         return {"density": F.softplus(self.density_out(h)[:, 0]) * inside, "rgb": rgb}
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from recon.fields import register
 from recon.fields.base import Field
+from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, Upscaling, grid_shape
 
 TENSORF_UPSCALES = (2 / 30, 3 / 30, 4 / 30, 5.5 / 30, 7 / 30)  # TensoRF's lego: steps 2k, 3k, 4k, 5.5k, 7k of 30k
@@ -149,7 +150,8 @@ class VectorMatrixField(Field):
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         u, inside = self._box(x)
         features = self._appearance(u)
-        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_encoding(features), self.view_encoding(d)], -1)))
+        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_encoding(features), self.view_encoding(d)], -1),
+                                           CamQuery(u, d)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
     def grow(self, progress: float) -> bool:

@@ -27,6 +27,7 @@ from torch import nn
 
 from recon.fields import register
 from recon.fields.base import Field
+from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, Upscaling, grid_shape
 
 DOUBLINGS = (0.05, 0.1, 0.15, 0.2)  # DVGO's progressive scaling at steps 1k, 2k, 3k, 4k of 20k
@@ -117,7 +118,7 @@ class VoxelGridField(Field):
         self.feature_grid = DenseGrid(extent, num_voxels, features, upscale_at, tv_features)
         self.view_encoding = FrequencyEncoding(3, view_frequencies)
         self.color_net = MLP(features + self.view_encoding.out_dim, 3, hidden, hidden_layers)
-        nn.init.zeros_(self.color_net[-1].bias)
+        nn.init.zeros_(self.color_net.out.bias)
 
     @classmethod
     def coordinate_encoding(cls, extent: list[float], finest: float, num_voxels: int | None = None,
@@ -142,7 +143,7 @@ class VoxelGridField(Field):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         u, inside = self._inside(x)
-        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1)))
+        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1), CamQuery(u, d)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
     def grow(self, progress: float) -> bool:
