@@ -20,7 +20,7 @@ BACKENDS = ("hashgrid", "voxel", "triplane", "vm", "pe")
 
 
 def run_one(args: argparse.Namespace, field: str, quantize: float) -> dict:
-    name = f"{Path(args.input).stem}-{field}-q{quantize:g}"
+    name = f"{Path(args.input).stem}-{field}-q{quantize:g}{'-' + args.label if args.label else ''}"
     run = Path(args.runs) / name
     command = [sys.executable, "-m", "recon.app.cli", "fit", args.input, "--field", field, "--params", str(args.params),
                "--quantize", str(quantize), "--out", str(run), "--overwrite", "--no-viewer", *args.extra]
@@ -33,18 +33,19 @@ def run_one(args: argparse.Namespace, field: str, quantize: float) -> dict:
         return {"field": field, "quantize": quantize, "error": result.stderr.strip().splitlines()[-1:]}
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    return {"field": field, "quantize": quantize, "parameters": metrics["parameters"],
+    return {"field": field, "quantize": quantize, "label": args.label, "parameters": metrics["parameters"],
             "field_options": config["field_options"], "train": metrics["train"], "mean": metrics["mean"],
             "wall_seconds": round(time.perf_counter() - started, 1), "command": " ".join(command[2:])}
 
 
 def markdown_row(row: dict) -> str:
+    field = f"{row['field']} {row['label']}" if row.get("label") else row["field"]
     if "error" in row:
-        return f"| `{row['field']}` | {row['quantize']:g} | failed: {row['error']} |"
+        return f"| `{field}` | {row['quantize']:g} | failed: {row['error']} |"
     mean, train = row["mean"], row["train"]
     scores = (f"{mean['iou']:.5f} | {mean['normal_angle_deg']:.2f}" if "iou" in mean
               else f"{mean['psnr']:.2f} | {mean['ssim']:.4f}")
-    return (f"| `{row['field']}` | {row['quantize']:g} | {row['parameters'] / 1e6:.3f} M | {train['steps']} | "
+    return (f"| `{field}` | {row['quantize']:g} | {row['parameters'] / 1e6:.3f} M | {train['steps']} | "
             f"{train['seconds']:.0f} | {scores} |")
 
 
@@ -57,16 +58,18 @@ def main() -> None:
     parser.add_argument("--quantize", type=float, nargs="+", default=[0.0, 2e-4])
     parser.add_argument("--fields", nargs="+", default=list(BACKENDS))
     parser.add_argument("--runs", default="runs/bench", help="where the run folders go")
+    parser.add_argument("--label", default="", help="names a variant (e.g. cam) in run folders and rows")
     parser.add_argument("--out", required=True, help="JSON results file")
     args, args.extra = parser.parse_known_args()  # anything else goes to recon fit as it is
     rows = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else []
-    done = {(r["field"], r["quantize"]) for r in rows if "error" not in r}
+    key = lambda r: (r["field"], r["quantize"], r.get("label", ""))  # noqa: E731
+    done = {key(r) for r in rows if "error" not in r}
     for field in args.fields:
         for quantize in args.quantize:
-            if (field, quantize) in done:
+            if (field, quantize, args.label) in done:
                 continue
             row = run_one(args, field, quantize)
-            rows = [r for r in rows if (r["field"], r["quantize"]) != (field, quantize)] + [row]
+            rows = [r for r in rows if key(r) != key(row)] + [row]
             Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
             print(markdown_row(row), flush=True)
 
