@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recon.fields import register
+from recon.fields import final_parameters, register
 from recon.fields.encodings import Encoding, HashGridEncoding
 from recon.fields.rbf import NearestKernels, weighted_kmeans
 from recon.fields.vm import VectorMatrixField
@@ -251,12 +251,9 @@ class NeuRBFField(VectorMatrixField):
         super().__init__(aabb, density_components=density_components, appearance_components=appearance_components,
                          extra_appearance=rbf_features, **vm_options)
         if kernels is None:
-            reference = VectorMatrixField(aabb, **{k: v for k, v in vm_options.items() if k in ("num_voxels_init", "num_voxels", "upscale_at")})
-            reference.grow(1.0)
-            own = VectorMatrixField(aabb, density_components=density_components, appearance_components=appearance_components,
-                                    **{k: v for k, v in vm_options.items() if k in ("num_voxels_init", "num_voxels", "upscale_at")})
-            own.grow(1.0)
-            kernels = max(1, (reference.num_parameters() - own.num_parameters()) // (rbf_features + 3 + 6))
+            # TensoRF's 16 / 48 components at this resolution, minus this backbone (its own MLP included).
+            reference = final_parameters("vm", aabb, num_voxels=self._config["num_voxels"])
+            kernels = max(1, (reference - final_parameters("vm", aabb, **self._config)) // (rbf_features + 3 + 6))
         self._config.update(kernels=kernels, rbf_features=rbf_features, neighbours=neighbours, init_at=init_at,
                             init_grid=init_grid)
         self.init_at, self.init_grid = init_at, init_grid
