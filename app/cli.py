@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from recon.fields import REGISTRY
 # The built-in example: small enough to fit in a few minutes on a 2-core CPU.
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
 DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
+VIEWER_ROWS = {"cpu": 192, "gpu": 800}  # the viewer's resting frame height by machine preset
 
 
 class ProgressBar:
@@ -88,9 +90,18 @@ def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
         raise UserError(f"--field {cfg.field} -o ...: {error}") from None
 
 
-def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bool = False) -> dict[str, Any]:
+def viewer_wanted(args: argparse.Namespace) -> bool:
+    """--viewer / --no-viewer, or by default: on when a person watches (a terminal, not CI)."""
+    if args.viewer is not None:
+        return args.viewer
+    return not os.environ.get("CI") and sys.stdout.isatty()
+
+
+def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bool = False,
+        args: argparse.Namespace | None = None) -> dict[str, Any]:
     """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content. A fresh run's
-    folder is made once the field is built, so bad options leave nothing behind."""
+    folder is made once the field is built, so bad options leave nothing behind. `args` carry the viewer's
+    options (radiance runs)."""
     print(target.describe())
     trainer = build_trainer(cfg, target)
     cfg = trainer.cfg  # every option resolved, the preset's included
@@ -107,18 +118,50 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
     def checkpoint_now(t: Trainer) -> Path:
         return save_checkpoint(run.checkpoints, t.step, t.state_dict())
 
+    viewer = None
+    if args is not None and viewer_wanted(args) and isinstance(trainer.task, RadianceTask):
+        viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
     bar = ProgressBar(trainer)
     try:
-        trainer.run([bar, LogWriter(run)], on_checkpoint=checkpoint_now)
+        trainer.run([bar, LogWriter(run)] + ([viewer] if viewer else []), on_checkpoint=checkpoint_now, gate=viewer)
+        bar.close()
+        checkpoint_now(trainer)
+        metrics = evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
+        if viewer and args.keep_viewer:
+            viewer.training_done()
+            print(f"viewer still at {viewer.url} (Ctrl-C to quit)")
+            wait_for_ctrl_c()
+        return metrics
     except KeyboardInterrupt:
         bar.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the checkpoint short
         path = checkpoint_now(trainer)
         print(f"\ninterrupted at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
         raise SystemExit(130)
-    bar.close()
-    checkpoint_now(trainer)
-    return evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
+    finally:
+        if viewer:
+            viewer.close()
+
+
+def launch_viewer(pipeline: Pipeline, scene: Scene, run: RunDir, cfg: FitConfig, args: argparse.Namespace):
+    from recon.app.viewer import start_viewer
+
+    try:
+        viewer = start_viewer(pipeline, scene, run, args.host, args.port, args.viewer_share, cfg.eval_chunk,
+                              resolution=VIEWER_ROWS[cfg.preset])
+    except OSError as error:  # no free port: train without it
+        print(f"viewer not started: {error}")
+        return None
+    print(f"viewer: {viewer.url}" + ("" if args.host == "127.0.0.1" else f" (serving {args.host})"))
+    return viewer
+
+
+def wait_for_ctrl_c() -> None:
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
 
 
 def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any], stride: int | None = None,
@@ -164,7 +207,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         cfg = FitConfig.load(run.config)
         cfg.steps = args.steps if args.steps is not None else cfg.steps
         cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
-        fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True)
+        fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
         return
     if args.scene is None:
         return cmd_demo(args)
@@ -172,7 +215,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path(args.scene), cfg.field))
     target = load_input(cfg.scene, downscale=cfg.downscale)  # bad input fails before any folder is touched
-    fit(cfg, RunDir(cfg.out), target, resume=False, overwrite=args.overwrite)
+    fit(cfg, RunDir(cfg.out), target, resume=False, overwrite=args.overwrite, args=args)
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
@@ -200,7 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = FitConfig(scene=str(scene_dir), out="", **copy.deepcopy(DEMO_FIT))
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path("demo"), cfg.field))
-    fit(cfg, RunDir(cfg.out), load_scene(cfg.scene, downscale=cfg.downscale), resume=False, overwrite=args.overwrite)
+    fit(cfg, RunDir(cfg.out), load_scene(cfg.scene, downscale=cfg.downscale), resume=False, overwrite=args.overwrite,
+        args=args)
 
 
 def load_split(cfg: FitConfig, split: str):
@@ -216,6 +260,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = task_class(target)(cfg, target, pipeline.device, pipeline)
     train = {"steps": state["step"], "seconds": round(state["train_seconds"], 3)}
     evaluate_run(run, task, cfg, train, stride=args.stride or 1, split=args.split)
+
+
+def cmd_view(args: argparse.Namespace) -> None:
+    from recon.app.viewer import start_viewer
+
+    run, cfg, pipeline, _ = load_run(args.run)
+    require_task(cfg, "recon view", "radiance")
+    scene = load_scene(cfg.scene, downscale=cfg.downscale)
+    viewer = start_viewer(pipeline, scene, run, args.host, args.port, share=1.0, chunk=cfg.eval_chunk,
+                          resolution=VIEWER_ROWS[cfg.preset])
+    print(f"viewer: {viewer.url} (Ctrl-C to quit)")
+    try:
+        wait_for_ctrl_c()
+    finally:
+        viewer.close()
 
 
 def require_task(cfg: FitConfig, command: str, *tasks: str) -> None:
@@ -394,8 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")
         p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-        p.add_argument("--no-viewer", dest="viewer", action="store_false",
-                       help="do not start the web viewer (the viewer itself is not built yet: issue 9)")
+        viewer_options(p)
+        p.add_argument("--viewer", dest="viewer", action="store_true", default=None,
+                       help="start the web viewer even without a terminal")
+        p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
+        p.add_argument("--keep-viewer", action="store_true", help="keep the viewer up after training, until Ctrl-C")
+        p.add_argument("--viewer-share", type=float, default=0.25,
+                       help="the most of the wall time the viewer's rendering takes while training (default 0.25)")
+
+    def viewer_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1", help="viewer address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8080, help="viewer port (taken: the next free one)")
 
     def path_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--path", default="test", help="test, val, train or orbit")
@@ -422,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--stride", type=int, help="every k-th view (default 1)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("view", help="open a trained radiance run in the web viewer")
+    p.add_argument("run")
+    viewer_options(p)
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("render", help="render test views or an orbit to PNG and MP4")
     p.add_argument("run")

@@ -7,7 +7,9 @@ and never drive the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from typing import Any, Protocol
 
@@ -25,6 +27,15 @@ from recon.fields import options_for_budget
 
 class Observer(Protocol):
     def on_step(self, trainer: "Trainer", stats: dict[str, Any]) -> None: ...
+
+
+class Gate(Protocol):
+    """Who else uses the field while it trains (the viewer): a lock shared with each step, and a pause."""
+
+    lock: Any
+    paused: threading.Event
+
+    def wait_while_paused(self) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,8 +100,10 @@ class Trainer:
         self.samples_seen += result.samples
         self.progress.step += 1
 
-    def run(self, observers: list[Observer] = (), stop_at: int | None = None, on_checkpoint=None) -> None:
-        """Train until progress reaches 1 (or step `stop_at`), telling observers every log_every steps."""
+    def run(self, observers: list[Observer] = (), stop_at: int | None = None, on_checkpoint=None,
+            gate: Gate | None = None) -> None:
+        """Train until progress reaches 1 (or step `stop_at`), telling observers every log_every steps.
+        gate (the viewer): each step runs under its lock, and waits (off the training clock) while it is paused."""
         cfg = self.cfg
         self.pipeline.field.train()
         if self.step == 0:  # a fresh run (a resumed one loads its state)
@@ -99,7 +112,12 @@ class Trainer:
         self.progress.start_clock()
         try:
             while not self.progress.done and (stop_at is None or self.step < stop_at):
-                self.train_step()
+                if gate is not None and gate.paused.is_set():
+                    self.progress.stop_clock()
+                    gate.wait_while_paused()
+                    self.progress.start_clock()
+                with gate.lock if gate is not None else contextlib.nullcontext():
+                    self.train_step()
                 if self.step % cfg.log_every == 0 or self.progress.done:
                     self.progress.stop_clock()
                     now = time.perf_counter()

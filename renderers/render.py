@@ -34,7 +34,8 @@ def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor
 @torch.no_grad()
 def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor,
                    step_size: float, cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                   chunk: int = 8192, early_stop_eps: float = 1e-4, samples_per_round: int = 8) -> dict[str, Tensor]:
+                   chunk: int = 8192, early_stop_eps: float = 1e-4, samples_per_round: int = 8,
+                   max_samples_per_ray: int = 1024) -> dict[str, Tensor]:
     """Render many rays (images, the viewer) `chunk` at a time, without grad: rgb [R, 3], depth [R], opacity [R].
 
     Each chunk is marched once, then evaluated front to back in rounds of the next `samples_per_round`
@@ -45,7 +46,7 @@ def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Ten
     for r0 in range(0, max(len(rays), 1), chunk):  # one (empty) chunk for an empty batch
         bg = background[r0 : r0 + chunk] if background is not None and background.dim() == 2 else background
         part = rays[r0 : r0 + chunk]
-        samples = march(part, grid, aabb, step_size, cone_angle, near)
+        samples = march(part, grid, aabb, step_size, cone_angle, near, max_samples_per_ray=max_samples_per_ray)
         sums = _front_to_back(part, samples, field_fn, early_stop_eps, samples_per_round)
         parts.append(finish(sums, bg))
     return {key: torch.cat([p[key] for p in parts]) for key in ("rgb", "depth", "opacity")}

@@ -1,0 +1,368 @@
+"""The live web viewer (viser): watch a radiance field train from the browser, or browse a trained run.
+
+The scene is shown in the unit frame the field lives in. Each browser tab (client) has its own camera;
+one render thread serves them all, progressively: a small frame while the camera moves, the full
+resolution once it rests, a refresh when training has moved on. Rendering shares the field with the
+training step through one lock, taken per chunk of rays, so a step never waits longer than a chunk,
+and it sleeps after each frame so that it uses at most `share` of the wall time while training runs.
+A frame that fails is logged and dropped; it never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import viser
+import viser.transforms as vtf
+
+from recon.app.evaluate import colorize_depth, to_uint8
+from recon.app.pipeline import Pipeline
+from recon.data.cameras import Cameras
+from recon.data.rays import Rays
+
+log = logging.getLogger("recon.viewer")
+
+MODES = ("colour", "depth", "opacity", "normals")
+OPENCV_FROM_OPENGL = np.diag([1.0, -1.0, -1.0])  # camera axes: x right, y down, z forward <-> y up, z back
+MOVING_SECONDS = 0.15  # a camera updated this recently is moving: preview resolution
+PREVIEW_DIVISOR = 4
+REFRESH_SECONDS = 2.0  # while training, a resting view is re-rendered this often
+NEAR_FRACTION = 0.01  # of the scene box diagonal: the viewer's near plane (a camera inside the box)
+THUMBNAIL_SIDE = 96
+
+
+def viser_camera_to_cameras(wxyz: np.ndarray, position: np.ndarray, fov: float, aspect: float, height: int) -> Cameras:
+    """viser's camera (OpenCV axes, T_world_camera as a quaternion and position, vertical fov in radians) as
+    one pinhole camera of `height` rows in recon's convention (OpenGL axes), principal point centred."""
+    rotation = vtf.SO3(np.asarray(wxyz, dtype=np.float64)).as_matrix() @ OPENCV_FROM_OPENGL
+    c2w = torch.from_numpy(np.concatenate([rotation, np.asarray(position, dtype=np.float64)[:, None]], 1)).float()
+    width = max(1, round(height * aspect))
+    focal = height / 2 / math.tan(fov / 2)
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return Cameras(c2w=c2w[None], fx=one(focal), fy=one(focal), cx=one(width / 2), cy=one(height / 2),
+                   width=torch.tensor([width]), height=torch.tensor([height]), distortion=torch.zeros(1, 6),
+                   fisheye=torch.zeros(1, dtype=torch.bool))
+
+
+def cameras_to_viser(cameras: Cameras, i: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(wxyz, position, vertical fov, aspect) of camera i in viser's convention."""
+    c2w = cameras.c2w[i].double().cpu().numpy()
+    wxyz = vtf.SO3.from_matrix(c2w[:, :3] @ OPENCV_FROM_OPENGL).wxyz
+    height, width = int(cameras.height[i]), int(cameras.width[i])
+    fov = 2 * math.atan(height / 2 / float(cameras.fy[i]))
+    return wxyz, c2w[:, 3], fov, width / height
+
+
+@dataclass
+class RenderSettings:
+    mode: str = "colour"
+    resolution: int = 256  # rows of a resting frame
+    max_samples: int = 1024  # per ray
+    crop: torch.Tensor | None = None  # [2, 3] unit-frame box to render inside (None: the scene box)
+
+
+def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int,
+                 lock: threading.Lock | None = None) -> np.ndarray:
+    """One frame [H, W, 3] uint8 of `camera` (one camera) in the settings' mode, rendered `chunk` rays at a
+    time, each chunk under `lock` (the training step's)."""
+    device = pipeline.device
+    rays = camera.to(device).image_rays(0)
+    height, width = int(camera.height[0]), int(camera.width[0])
+    box = pipeline.tracer.aabb if settings.crop is None else settings.crop.to(device)
+    near = max(pipeline.tracer.near, NEAR_FRACTION * float((pipeline.tracer.aabb[1] - pipeline.tracer.aabb[0]).norm()))
+    white = torch.ones(3, device=device)
+    keys = ("rgb", "depth", "opacity") + (("normal",) if settings.mode == "normals" else ())
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    guard = lock or threading.Lock()
+    was_training = pipeline.field.training
+    for start in range(0, len(rays), chunk):
+        part = rays[start : start + chunk]
+        with guard:
+            pipeline.field.eval()
+            out = pipeline.render_rays_chunked(part, white, chunk, near=near, aabb=box, max_samples=settings.max_samples)
+            if settings.mode == "normals":
+                out["normal"] = surface_normals(pipeline, part, out)
+            pipeline.field.train(was_training)
+        for key in parts:
+            parts[key].append(out[key])
+    image = {key: torch.cat(values).view(height, width, -1).squeeze(-1).cpu() for key, values in parts.items()}
+    if settings.mode == "colour":
+        return to_uint8(image["rgb"])
+    if settings.mode == "opacity":
+        return to_uint8(image["opacity"][..., None].expand(height, width, 3))
+    if settings.mode == "normals":
+        shaded = (image["normal"] * 0.5 + 0.5) * image["opacity"][..., None] + (1 - image["opacity"][..., None])
+        return to_uint8(shaded)
+    depth, opacity = image["depth"].numpy(), image["opacity"].numpy()
+    hit = depth[opacity > 0.5]
+    near_far = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
+    return to_uint8(torch.from_numpy(colorize_depth(depth, opacity, *near_far)).float())
+
+
+def surface_normals(pipeline: Pipeline, rays: Rays, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit normals [R, 3] at each ray's expected depth: the SDF's gradient, or minus the density's."""
+    field = pipeline.field
+    points = rays.origins + rays.dirs * out["depth"][:, None]
+    output = "sdf" if "sdf" in field.outputs else "density"
+    gradient = field.gradient(points, output)
+    return torch.nn.functional.normalize(gradient if output == "sdf" else -gradient, dim=-1)
+
+
+def free_port(host: str, port: int, tries: int = 20) -> int:
+    """`port`, or the next one free on `host`."""
+    for candidate in range(port, port + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise OSError(f"no free port on {host} in {port}..{port + tries - 1}")
+
+
+@dataclass
+class ClientView:
+    client: Any
+    camera_time: float = 0.0  # when the browser camera last moved
+    rendered: tuple = ()  # (camera time, rows, model version, wall time) of the frame on screen
+
+
+@dataclass
+class Stats:
+    text: str = "waiting for the first step"
+    version: int = 0  # bumped by every training report: resting views refresh
+    training: bool = False
+
+
+class Viewer:
+    """A viser server for one pipeline. `train_cameras` / `thumbnails` draw the training views;
+    `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame."""
+
+    def __init__(self, pipeline: Pipeline, train_cameras: Cameras | None = None, thumbnails: list[np.ndarray] | None = None,
+                 host: str = "127.0.0.1", port: int = 8080, share: float = 0.25, chunk: int = 8192,
+                 resolution: int = 256, on_export: Callable[[torch.Tensor | None], Any] | None = None,
+                 on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None):
+        self.pipeline, self.share, self.chunk = pipeline, share, chunk
+        self.lock = threading.RLock()
+        self.settings = RenderSettings(resolution=resolution, crop=crop)
+        self.stats = Stats()
+        self.paused = threading.Event()
+        self.stopped = threading.Event()
+        self.views: dict[int, ClientView] = {}
+        self.frames_sent = 0
+        self.port = free_port(host, port)
+        self.server = viser.ViserServer(host=host, port=self.port, verbose=False)
+        self.url = f"http://{host}:{self.port}"
+        self._on_export, self._on_crop = on_export, on_crop
+        self._build_scene(train_cameras, thumbnails)
+        self._build_gui()
+        self.server.on_client_connect(self._connect)
+        self.server.on_client_disconnect(lambda client: self.views.pop(client.client_id, None))
+        self.thread = threading.Thread(target=self._render_loop, name="recon-viewer", daemon=True)
+        self.thread.start()
+
+    # ---- what the browser shows ------------------------------------------------------------
+
+    def _build_scene(self, cameras: Cameras | None, thumbnails: list[np.ndarray] | None) -> None:
+        scene = self.server.scene
+        box = self.pipeline.tracer.aabb.cpu().numpy()
+        scene.add_box("/scene-box", color=(90, 90, 90), dimensions=tuple(box[1] - box[0]), wireframe=True,
+                      position=tuple(box.mean(0)))
+        if cameras is None:
+            return
+        up = cameras.c2w[:, :, 1].mean(0)
+        scene.set_up_direction(tuple((up / up.norm()).tolist()))
+        extent = float((cameras.c2w[:, :, 3].amax(0) - cameras.c2w[:, :, 3].amin(0)).norm())
+        for i in range(len(cameras)):
+            wxyz, position, fov, aspect = cameras_to_viser(cameras, i)
+            frustum = scene.add_camera_frustum(f"/train/{i:04d}", fov=fov, aspect=aspect, scale=0.05 * extent,
+                                               image=None if thumbnails is None else thumbnails[i], wxyz=wxyz,
+                                               position=position)
+            frustum.on_click(lambda event, wxyz=wxyz, position=position: self._jump(event.client, wxyz, position))
+
+    @staticmethod
+    def _jump(client: Any, wxyz: np.ndarray, position: np.ndarray) -> None:
+        with client.atomic():
+            client.camera.wxyz, client.camera.position = wxyz, position
+
+    def _build_gui(self) -> None:
+        gui = self.server.gui
+        self.stats_text = gui.add_markdown(self.stats.text)
+        pause = gui.add_button("Pause training")
+
+        @pause.on_click
+        def _(_: Any) -> None:
+            if self.paused.is_set():
+                self.paused.clear()
+                pause.label = "Pause training"
+            else:
+                self.paused.set()
+                pause.label = "Resume training"
+
+        mode = gui.add_dropdown("Render", MODES, initial_value=self.settings.mode)
+        mode.on_update(lambda _: self._set(mode=mode.value))
+        rows = gui.add_slider("Resolution", 16, 1024, 8, self.settings.resolution)
+        rows.on_update(lambda _: self._set(resolution=int(rows.value)))
+        samples = gui.add_slider("Max samples / ray", 16, 1024, 16, self.settings.max_samples)
+        samples.on_update(lambda _: self._set(max_samples=int(samples.value)))
+        box = self.pipeline.tracer.aabb.cpu() if self.settings.crop is None else self.settings.crop
+        with gui.add_folder("Crop box (unit frame)"):
+            low = gui.add_vector3("Min", tuple(box[0].tolist()), step=0.01)
+            high = gui.add_vector3("Max", tuple(box[1].tolist()), step=0.01)
+            save = gui.add_button("Use for export")
+
+        def crop_changed(_: Any) -> None:
+            crop = torch.tensor([low.value, high.value], dtype=torch.float32)
+            if (crop[1] > crop[0]).all():
+                self._set(crop=crop)
+
+        low.on_update(crop_changed)
+        high.on_update(crop_changed)
+        if self._on_crop:
+            save.on_click(lambda _: self.settings.crop is not None and self._on_crop(self.settings.crop))
+        if self._on_export:
+            export = gui.add_button("Export mesh")
+            export.on_click(lambda _: threading.Thread(target=self._export, daemon=True).start())
+
+    def _set(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.settings, key, value)
+        self.stats.version += 1  # every view re-renders
+
+    def _export(self) -> None:
+        try:
+            mesh = self._on_export(self.settings.crop)
+            self.server.scene.add_mesh_trimesh("/export/mesh", mesh)
+        except Exception:  # an export that fails must not take the viewer down
+            log.exception("viewer: mesh export failed")
+
+    def _connect(self, client: Any) -> None:
+        view = ClientView(client, camera_time=time.perf_counter())
+        self.views[client.client_id] = view
+
+        @client.camera.on_update
+        def _(_: Any) -> None:
+            view.camera_time = time.perf_counter()
+
+    # ---- the training side -----------------------------------------------------------------
+
+    def on_step(self, trainer: Any, stats: dict[str, Any]) -> None:
+        unit = trainer.task.unit
+        psnr = f" · PSNR {stats['psnr']:.2f} dB" if "psnr" in stats else ""
+        self.stats.text = (f"**step {stats['step']}** · loss {stats['loss']:.5f}{psnr} · "
+                           f"{stats[f'{unit}_per_second'] / 1e3:.1f}k {unit}/s · {stats['train_seconds']:.0f} s")
+        self.stats.version += 1
+        self.stats.training = True
+        self.stats_text.content = self.stats.text
+
+    def wait_while_paused(self) -> None:
+        while self.paused.is_set() and not self.stopped.is_set():
+            time.sleep(0.05)
+
+    def training_done(self) -> None:
+        self.stats.training = False
+
+    # ---- rendering -------------------------------------------------------------------------
+
+    def _render_loop(self) -> None:
+        while not self.stopped.is_set():
+            view, rows = self._next_job()
+            if view is None:
+                time.sleep(0.01)
+                continue
+            started = time.perf_counter()
+            try:
+                camera_time, version = view.camera_time, self.stats.version
+                cam = view.client.camera
+                camera = viser_camera_to_cameras(cam.wxyz, cam.position, cam.fov, cam.aspect, rows)
+                frame = render_frame(self.pipeline, camera, self.settings, self.chunk, self.lock)
+                view.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=85)
+                view.rendered = (camera_time, rows, version, time.perf_counter())
+                self.frames_sent += 1
+            except Exception:  # a view that fails to render is dropped; training goes on
+                log.exception("viewer: frame dropped")
+                view.rendered = (view.camera_time, rows, self.stats.version, time.perf_counter())
+            spent = time.perf_counter() - started
+            if self.stats.training and not self.paused.is_set():
+                self.stopped.wait(spent * (1 - self.share) / self.share)
+
+    def _next_job(self) -> tuple[ClientView | None, int]:
+        """The first view that needs a frame, and the rows to render it at, or (None, 0). A view needs one
+        when its camera moved, when it rests on a preview, or when the model or the settings changed (while
+        training: at most every REFRESH_SECONDS)."""
+        now = time.perf_counter()
+        for view in list(self.views.values()):
+            moving = now - view.camera_time < MOVING_SECONDS
+            rows = max(16, self.settings.resolution // PREVIEW_DIVISOR) if moving else self.settings.resolution
+            if not view.rendered:
+                return view, rows
+            shown_camera, shown_rows, shown_version, shown_at = view.rendered
+            changed = shown_version != self.stats.version and (not self.stats.training or now - shown_at > REFRESH_SECONDS)
+            if shown_camera != view.camera_time or (not moving and (shown_rows < rows or changed)):
+                return view, rows
+        return None, 0
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.server.stop()
+
+
+def thumbnails(split: Any, side: int = THUMBNAIL_SIDE) -> list[np.ndarray]:
+    """Each view's image, its longest side `side` pixels, as uint8 RGB (alpha composited on white)."""
+    out = []
+    for i in range(len(split)):
+        image = split.image(i)
+        if image.shape[2] == 4:
+            image = image[..., :3] * image[..., 3:] + (1 - image[..., 3:])
+        scale = side / max(image.shape[:2])
+        size = [max(1, round(n * scale)) for n in image.shape[:2]]
+        small = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=size, mode="area")[0]
+        out.append(to_uint8(small.permute(1, 2, 0)))
+    return out
+
+
+def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int, share: float, chunk: int,
+                 resolution: int, export_resolution: int = 256) -> Viewer:
+    """The viewer for a radiance run: its training views, its stored crop box (which "Use for export"
+    replaces), and a mesh export into RUN/export that is then shown in the scene."""
+    import json
+
+    import trimesh
+
+    from recon.app.export import extract_mesh, world_from_unit, world_to_unit_box
+
+    cameras, to_unit = scene.splits["train"].cameras, scene.to_unit
+    crop_file = run.path / "crop.json"
+    crop = world_to_unit_box(torch.tensor(json.loads(crop_file.read_text())["world_box"]), to_unit) if crop_file.exists() else None
+    viewer: Viewer
+
+    def unit_to_world_box(box: torch.Tensor) -> torch.Tensor:
+        return world_to_unit_box(box, torch.from_numpy(world_from_unit(to_unit)).float())
+
+    def save_crop(box: torch.Tensor) -> None:
+        run.write_json(crop_file, {"world_box": unit_to_world_box(box).tolist(), "frame": "input cameras (world)"})
+
+    def export(box: torch.Tensor | None) -> trimesh.Trimesh:
+        with viewer.lock:  # training waits while the mesh is made
+            mesh, info = extract_mesh(pipeline, cameras, to_unit, export_resolution,
+                                      crop=None if box is None else unit_to_world_box(box))
+        path = run.path / "export" / f"mesh-viewer-{export_resolution}.ply"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mesh.save(path)
+        m = to_unit.double().numpy()
+        return trimesh.Trimesh(mesh.vertices @ m[:3, :3].T + m[:3, 3], mesh.faces, vertex_colors=mesh.colors, process=False)
+
+    viewer = Viewer(pipeline, cameras, thumbnails(scene.splits["train"]), host=host, port=port, share=share, chunk=chunk,
+                    resolution=resolution, on_export=export, on_crop=save_crop, crop=crop)
+    return viewer

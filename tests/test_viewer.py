@@ -1,0 +1,136 @@
+"""The web viewer: camera conventions against the training cameras, the frame renderer's modes and crop,
+the server driven over its websocket as a browser would, and training with a viewer attached."""
+
+import logging
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import viser
+import zstandard
+from websockets.sync.client import connect
+
+from recon.app import viewer as viewer_module
+from recon.app.evaluate import evaluate
+from recon.app.trainer import Trainer
+from recon.app.viewer import RenderSettings, Viewer, cameras_to_viser, render_frame, viser_camera_to_cameras
+from recon.data.scene import load_scene
+from test_fit import small_config
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_scene):
+    scene = load_scene(tiny_scene)
+    trainer = Trainer(small_config(tiny_scene, steps=150), scene)
+    trainer.run()
+    return trainer.pipeline, scene
+
+
+def test_a_training_camera_seen_through_viser_is_the_training_camera(tiny_scene):
+    cameras = load_scene(tiny_scene).splits["train"].cameras
+    for i in (0, 7, 23):
+        wxyz, position, fov, aspect = cameras_to_viser(cameras, i)
+        back = viser_camera_to_cameras(wxyz, position, fov, aspect, int(cameras.height[i]))
+        assert (int(back.width[0]), int(back.height[0])) == (int(cameras.width[i]), int(cameras.height[i]))
+        theirs, ours = cameras.image_rays(i), back.image_rays(0)
+        assert torch.allclose(theirs.origins, ours.origins, atol=1e-5)
+        assert torch.allclose(theirs.dirs, ours.dirs, atol=1e-5)
+    # viser's camera looks down its +z (OpenCV): a camera at the origin with the identity rotation sees +z.
+    forward = viser_camera_to_cameras(np.array([1.0, 0, 0, 0]), np.zeros(3), 1.0, 1.0, 5).image_rays(0).dirs[12]
+    assert torch.allclose(forward, torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+
+
+def test_frames_in_every_mode_and_a_crop_that_leaves_nothing(trained, tiny_scene):
+    pipeline, scene = trained
+    cameras = scene.splits["test"].cameras
+    wxyz, position, fov, aspect = cameras_to_viser(cameras, 0)
+    camera = viser_camera_to_cameras(wxyz, position, fov, aspect * 1.5, 32)  # a wider browser window
+    for mode in viewer_module.MODES:
+        frame = render_frame(pipeline, camera, RenderSettings(mode=mode), chunk=300)
+        assert frame.shape == (32, 48, 3) and frame.dtype == np.uint8, mode
+    colour = render_frame(pipeline, camera, RenderSettings(), chunk=300)
+    assert (colour < 200).any(axis=-1).mean() > 0.05  # the object is there
+    far_away = torch.tensor([[5.0, 5.0, 5.0], [6.0, 6.0, 6.0]])
+    empty = render_frame(pipeline, camera, RenderSettings(crop=far_away), chunk=300)
+    assert (empty == 255).all()  # nothing inside the crop box: white
+    same = viser_camera_to_cameras(wxyz, position, fov, aspect, int(cameras.height[0]))
+    reference = pipeline.render_view(cameras, 0)["rgb"]
+    ours = render_frame(pipeline, same, RenderSettings(), chunk=999)
+    assert np.abs(ours.astype(float) - (reference.clamp(0, 1) * 255).numpy()).mean() < 2  # the training render
+
+
+def unpack(data: bytes) -> bytes:
+    """A viser server message's payload: a zstd frame after its length header."""
+    start = data.find(ZSTD_MAGIC)
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data[start:]) if start >= 0 else data
+
+
+class Browser:
+    """A minimal viser client over its websocket: sends camera moves, counts the frames that come back."""
+
+    def __init__(self, port: int):
+        self.socket = connect(f"ws://127.0.0.1:{port}", subprotocols=[f"viser-v{viser.__version__}"],
+                              max_size=2**26)
+
+    def look(self, wxyz, position, fov: float, size: tuple[int, int] = (120, 160)) -> None:
+        message = {"type": "ViewerCameraMessage", "wxyz": list(map(float, wxyz)), "position": list(map(float, position)),
+                   "fov": float(fov), "near": 0.01, "far": 100.0, "image_height": size[0], "image_width": size[1],
+                   "look_at": [0.0, 0.0, 0.0], "up_direction": [0.0, 0.0, 1.0]}
+        self.socket.send(msgspec.msgpack.encode(message))
+
+    def frames(self, seconds: float) -> int:
+        count, deadline = 0, time.time() + seconds
+        while time.time() < deadline:
+            try:
+                data = self.socket.recv(timeout=0.2)
+            except TimeoutError:
+                continue
+            count += isinstance(data, bytes) and b"rgb_data" in unpack(data)
+        return count
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_server_renders_for_a_browser_camera_and_survives_a_failing_frame(trained, tiny_scene, caplog, monkeypatch):
+    pipeline, scene = trained
+    cameras = scene.splits["train"].cameras
+    viewer = Viewer(pipeline, cameras, host="127.0.0.1", port=18080, chunk=2048, resolution=32)
+    browser = Browser(viewer.port)
+    try:
+        wxyz, position, fov, _ = cameras_to_viser(cameras, 3)
+        browser.look(wxyz, position, fov)
+        assert browser.frames(20) >= 1 and viewer.frames_sent >= 1
+        second = Browser(viewer.port)  # a second tab has its own camera
+        second.look(*cameras_to_viser(cameras, 9)[:3])
+        assert second.frames(20) >= 1 and len(viewer.views) == 2
+        second.close()
+
+        monkeypatch.setattr(viewer_module, "render_frame", lambda *a, **k: 1 / 0)
+        with caplog.at_level(logging.ERROR, logger="recon.viewer"):
+            browser.look(wxyz, position * 1.01, fov)
+            time.sleep(1.0)
+        assert "frame dropped" in caplog.text and viewer.thread.is_alive()
+    finally:
+        browser.close()
+        viewer.close()
+
+
+def test_training_with_a_watching_browser_reaches_the_same_floor(tiny_scene):
+    scene = load_scene(tiny_scene)
+    trainer = Trainer(small_config(tiny_scene), scene)
+    viewer = Viewer(trainer.pipeline, scene.splits["train"].cameras, port=18090, chunk=2048, resolution=24, share=0.3)
+    browser = Browser(viewer.port)
+    try:
+        browser.look(*cameras_to_viser(scene.splits["train"].cameras, 0)[:3])
+        trainer.run([viewer], gate=viewer)
+        assert viewer.frames_sent >= 2  # it kept rendering while training went on
+    finally:
+        browser.close()
+        viewer.close()
+    result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
+    assert result["mean"]["psnr"] > 24.0, result["mean"]  # test_fit's floor, unattended
