@@ -139,7 +139,7 @@ class ClientView:
 
 @dataclass
 class Stats:
-    text: str = "waiting for the first step"
+    text: str = "a trained run"  # replaced by the training's reports
     version: int = 0  # bumped by every training report: resting views refresh
     training: bool = False
 
@@ -178,14 +178,18 @@ class Viewer:
         box = self.pipeline.tracer.aabb.cpu().numpy()
         scene.add_box("/scene-box", color=(90, 90, 90), dimensions=tuple(box[1] - box[0]), wireframe=True,
                       position=tuple(box.mean(0)))
+        self.home = None
         if cameras is None:
             return
         up = cameras.c2w[:, :, 1].mean(0)
         scene.set_up_direction(tuple((up / up.norm()).tolist()))
-        extent = float((cameras.c2w[:, :, 3].amax(0) - cameras.c2w[:, :, 3].amin(0)).norm())
+        centres = cameras.c2w[:, :, 3]
+        spread = float((centres - centres.mean(0)).norm(dim=-1).mean())
+        self.home = cameras_to_viser(cameras, 0)[:2]  # a new tab starts at the first training camera
         for i in range(len(cameras)):
             wxyz, position, fov, aspect = cameras_to_viser(cameras, i)
-            frustum = scene.add_camera_frustum(f"/train/{i:04d}", fov=fov, aspect=aspect, scale=0.05 * extent,
+            frustum = scene.add_camera_frustum(f"/train/{i:04d}", fov=fov, aspect=aspect, scale=0.04 * spread,
+                                               thickness=1.5, thickness_units="screen",
                                                image=None if thumbnails is None else thumbnails[i], wxyz=wxyz,
                                                position=position)
             frustum.on_click(lambda event, wxyz=wxyz, position=position: self._jump(event.client, wxyz, position))
@@ -249,6 +253,8 @@ class Viewer:
     def _connect(self, client: Any) -> None:
         view = ClientView(client, camera_time=time.perf_counter())
         self.views[client.client_id] = view
+        if self.home is not None:
+            self._jump(client, *self.home)
 
         @client.camera.on_update
         def _(_: Any) -> None:
@@ -271,6 +277,7 @@ class Viewer:
 
     def training_done(self) -> None:
         self.stats.training = False
+        self.stats_text.content = self.stats.text + " · done"
 
     # ---- rendering -------------------------------------------------------------------------
 

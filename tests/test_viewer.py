@@ -134,3 +134,35 @@ def test_training_with_a_watching_browser_reaches_the_same_floor(tiny_scene):
         viewer.close()
     result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
     assert result["mean"]["psnr"] > 24.0, result["mean"]  # test_fit's floor, unattended
+
+
+def chromium_path() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (apt-get install chromium) and playwright")
+def test_a_real_browser_shows_the_rendered_field(trained, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    pipeline, scene = trained
+    viewer = Viewer(pipeline, scene.splits["train"].cameras, port=18100, chunk=4096, resolution=64)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--use-gl=swiftshader"])
+            page = browser.new_page(viewport={"width": 640, "height": 480})
+            page.goto(viewer.url)
+            deadline = time.time() + 90
+            while viewer.frames_sent < 2 and time.time() < deadline:
+                page.wait_for_timeout(250)
+            page.wait_for_timeout(1500)  # the frame reaches the canvas
+            shot = tmp_path / "viewer.png"
+            page.screenshot(path=str(shot))
+            browser.close()
+        assert viewer.frames_sent >= 2
+        import imageio.v2 as imageio
+
+        pixels = imageio.imread(shot)[..., :3].astype(float)
+        assert pixels.std() > 10  # not a blank page: the panel, the frustums and the rendered field
+    finally:
+        viewer.close()
