@@ -219,7 +219,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
+    for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
                  "device"):
         value = getattr(args, name)
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--field", help="field backend (default hashgrid)")
         p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
+        p.add_argument("--model", choices=("radiance", "sdf"),
+                       help="posed images: a density field (default) or an SDF field trained NeuS-style")
         p.add_argument("--quantize", type=float, metavar="CELL",
                        help="quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. 2e-4")
         p.add_argument("--cam", nargs="?", const="auto", choices=("auto", "plane", "direction", "triplane"),

@@ -17,8 +17,8 @@ import torch
 from recon.app.checkpoint import load_resizing
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
-from recon.fields import Field, build_field
-from recon.renderers import OccupancyGrid, render_chunked, render_rays
+from recon.fields import Field, SurfaceField, build_field
+from recon.renderers import OccupancyGrid, alpha_to_tau, render_chunked, render_rays
 
 
 @dataclass
@@ -45,11 +45,12 @@ class Pipeline:
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
-              quantize: float = 0.0, cam: dict[str, Any] | None = None) -> "Pipeline":
+              quantize: float = 0.0, cam: dict[str, Any] | None = None, model: str = "radiance") -> "Pipeline":
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
-        (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off. In an
+        (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off; model "sdf": a NeuS
+        SDF field (fields.surface) instead of a density. In an
         unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction)."""
-        field = build_field(field_name, scene_aabb, **field_options)
+        field = build_field(field_name, scene_aabb, "surface" if model == "sdf" else "radiance", **field_options)
         field.set_quantization(quantize)
         if cam:
             field.enable_cam(**cam)
@@ -90,14 +91,30 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.field.aabb.device
 
-    def field_fn(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def is_surface(self) -> bool:
+        """An SDF field rendered by NeuS's opacity (fields.surface) rather than a density."""
+        return isinstance(self.field, SurfaceField)
+
+    def field_fn(self, x: torch.Tensor, d: torch.Tensor, dt: torch.Tensor,
+                 gradients: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The renderer's closure: each interval's optical depth and colour (an SDF field's gradients at the
+        samples are appended to `gradients`, for the eikonal term)."""
         # bf16 matmuls on CUDA only; the field keeps positions and interpolation in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            if self.is_surface:
+                alpha, rgb, gradient = self.field.opacity(x, d, dt)
+                if gradients is not None:
+                    gradients.append(gradient)
+                return alpha_to_tau(alpha.float()), rgb.float()
             out = self.field(x, d)
-        return out["density"].float(), out["rgb"].float()
+        return out["density"].float() * dt, out["rgb"].float()
 
     def density_fn(self, x: torch.Tensor) -> torch.Tensor:
+        """Density for the occupancy grid; for an SDF field, NeuS's opacity over the grid's step as a density."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            if self.is_surface:
+                return self.field.occupancy_density(x, self.grid.step_size).float()
             return self.field.density(x).float()
 
     def _trace_args(self) -> dict[str, Any]:
@@ -105,8 +122,14 @@ class Pipeline:
         return {"grid": self.grid, "aabb": t.aabb, "step_size": t.step_size, "cone_angle": t.cone_angle, "near": t.near}
 
     def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Differentiable render of a ray batch (training)."""
-        return render_rays(rays, self.field_fn, background=background, generator=generator, **self._trace_args())
+        """Differentiable render of a ray batch (training); an SDF field adds "eikonal", the mean of
+        (|grad sdf| - 1)^2 over the samples."""
+        gradients: list[torch.Tensor] = []
+        fn = lambda x, d, dt: self.field_fn(x, d, dt, gradients)  # noqa: E731
+        out = render_rays(rays, fn, background=background, generator=generator, **self._trace_args())
+        if self.is_surface and gradients and len(gradients[0]):
+            out["eikonal"] = (gradients[0].norm(dim=-1) - 1).square().mean()
+        return out
 
     @torch.no_grad()
     def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4,

@@ -30,6 +30,7 @@ from recon.data.scene import Scene, visual_hull
 from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
 from recon.fields import build_field
 
+EIKONAL_WEIGHT = MASK_WEIGHT = 0.1  # NeuS's igr_weight and mask_weight
 MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
 IOU_POINTS = 2**20  # held-out uniform points of the SDF IoU
 NORMAL_POINTS = 2**16  # held-out surface points of the normal angular error
@@ -106,15 +107,18 @@ class RadianceTask(Task):
         options = dict(cfg.field_options, **({"tcnn": True} if cfg.tcnn else {}))
         self.pipeline = pipeline or Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near,
                                                    scene.cone_angle, cfg.occupancy_resolution, cfg.samples_per_diagonal,
-                                                   cfg.quantize, cam_options(cfg, type(self))).to(device)
+                                                   cfg.quantize, cam_options(cfg, type(self)), cfg.model).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.device = device
         self.batch_rays = cfg.batch_rays  # resized every step to spend about cfg.sample_budget samples
 
     def prepare(self) -> None:
         """An RGBA scene: mark empty, for good, every grid cell some training view sees as wholly transparent,
-        so marching skips the space around the object from the first step instead of learning it is empty."""
-        if not self.scene.splits["train"].has_alpha:
+        so marching skips the space around the object from the first step instead of learning it is empty.
+        Not for an SDF field: its distance must be learnt positive out there too (space no sample visits keeps
+        whatever sign it has, and the zero level set, the mesh, would wander there); its grid prunes itself
+        from NeuS's opacity instead."""
+        if not self.scene.splits["train"].has_alpha or self.pipeline.is_surface:
             return
         grid = self.pipeline.grid
         centres, half_diagonals = grid.cell_centres()
@@ -138,7 +142,13 @@ class RadianceTask(Task):
             rays, target, background = rays.to(self.device), target.to(self.device), background.to(self.device)
         out = self.pipeline.render(rays, background, generator=generator)
         photometric = F.mse_loss(out["rgb"], target)
-        return StepLoss(photometric, photometric.detach(), len(rays), out["n_samples"])  # n_samples: a host int
+        loss = photometric
+        if "eikonal" in out:  # an SDF field (NeuS): |grad| = 1, and the opacity follows the alpha mask
+            loss = loss + EIKONAL_WEIGHT * out["eikonal"]
+            if pixels.shape[1] == 4:
+                mask = pixels[:, 3].to(self.device)
+                loss = loss + MASK_WEIGHT * F.binary_cross_entropy(out["opacity"].clamp(1e-3, 1 - 1e-3), mask)
+        return StepLoss(loss, photometric.detach(), len(rays), out["n_samples"])  # n_samples: a host int
 
     def after_step(self, result: StepLoss) -> None:
         budget = self.cfg.sample_budget

@@ -25,12 +25,14 @@ def register(name: str) -> Callable[[type[Field]], type[Field]]:
 
 
 def build_field(name: str, aabb: torch.Tensor, task: str = "radiance", **options: Any) -> Field:
-    """Backend `name` over the box `aabb` for `task`: its radiance field, or (task "image" or "sdf") its
-    coordinate encoding decoded by that task's MLP (fields.coordinate)."""
+    """Backend `name` over the box `aabb` for `task`: its radiance field; (task "image" or "sdf") its coordinate
+    encoding decoded by that task's MLP (fields.coordinate); or ("surface") a NeuS SDF field (fields.surface)."""
     if name not in REGISTRY:
         raise KeyError(f"unknown field '{name}' (known: {', '.join(sorted(REGISTRY))})")
     if task == "radiance":
         return REGISTRY[name](aabb=aabb, **options)
+    if task == "surface":
+        return SurfaceField(aabb, name, **options)
     return CoordinateField(aabb, name, task, **options)
 
 
@@ -59,5 +61,6 @@ def options_for_budget(name: str, aabb: torch.Tensor, task: str, budget: int, **
 
 from recon.fields import hashgrid, neurbf, pe, triplane, vm, voxel  # noqa: E402,F401  (each registers its backend)
 from recon.fields.coordinate import CoordinateField  # noqa: E402
+from recon.fields.surface import SurfaceField  # noqa: E402
 
-__all__ = ["Field", "REGISTRY", "register", "build_field"]
+__all__ = ["Field", "REGISTRY", "SurfaceField", "register", "build_field"]

@@ -57,7 +57,7 @@ class CoordinateField(Field):
 
     def __init__(self, aabb: torch.Tensor, backend: str, task: str, hidden: int | None = None,
                  layers: int | None = None, lr_scale: float | None = None, sine: list[float] | None = None,
-                 **encoding_options: Any):
+                 geo_features: int = 0, **encoding_options: Any):
         from recon.fields import REGISTRY
 
         if task not in TASKS:
@@ -69,11 +69,13 @@ class CoordinateField(Field):
         given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale, "sine": sine}
         self.decoder_options = {**REGISTRY[backend].decoder_defaults(task), **{k: v for k, v in given.items() if v is not None}}
         self._config = {"task": task, **{k: v for k, v in given.items() if v is not None}, **encoding_options}
+        if geo_features:
+            self._config["geo_features"] = geo_features
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         finest = max(extent) if task == "image" else FINEST_PER_UNIT * max(extent)
         self.encoding = REGISTRY[backend].coordinate_encoding(extent, finest, **encoding_options)
         hidden, layers, sine = self.decoder_options["hidden"], self.decoder_options["layers"], self.decoder_options.get("sine")
-        out = 3 if task == "image" else 1
+        out = 3 if task == "image" else 1 + geo_features  # an SDF decoder may add a geometry feature (NeuS)
         self.sees_coordinates = task == "sdf" and not sine
         if self.sees_coordinates:  # softplus (beta 100) layers, as NeuS / IDR, starting as a sphere
             self.decoder = sphere_init(MLP(self.dims + self.encoding.out_dim, out, hidden, layers, "softplus"), self.dims)
@@ -91,12 +93,12 @@ class CoordinateField(Field):
             # Box-centred coordinates, [-1, 1] along the longest side, so the initial sphere stays round.
             extent = self.aabb[1] - self.aabb[0]
             features = torch.cat([(u - 0.5) * (extent / extent.max() * 2), features], -1)
-        out = self.decoder(features, CamQuery(u))
-        return out if self.task == "image" else out[:, 0]
+        return self.decoder(features, CamQuery(u))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor | None = None,
                 point_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"rgb" if self.task == "image" else "sdf": self._decode(x, point_ids)}
+        out = self._decode(x, point_ids)
+        return {"rgb": out} if self.task == "image" else {"sdf": out[:, 0]}
 
     def rgb(self, x: torch.Tensor, point_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Colours [N, 3] (image task; not clamped). point_ids: rows of the attached point set that x are."""
@@ -104,7 +106,12 @@ class CoordinateField(Field):
 
     def sdf(self, x: torch.Tensor, point_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Signed distance [N] in unit-frame lengths, negative inside (sdf task)."""
-        return self._decode(x, point_ids)
+        return self._decode(x, point_ids)[:, 0]
+
+    def sdf_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signed distance [N], geometry feature [N, geo_features]) (sdf task)."""
+        out = self._decode(x, None)
+        return out[:, 0], out[:, 1:]
 
     def adapt(self, x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator | None = None) -> bool:
         """Let a data-adaptive encoding (NeuRBF) place itself from points x weighted by `weights`; True if it did."""

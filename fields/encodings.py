@@ -170,6 +170,7 @@ class HashGridEncoding(Encoding):
         if sum(sizes) >= 2**31:
             raise ValueError(f"hash grid of {sum(sizes)} rows exceeds int32 indexing")
         self.dense_levels = sum(dense)  # dense levels are the coarsest ones, first in the table
+        self.active_levels = levels  # coarse to fine (SDF fields): finer levels read as zero until opened
 
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
         # Shaped [L, D, 1] / [L, 1, 1] to broadcast over [L, D, N]; not state (derived from the options).
@@ -240,7 +241,10 @@ class HashGridEncoding(Encoding):
 
         corners = 2**dims
         out = _Interpolate.apply(self.table, weights.reshape(-1, corners), index.reshape(-1, corners))  # [L * N, F]
-        return out.view(levels, n, self.features).transpose(0, 1).reshape(*batch, self.out_dim)
+        out = out.view(levels, n, self.features)
+        if self.active_levels < levels:
+            out = out * (torch.arange(levels, device=x.device) < self.active_levels)[:, None, None]
+        return out.transpose(0, 1).reshape(*batch, self.out_dim)
 
     def extra_repr(self) -> str:
         return (

@@ -1,7 +1,8 @@
 """Renderers: occupancy grid, ray marching and compositing over packed samples, in pure torch.
 
 Each function is the reference twin of a CUDA kernel with the same signature. Renderers never see a
-field: callers pass `density_fn(x)` and `field_fn(x, d)` closures, so one renderer serves density and SDF fields.
+field: callers pass `density_fn(x)` and `field_fn(x, d, dt)` closures (the latter returns each interval's
+optical depth and colour), so one renderer serves density and SDF fields.
 """
 
 from recon.renderers.compositing import accumulate, alpha_to_tau, composite, density_to_tau, render_weights

@@ -10,11 +10,13 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from recon.data.rays import Rays
-from recon.renderers.compositing import accumulate, composite, density_to_tau, finish, first_of_ray, integrate
+from recon.renderers.compositing import accumulate, composite, finish, first_of_ray, integrate
 from recon.renderers.marching import Samples, march
 from recon.renderers.occupancy import OccupancyGrid
 
-FieldFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # positions, unit dirs [S, 3] -> sigma [S], rgb [S, 3]
+# Interval midpoints, unit dirs [S, 3] and lengths dt [S] -> the intervals' optical depth tau [S] and colour [S, 3]:
+# sigma * dt for a density field, NeuS's opacity for an SDF field (tau = -log(1 - alpha)), so one renderer serves both.
+FieldFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor, step_size: float,
@@ -24,9 +26,9 @@ def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor
     with record_function("march"):
         samples = march(rays, grid, aabb, step_size, cone_angle, near, generator)
     with record_function("field"):
-        sigma, rgb = field_fn(samples.positions(rays), samples.dirs(rays))
+        tau, rgb = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
     with record_function("composite"):
-        out: dict[str, Tensor | int] = dict(composite(rgb, density_to_tau(sigma, samples.dt), samples, background))
+        out: dict[str, Tensor | int] = dict(composite(rgb, tau, samples, background))
     out["n_samples"] = len(samples)
     return out
 
@@ -65,8 +67,7 @@ def _front_to_back(rays: Rays, samples: Samples, field_fn: FieldFn, eps: float, 
         if not bool(in_round.any()):  # every ray has ended or run out of samples
             break
         part = samples[in_round]
-        sigma, rgb = field_fn(part.positions(rays), part.dirs(rays))
-        tau = density_to_tau(sigma, part.dt)
+        tau, rgb = field_fn(part.positions(rays), part.dirs(rays), part.dt)
         for key, value in integrate(rgb, tau, part, tau_before).items():
             if key in sums:
                 sums[key] += value

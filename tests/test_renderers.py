@@ -36,7 +36,7 @@ def box_density(lo: float, hi: float, sigma: float):
 
 
 def constant_field(density_fn, color):
-    return lambda x, d: (density_fn(x), torch.as_tensor(color).expand(len(x), 3))
+    return lambda x, d, dt: (density_to_tau(density_fn(x), dt), torch.as_tensor(color).expand(len(x), 3))
 
 
 # --- ray_aabb -----------------------------------------------------------------------------------
@@ -84,8 +84,8 @@ def test_constant_density_cube_matches_closed_form():
     grid = OccupancyGrid(UNIT, 32)  # fresh: everything occupied
     log_sigma = torch.tensor(math.log(sigma), requires_grad=True)  # to check d(opacity)/d(sigma) too
 
-    def field_fn(x, d):
-        return density_fn(x) / sigma * log_sigma.exp(), color.expand(len(x), 3)
+    def field_fn(x, d, dt):
+        return density_to_tau(density_fn(x) / sigma * log_sigma.exp(), dt), color.expand(len(x), 3)
 
     out = render_rays(rays, field_fn, grid, UNIT, STEP, background=background)
 
@@ -198,7 +198,7 @@ def test_early_termination_prunes_behind_an_opaque_wall():
     behind = lambda x: 2.0 * (x[:, 0] > 0.5).float()  # some (green) density behind it
     density_fn = lambda x: wall(x) + behind(x)
     red, green = torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])
-    field_fn = lambda x, d: (density_fn(x), torch.where(x[:, :1] > 0.5, green, red))
+    field_fn = lambda x, d, dt: (density_to_tau(density_fn(x), dt), torch.where(x[:, :1] > 0.5, green, red))
     g = torch.Generator().manual_seed(1)
     origins = torch.cat([torch.full((20, 1), -3.0), torch.rand(20, 2, generator=g) - 0.5], 1)
     lateral = 0.2 * torch.rand(20, 2, generator=g) - 0.1  # every ray enters the box through x = -1
@@ -209,7 +209,7 @@ def test_early_termination_prunes_behind_an_opaque_wall():
     full = render_rays(rays, field_fn, grid, UNIT, STEP, background=bg)
     # Rendering in rounds front to back stops each ray within a round (8 samples) of turning opaque.
     evaluated = []
-    counting_fn = lambda x, d: (evaluated.append(x[:, 0]), field_fn(x, d))[1]
+    counting_fn = lambda x, d, dt: (evaluated.append(x[:, 0]), field_fn(x, d, dt))[1]
     chunked = render_chunked(rays, counting_fn, grid, UNIT, STEP, background=bg, chunk=7, early_stop_eps=1e-4)
     x = torch.cat(evaluated)
     assert len(x) < full["n_samples"] / 3

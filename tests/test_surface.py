@@ -1,0 +1,99 @@
+"""SDF fields from posed images (NeuS): the renderer against a sphere's closed form, the eikonal term of an
+exact SDF, the untrained field as a sphere, both gradient modes, and a short fit meshed near the truth."""
+
+import json
+
+import pytest
+import torch
+import trimesh
+
+from recon.app.export import extract_mesh
+from recon.app.metrics import mesh_distances
+from recon.app.pipeline import Pipeline
+from recon.app.trainer import Trainer
+from recon.data.rays import Rays
+from recon.data.scene import load_scene
+from recon.fields import build_field
+from test_fit import small_config
+
+BOX = torch.tensor([[-1.0] * 3, [1.0] * 3])
+RADIUS = 0.5
+
+
+def sphere_pipeline(sharpness: float) -> Pipeline:
+    """A NeuS pipeline whose distance is the exact SDF of a sphere (radius 0.5) at a fixed sharpness."""
+    pipeline = Pipeline.build("hashgrid", {"levels": 2, "log2_table": 10, "max_resolution": 16}, BOX, 1.0, 0.0, 0.0,
+                              16, 512, model="sdf")
+    field = pipeline.field
+
+    def exact(x, create_graph=False):
+        norm = x.norm(dim=-1, keepdim=True)
+        return norm[:, 0] - RADIUS, x.new_zeros(len(x), 15), x / norm
+
+    field.sdf_gradient = exact
+    with torch.no_grad():
+        field.variance.fill_(torch.log(torch.tensor(sharpness)).item() / 10)
+    return pipeline
+
+
+def rays_at_the_sphere(n: int = 64, spread: float = 0.4) -> tuple[Rays, torch.Tensor]:
+    """Rays along +z through the disc of radius `spread` about the sphere's centre, and their hit distances."""
+    g = torch.Generator().manual_seed(0)
+    angle, radius = 2 * torch.pi * torch.rand(n, generator=g), spread * torch.rand(n, generator=g).sqrt()
+    offsets = torch.stack([angle.cos(), angle.sin()], -1) * radius[:, None]  # all within the sphere's silhouette
+    origins = torch.cat([offsets, torch.full((n, 1), -3.0)], 1)
+    dirs = torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3).contiguous()
+    hit = 3.0 - (RADIUS**2 - offsets.square().sum(-1)).sqrt()  # t of the near intersection
+    return Rays(origins, dirs), hit
+
+
+def test_rendered_depth_of_an_exact_sphere_sdf_is_the_ray_sphere_hit():
+    pipeline = sphere_pipeline(sharpness=2000.0)
+    rays, hit = rays_at_the_sphere()
+    out = pipeline.render(rays, torch.ones(3))
+    assert torch.allclose(out["opacity"], torch.ones_like(hit), atol=1e-3)
+    step = pipeline.tracer.step_size
+    assert (out["depth"] - hit).abs().max() < 2 * step, (out["depth"] - hit).abs().max()
+    assert out["eikonal"].item() < 1e-10  # |grad| = 1 exactly
+
+
+def test_numerical_gradients_of_an_exact_sdf_are_unit_and_point_outward():
+    field = build_field("hashgrid", BOX, task="surface", levels=4, log2_table=10, gradient="numerical")
+    field.geometry.sdf = lambda x: x.norm(dim=-1) - RADIUS
+    field.geometry.sdf_and_features = lambda x: (x.norm(dim=-1) - RADIUS, x.new_zeros(len(x), 15))
+    x = torch.nn.functional.normalize(torch.randn(500, 3), dim=-1) * 0.7
+    _, _, gradient = field.sdf_gradient(x, create_graph=False)
+    assert torch.allclose(gradient, x / x.norm(dim=-1, keepdim=True), atol=1e-3)
+    assert field.difference_step() == pytest.approx(2 / (16 * field.encoding.growth**3), rel=1e-6)  # 4 open levels
+
+
+@pytest.mark.parametrize("backend, options", [("pe", {"frequencies": 6, "hidden": 128, "layers": 4}),
+                                              ("hashgrid", {"levels": 8, "log2_table": 14})])
+def test_an_untrained_field_renders_a_sphere(backend, options):
+    torch.manual_seed(0)
+    pipeline = Pipeline.build(backend, options, BOX, 1.0, 0.0, 0.0, 16, 512, model="sdf")
+    with torch.no_grad():
+        pipeline.field.variance.fill_(0.6)  # s = e^6: a crisp surface
+    rays, _ = rays_at_the_sphere(spread=0.3)
+    pipeline.field.eval()
+    out = pipeline.render_rays_chunked(rays, torch.ones(3), 4096)
+    hit = out["opacity"] > 0.9
+    assert hit.float().mean() > 0.9
+    # A sphere about the box's centre, within the wobble SAL's initialisation has at these small widths
+    # (across seeds its radius ranges over about 0.4 to 0.7, where NeuS's 8 x 256 comes closer to 0.5).
+    radii = (rays.origins + rays.dirs * out["depth"][:, None]).norm(dim=-1)[hit]
+    assert radii.std() < 0.06 and 0.35 < radii.mean() < 0.8, (radii.mean(), radii.std())
+
+
+def test_a_short_fit_meshes_near_the_truth(tiny_scene, tmp_path):
+    scene = load_scene(tiny_scene)
+    trainer = Trainer(small_config(tiny_scene, model="sdf", steps=200, sample_budget=2**13), scene)
+    trainer.run()
+    assert not trainer.pipeline.grid.values.lt(0).any()  # no alpha-hull carving for SDF fields
+    mesh, info = extract_mesh(trainer.pipeline, scene.splits["train"].cameras, scene.to_unit, resolution=96)
+    assert info["level_meaning"].startswith("signed distance")
+    path = tmp_path / "mesh.ply"
+    mesh.save(path)
+    scores = mesh_distances(path, tiny_scene / "mesh.ply", samples=50_000)
+    assert scores["chamfer"] < 0.03 and scores["fscore"] > 0.6, scores
+    assert trimesh.load(path).is_watertight or len(trimesh.load(path).split()) >= 1
