@@ -65,6 +65,7 @@ class CoordinateField(Field):
         aabb = torch.as_tensor(aabb, dtype=torch.float32)
         super().__init__(aabb.reshape(2, -1))
         self.name, self.task = backend, task
+        self.bounded_backend = REGISTRY[backend].bounded  # a surface field contracts unbounded space as its backend
         self.outputs = frozenset({"rgb"} if task == "image" else {"sdf"})
         given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale, "sine": sine}
         self.decoder_options = {**REGISTRY[backend].decoder_defaults(task), **{k: v for k, v in given.items() if v is not None}}

@@ -62,13 +62,7 @@ class SurfaceField(Field):
         self._config = {"task": "surface", **sdf_options, "color_hidden": color_hidden, "color_layers": color_layers,
                         "gradient": self.gradient_mode}
         self.register_buffer("progress", torch.zeros(()))
-        self.bounded = self.geometry_class_bounded(backend)
-
-    @staticmethod
-    def geometry_class_bounded(backend: str) -> bool:
-        from recon.fields import REGISTRY
-
-        return REGISTRY[backend].bounded
+        self.bounded = self.geometry.bounded_backend
 
     # Quantization and contraction live on the geometry, which reads the positions.
     def set_quantization(self, relative_cell: float) -> None:
