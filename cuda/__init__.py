@@ -1,6 +1,71 @@
-"""CUDA kernels and their loader (issue 8).
+"""recon's kernels and their loader.
 
-Each kernel will sit beside its pure-torch twin in `renderers/` or `fields/`, share its
-signature, and be tested against it. Until then every operation runs on its torch twin,
-which is also what runs on CPU.
+The kernel bodies live in `kernels.h` as functions both nvcc and the C++ compiler build: `kernels.cu`
+launches them on a GPU, `ops.cpp` runs them in loops on a CPU and binds both. Each sits beside a pure-torch
+twin with the same signature (`recon.cuda.ops` names them), which runs wherever the kernel does not and is
+the tests' oracle.
+
+`extension("cuda")` builds the GPU extension on first use, only when torch sees a GPU (never merely because
+nvcc is on PATH), into a private folder keyed by torch's version and the device's architecture, and logs
+how long the build took; without a GPU, a compiler or a successful build it says why in one line, once, and
+returns None, and every op stays on its twin. `extension("cpu")` builds the same sources for the CPU, which
+is how the tests check the kernel bodies against the twins on machines without a GPU. Nothing compiles at
+`pip install`.
 """
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("recon.cuda")
+SOURCES = Path(__file__).parent
+
+
+def build_folder(kind: str) -> Path:
+    arch = "cpu"
+    if kind == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm{major}{minor}"
+    root = Path(os.environ.get("RECON_EXTENSIONS_DIR", Path.home() / ".cache" / "recon" / "extensions"))
+    folder = root / f"torch{torch.__version__.replace('+', '-')}-{arch}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _cuda_environment() -> list[str]:
+    """CUDA_HOME set where torch's guess would follow /usr/local/bin/nvcc's wrapper, and the nvidia wheels'
+    headers (cuBLAS and friends, missing from the slim toolkit) on the include path if they are there."""
+    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    wheel_headers = [p for p in (Path(torch.__file__).parents[1] / "nvidia").glob("cu*/include") if p.is_dir()]
+    return [str(p) for p in wheel_headers]
+
+
+@functools.cache
+def extension(kind: str = "cuda") -> ModuleType | None:
+    """The compiled kernels for `kind` ("cuda" or "cpu"), or None (said once) when they cannot be had."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        return None  # the twins are the CPU path; nothing to say
+    try:
+        from torch.utils.cpp_extension import load
+
+        started = time.perf_counter()
+        flags = ["-O3", "-DRECON_CUDA"] if kind == "cuda" else ["-O3"]
+        include = _cuda_environment() if kind == "cuda" else []
+        sources = [SOURCES / "ops.cpp"] + ([SOURCES / "kernels.cu"] if kind == "cuda" else [])
+        module = load(name=f"recon_{kind}", sources=[str(s) for s in sources], extra_cflags=flags,
+                      extra_cuda_cflags=flags, extra_include_paths=include, build_directory=str(build_folder(kind)),
+                      with_cuda=kind == "cuda", verbose=False)
+        log.info("recon: %s kernels ready in %.1f s", kind, time.perf_counter() - started)
+        return module
+    except Exception as error:  # a missing compiler, ninja or toolkit, or a failed build: the twins serve
+        print(f"recon: {kind} kernels unavailable, using the torch path ({type(error).__name__}: "
+              f"{str(error).strip().splitlines()[-1] if str(error).strip() else 'no detail'})")
+        return None

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recon.cuda import extension
+from recon.cuda import ops as cuda_ops
+
 class Encoding(nn.Module):
     """Coordinates u [N, D] in [0, 1]^D -> features [N, out_dim].
 
@@ -219,6 +222,10 @@ class HashGridEncoding(Encoding):
         if self._tcnn is not None:
             self._tcnn.params = self.table.view(-1)
             return self._tcnn(x).view(*batch, self.out_dim)
+        if x.is_cuda and dims == 3 and not (x.requires_grad and torch.is_grad_enabled()):
+            kernels = extension("cuda")  # the CUDA kernel (recon.cuda); this method is its twin
+            if kernels is not None:
+                return self._mask_levels(cuda_ops.hash_encode(self, x, kernels).view(*batch, self.out_dim))
         n, levels, ld = x.shape[0], self.levels, self.dense_levels
 
         # Per level and axis [L, D, N], so every elementwise op runs along N contiguous points.
@@ -241,10 +248,14 @@ class HashGridEncoding(Encoding):
 
         corners = 2**dims
         out = _Interpolate.apply(self.table, weights.reshape(-1, corners), index.reshape(-1, corners))  # [L * N, F]
-        out = out.view(levels, n, self.features)
-        if self.active_levels < levels:
-            out = out * (torch.arange(levels, device=x.device) < self.active_levels)[:, None, None]
-        return out.transpose(0, 1).reshape(*batch, self.out_dim)
+        return self._mask_levels(out.view(levels, n, self.features).transpose(0, 1).reshape(*batch, self.out_dim))
+
+    def _mask_levels(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., L * F] with the levels not yet open (coarse to fine) zeroed."""
+        if self.active_levels >= self.levels:
+            return features
+        is_open = torch.arange(self.levels, device=features.device) < self.active_levels
+        return features * is_open.repeat_interleave(self.features)
 
     def extra_repr(self) -> str:
         return (

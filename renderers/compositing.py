@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from recon.cuda import extension
+from recon.cuda import ops as cuda_ops
+
 if TYPE_CHECKING:
     from recon.renderers.marching import Samples
 
@@ -32,7 +35,10 @@ def first_of_ray(ray_idx: Tensor, n_rays: int) -> Tensor:
 
 
 def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:
-    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray)."""
+    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray).
+    GPU tensors go to the CUDA kernel (recon.cuda) when it built; this is its twin."""
+    if tau.is_cuda and (kernels := extension("cuda")) is not None:
+        return cuda_ops.render_weights(tau, ray_idx, n_rays, kernels)
     # One cumulative sum over the whole batch, minus its value at each ray's start: in float64, as this
     # difference of two large sums would cancel the small ones in float32.
     tau64 = tau.double()

@@ -1,0 +1,102 @@
+// CUDA launchers for ops.cpp: one thread per ray (compositing) or per (point, level) (hash grid), each running
+// the shared body from kernels.h. Only torch's core headers are included (no ATen/cuda: the slim toolkit
+// lacks the cuBLAS headers they pull in), so launches go to the default stream.
+#include <torch/types.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int THREADS = 256;
+
+int blocks(int64_t n) { return static_cast<int>((n + THREADS - 1) / THREADS); }
+
+__global__ void weights_forward_kernel(const float* tau, const int64_t* starts, int64_t rays, float* weights,
+                                       float* transmittance) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r < rays) recon::ray_weights_forward(tau, starts[r], starts[r + 1], weights, transmittance);
+}
+
+__global__ void weights_backward_kernel(const float* tau, const float* weights, const float* transmittance,
+                                        const float* grad_weights, const float* grad_transmittance,
+                                        const int64_t* starts, int64_t rays, float* grad_tau) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r < rays) {
+    recon::ray_weights_backward(tau, weights, transmittance, grad_weights, grad_transmittance, starts[r], starts[r + 1],
+                                grad_tau);
+  }
+}
+
+struct LevelTable {
+  recon::Level level[32];
+};
+
+__global__ void hash_forward_kernel(const float* x, const float* table, LevelTable levels, int64_t n, int64_t count,
+                                    int64_t features, float* out) {
+  const int64_t job = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (job >= n * count) return;
+  const int64_t i = job / count, l = job % count;
+  const recon::Corners c = recon::level_corners(x + 3 * i, levels.level[l]);
+  for (int64_t f = 0; f < features; ++f) {
+    float sum = 0.0f;
+    for (int k = 0; k < 8; ++k) sum += c.weight[k] * table[c.row[k] * features + f];
+    out[job * features + f] = sum;
+  }
+}
+
+__global__ void hash_backward_kernel(const float* x, LevelTable levels, int64_t n, int64_t count, int64_t features,
+                                     const float* grad_out, float* grad_table) {
+  const int64_t job = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (job >= n * count) return;
+  const int64_t i = job / count, l = job % count;
+  const recon::Corners c = recon::level_corners(x + 3 * i, levels.level[l]);
+  const float* g = grad_out + job * features;
+  for (int k = 0; k < 8; ++k) {
+    for (int64_t f = 0; f < features; ++f) atomicAdd(grad_table + c.row[k] * features + f, c.weight[k] * g[f]);
+  }
+}
+
+LevelTable pack(const std::vector<recon::Level>& levels) {
+  TORCH_CHECK(levels.size() <= 32, "at most 32 hash-grid levels");
+  LevelTable packed;
+  for (size_t l = 0; l < levels.size(); ++l) packed.level[l] = levels[l];
+  return packed;
+}
+
+}  // namespace
+
+void weights_forward_cuda(const torch::Tensor& tau, const torch::Tensor& starts, torch::Tensor& weights,
+                          torch::Tensor& transmittance) {
+  const int64_t rays = starts.numel() - 1;
+  if (rays <= 0) return;
+  weights_forward_kernel<<<blocks(rays), THREADS>>>(tau.data_ptr<float>(), starts.data_ptr<int64_t>(), rays,
+                                                    weights.data_ptr<float>(), transmittance.data_ptr<float>());
+}
+
+void weights_backward_cuda(const torch::Tensor& tau, const torch::Tensor& weights, const torch::Tensor& transmittance,
+                           const torch::Tensor& grad_weights, const torch::Tensor& grad_transmittance,
+                           const torch::Tensor& starts, torch::Tensor& grad_tau) {
+  const int64_t rays = starts.numel() - 1;
+  if (rays <= 0) return;
+  weights_backward_kernel<<<blocks(rays), THREADS>>>(
+      tau.data_ptr<float>(), weights.data_ptr<float>(), transmittance.data_ptr<float>(), grad_weights.data_ptr<float>(),
+      grad_transmittance.data_ptr<float>(), starts.data_ptr<int64_t>(), rays, grad_tau.data_ptr<float>());
+}
+
+void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
+                       torch::Tensor& out) {
+  const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
+  if (n == 0) return;
+  hash_forward_kernel<<<blocks(n * count), THREADS>>>(x.data_ptr<float>(), table.data_ptr<float>(), pack(levels), n,
+                                                      count, table.size(1), out.data_ptr<float>());
+}
+
+void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
+                        const torch::Tensor& grad_out, torch::Tensor& grad_table) {
+  const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
+  if (n == 0) return;
+  hash_backward_kernel<<<blocks(n * count), THREADS>>>(x.data_ptr<float>(), pack(levels), n, count, table.size(1),
+                                                       grad_out.data_ptr<float>(), grad_table.data_ptr<float>());
+}

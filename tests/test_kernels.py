@@ -1,0 +1,98 @@
+"""recon's kernels against their torch twins: the CPU build of the same bodies everywhere, the CUDA build where
+there is a GPU. Values and gradients must agree within float tolerance."""
+
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from recon.cuda import extension, ops
+from recon.fields.encodings import HashGridEncoding
+from recon.renderers.compositing import render_weights
+
+
+def builds() -> list:
+    kinds = [pytest.param("cpu", id="cpu")]
+    reason = "no GPU: the CUDA build is checked on a GPU machine (BENCHMARKS.md records those runs)"
+    kinds.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)))
+    return kinds
+
+
+@pytest.fixture(scope="module", params=builds())
+def kernels(request):
+    ext = extension(request.param)
+    assert ext is not None, f"the {request.param} kernels did not build"
+    return request.param, ext
+
+
+def packed_rays(device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ray_idx = torch.sort(torch.randint(0, 80, (4000,), generator=g)).values  # rays 80..99 and some below: empty
+    tau = torch.rand(4000, generator=g) * 0.4
+    tau[::97] = 12.0  # a few opaque samples
+    return tau.to(device).requires_grad_(), ray_idx.to(device), 100
+
+
+def test_weights_and_transmittance_match_the_twin(kernels):
+    device, ext = kernels
+    tau, ray_idx, n_rays = packed_rays(device)
+    weights, transmittance = ops.render_weights(tau, ray_idx, n_rays, ext)
+    twin_weights, twin_transmittance = render_weights(tau.cpu(), ray_idx.cpu(), n_rays)
+    assert torch.allclose(weights.cpu(), twin_weights, atol=1e-6)
+    assert torch.allclose(transmittance.cpu(), twin_transmittance, atol=1e-6)
+
+    g = torch.Generator().manual_seed(1)
+    grad_w, grad_t = torch.randn(len(tau), generator=g), torch.randn(len(tau), generator=g)
+    (ours,) = torch.autograd.grad((weights * grad_w.to(device)).sum() + (transmittance * grad_t.to(device)).sum(), tau)
+    twin_tau = tau.detach().cpu().requires_grad_()
+    w, t = render_weights(twin_tau, ray_idx.cpu(), n_rays)
+    (theirs,) = torch.autograd.grad((w * grad_w).sum() + (t * grad_t).sum(), twin_tau)
+    assert torch.allclose(ours.cpu(), theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["small", "default"])
+def test_hash_encoding_matches_the_twin(kernels, layout):
+    device, ext = kernels
+    torch.manual_seed(0)
+    # small: 3 dense levels and 3 hashed; default: tcnn's 16 x 2 layout (5 dense levels, 11 hashed)
+    enc = HashGridEncoding(6, 2, 12, 4, 64) if layout == "small" else HashGridEncoding()
+    with torch.no_grad():
+        enc.table.uniform_(-1, 1)
+    enc = enc.to(device)
+    x = torch.rand(5000, 3)
+    x[:6] = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1, 0, 1], [0.5, 1, 0.2], [1e-7, 1 - 1e-7, 0.5], [1.5, -0.2, 0.5]])
+    x = x.to(device)
+    ours = ops.hash_encode(enc, x, ext)
+    twin = enc.cpu()(x.cpu()) if device == "cpu" else HashGridEncoding.forward(enc, x.requires_grad_())  # the torch path
+    assert torch.allclose(ours.cpu(), twin.detach().cpu(), atol=1e-5)
+    grad = torch.randn_like(ours)
+    (ours_table,) = torch.autograd.grad((ours * grad).sum(), enc.table)
+    (twin_table,) = torch.autograd.grad((twin * grad.to(twin.device)).sum(), enc.table)
+    assert torch.allclose(ours_table.cpu(), twin_table.cpu(), atol=1e-4)
+
+
+def test_cpu_tensors_stay_on_the_twins():
+    assert extension("cuda") is None or torch.cuda.is_available()
+    tau, ray_idx, n_rays = packed_rays("cpu")
+    weights, _ = render_weights(tau, ray_idx, n_rays)
+    assert weights.grad_fn is not None and "RenderWeights" not in type(weights.grad_fn).__name__
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_the_cuda_sources_compile_with_nvcc(tmp_path):
+    """The GPU half compiles here too: nvcc over kernels.cu against this torch's headers (device code for sm_90,
+    C++20 as torch >= 2.13 wants), and the bindings with the CUDA entry points declared."""
+    include = Path(torch.__file__).parent / "include"
+    python_include = sysconfig.get_paths()["include"]
+    common = ["-DRECON_CUDA", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}", f"-I{python_include}",
+              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-std=c++20", "-O1"]
+    sources = Path(ops.__file__).parent
+    nvcc = subprocess.run(["nvcc", "-c", str(sources / "kernels.cu"), "-o", str(tmp_path / "kernels.o"), "-arch=sm_90",
+                           "--expt-relaxed-constexpr", *common], capture_output=True, text=True)
+    assert nvcc.returncode == 0, nvcc.stderr[-3000:]
+    cxx = subprocess.run(["c++", "-c", str(sources / "ops.cpp"), "-o", str(tmp_path / "ops.o"), "-fPIC",
+                          "-DTORCH_EXTENSION_NAME=recon_cuda", *common], capture_output=True, text=True)
+    assert cxx.returncode == 0, cxx.stderr[-3000:]
