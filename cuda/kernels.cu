@@ -58,6 +58,17 @@ __global__ void hash_backward_kernel(const float* x, LevelTable levels, int64_t 
   }
 }
 
+__global__ void march_kernel(recon::Grid grid, recon::StepRule rule, const float* origins, const float* dirs,
+                             const float* t_start, const float* t_far, int64_t rays, int64_t max_samples,
+                             int64_t* counts, const int64_t* offsets, float* t0, float* t1) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= rays) return;
+  const bool fill = offsets != nullptr;
+  const int64_t n = recon::march_ray(grid, rule, origins + 3 * r, dirs + 3 * r, t_start[r], t_far[r], max_samples,
+                                     fill ? t0 + offsets[r] : nullptr, fill ? t1 + offsets[r] : nullptr);
+  if (!fill) counts[r] = n;
+}
+
 LevelTable pack(const std::vector<recon::Level>& levels) {
   TORCH_CHECK(levels.size() <= 32, "at most 32 hash-grid levels");
   LevelTable packed;
@@ -99,4 +110,16 @@ void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, cons
   if (n == 0) return;
   hash_backward_kernel<<<blocks(n * count), THREADS>>>(x.data_ptr<float>(), pack(levels), n, count, table.size(1),
                                                        grad_out.data_ptr<float>(), grad_table.data_ptr<float>());
+}
+
+void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torch::Tensor& origins,
+                const torch::Tensor& dirs, const torch::Tensor& t_start, const torch::Tensor& t_far, int64_t max_samples,
+                torch::Tensor& counts, const torch::Tensor* offsets, torch::Tensor* t0, torch::Tensor* t1) {
+  const int64_t rays = t_start.numel();
+  if (rays == 0) return;
+  march_kernel<<<blocks(rays), THREADS>>>(grid, rule, origins.data_ptr<float>(), dirs.data_ptr<float>(),
+                                          t_start.data_ptr<float>(), t_far.data_ptr<float>(), rays, max_samples,
+                                          offsets ? nullptr : counts.data_ptr<int64_t>(),
+                                          offsets ? offsets->data_ptr<int64_t>() : nullptr,
+                                          t0 ? t0->data_ptr<float>() : nullptr, t1 ? t1->data_ptr<float>() : nullptr);
 }

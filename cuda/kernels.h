@@ -94,4 +94,91 @@ RECON_HD inline Corners level_corners(const float* x, const Level& level) {
   return c;
 }
 
+// instant-ngp's step rule dt(t) = clamp(t * cone, step, max_step), its k-th sample boundary in closed form, and
+// the marching of one ray through a multi-cascade occupancy grid, as renderers/marching.py (StepRule, march):
+// the same float32 formulas, so both keep the same intervals up to the last bits of exp and log.
+struct StepRule {
+  float step, cone, max_step, growth;  // growth = log1p(cone), as float32
+};
+
+struct Phases {
+  float n1, t1, n2, t2;  // n1 constant steps reach t1 >= step / cone, then n2 geometric ones reach t2
+};
+
+RECON_HD inline float dt_at(const StepRule& rule, float t) { return fminf(fmaxf(t * rule.cone, rule.step), rule.max_step); }
+
+RECON_HD inline Phases phases(const StepRule& rule, float t_start) {
+  Phases p;
+  p.n1 = fmaxf(ceilf((rule.step / rule.cone - t_start) / rule.step), 0.0f);
+  p.t1 = t_start + p.n1 * rule.step;
+  p.n2 = fmaxf(ceilf(logf(rule.max_step / rule.cone / p.t1) / rule.growth), 0.0f);
+  p.t2 = p.t1 * expf(p.n2 * rule.growth);
+  return p;
+}
+
+RECON_HD inline int64_t boundary_count(const StepRule& rule, const Phases& p, float t_start, float t_end) {
+  float count;
+  if (rule.cone == 0.0f || t_end <= p.t1) count = ceilf((t_end - t_start) / rule.step);
+  else if (t_end <= p.t2) count = p.n1 + ceilf(logf(t_end / p.t1) / rule.growth);
+  else count = p.n1 + p.n2 + ceilf((t_end - p.t2) / rule.max_step);
+  return static_cast<int64_t>(fmaxf(count, 0.0f));
+}
+
+RECON_HD inline float boundary(const StepRule& rule, const Phases& p, float t_start, float k) {
+  if (rule.cone == 0.0f || k <= p.n1) return t_start + k * rule.step;
+  if (k <= p.n1 + p.n2) return p.t1 * expf((k - p.n1) * rule.growth);
+  return p.t2 + (k - p.n1 - p.n2) * rule.max_step;
+}
+
+struct Grid {
+  const bool* occupied;  // [levels, res^3], cell (i, j, k) at (i * res + j) * res + k
+  int levels, resolution;
+  float centre[3], half[3];  // the level-0 box: u = (x - centre) / half is in [-1, 1]^3
+};
+
+// Whether u (normalised coordinates) lies in an occupied cell of the finest level containing it.
+RECON_HD inline bool occupied(const Grid& grid, const float u[3]) {
+  int level = 0;
+  frexpf(fmaxf(fmaxf(fabsf(u[0]), fabsf(u[1])), fabsf(u[2])), &level);
+  level = level < 0 ? 0 : level;
+  if (level >= grid.levels) return false;
+  const float half = 0.5f * grid.resolution;
+  const float scale = exp2f(-static_cast<float>(level)) * half;
+  int64_t index = level;
+  for (int a = 0; a < 3; ++a) {
+    int cell = static_cast<int>(half + u[a] * scale);
+    cell = cell < 0 ? 0 : (cell > grid.resolution - 1 ? grid.resolution - 1 : cell);
+    index = index * grid.resolution + cell;
+  }
+  return grid.occupied[index];
+}
+
+// March one ray from t_start to t_far: each interval [t_k, min(t_k + dt(t_k), t_far)] whose midpoint is occupied,
+// the nearest `max_samples` of them. Returns how many; writes them from out_t0 / out_t1 when those are given.
+RECON_HD inline int64_t march_ray(const Grid& grid, const StepRule& rule, const float origin[3], const float dir[3],
+                                  float t_start, float t_far, int64_t max_samples, float* out_t0, float* out_t1) {
+  float o[3], d[3];
+  for (int a = 0; a < 3; ++a) {
+    o[a] = (origin[a] - grid.centre[a]) / grid.half[a];
+    d[a] = dir[a] / grid.half[a];
+  }
+  const Phases p = phases(rule, t_start);
+  const int64_t candidates = boundary_count(rule, p, t_start, t_far);
+  int64_t kept = 0;
+  for (int64_t k = 0; k < candidates && kept < max_samples; ++k) {
+    const float t0 = boundary(rule, p, t_start, static_cast<float>(k));
+    const float t1 = fminf(t0 + dt_at(rule, t0), t_far);
+    if (!(t1 > t0)) continue;
+    const float mid = (t0 + t1) / 2;
+    const float u[3] = {o[0] + d[0] * mid, o[1] + d[1] * mid, o[2] + d[2] * mid};
+    if (!occupied(grid, u)) continue;
+    if (out_t0) {
+      out_t0[kept] = t0;
+      out_t1[kept] = t1;
+    }
+    ++kept;
+  }
+  return kept;
+}
+
 }  // namespace recon

@@ -2,6 +2,7 @@
 // tensors, or the same bodies (kernels.h) in plain loops for CPU tensors (the build the tests run).
 #include <torch/extension.h>
 
+#include <cmath>
 #include <vector>
 
 #include "kernels.h"
@@ -132,7 +133,83 @@ torch::Tensor hash_backward(const torch::Tensor& x, const torch::Tensor& table, 
   return grad_table;
 }
 
+namespace {
+
+recon::Grid grid_of(const torch::Tensor& occupied, const torch::Tensor& box, int64_t levels, int64_t resolution) {
+  check(occupied, "occupied", torch::kBool);
+  auto b = box.cpu();  // [2, 3]: the level-0 box
+  recon::Grid grid{occupied.data_ptr<bool>(), static_cast<int>(levels), static_cast<int>(resolution), {}, {}};
+  for (int a = 0; a < 3; ++a) {
+    const float lo = b[0][a].item<float>(), hi = b[1][a].item<float>();
+    grid.centre[a] = (lo + hi) / 2;
+    grid.half[a] = (hi - lo) / 2;
+  }
+  return grid;
+}
+
+recon::StepRule rule_of(double step, double cone, double max_step) {
+  return {static_cast<float>(step), static_cast<float>(cone), static_cast<float>(max_step),
+          static_cast<float>(std::log1p(cone))};
+}
+
+}  // namespace
+
+#ifdef RECON_CUDA
+void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torch::Tensor& origins,
+                const torch::Tensor& dirs, const torch::Tensor& t_start, const torch::Tensor& t_far, int64_t max_samples,
+                torch::Tensor& counts, const torch::Tensor* offsets, torch::Tensor* t0, torch::Tensor* t1);
+#endif
+
+// Samples per ray (int64 [R]) of the occupancy grid's marching (renderers/marching.py's march).
+torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dirs, const torch::Tensor& t_start,
+                          const torch::Tensor& t_far, const torch::Tensor& occupied, const torch::Tensor& box,
+                          int64_t levels, int64_t resolution, double step, double cone, double max_step,
+                          int64_t max_samples) {
+  for (auto* t : {&origins, &dirs, &t_start, &t_far}) check(*t, "ray tensor", torch::kFloat32);
+  const auto grid = grid_of(occupied, box, levels, resolution);
+  const auto rule = rule_of(step, cone, max_step);
+  auto counts = torch::zeros({t_start.numel()}, t_start.options().dtype(torch::kInt64));
+#ifdef RECON_CUDA
+  if (origins.is_cuda()) {
+    march_cuda(grid, rule, origins, dirs, t_start, t_far, max_samples, counts, nullptr, nullptr, nullptr);
+    return counts;
+  }
+#endif
+  for (int64_t r = 0; r < t_start.numel(); ++r) {
+    counts.data_ptr<int64_t>()[r] = recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r,
+                                                     dirs.data_ptr<float>() + 3 * r, t_start.data_ptr<float>()[r],
+                                                     t_far.data_ptr<float>()[r], max_samples, nullptr, nullptr);
+  }
+  return counts;
+}
+
+// The samples themselves, ray r's written from offsets[r]: (t0 [S], t1 [S]), S = offsets[R].
+std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch::Tensor& dirs, const torch::Tensor& t_start,
+                                      const torch::Tensor& t_far, const torch::Tensor& occupied, const torch::Tensor& box,
+                                      int64_t levels, int64_t resolution, double step, double cone, double max_step,
+                                      int64_t max_samples, const torch::Tensor& offsets, int64_t total) {
+  const auto grid = grid_of(occupied, box, levels, resolution);
+  const auto rule = rule_of(step, cone, max_step);
+  auto t0 = torch::empty({total}, t_start.options()), t1 = torch::empty({total}, t_start.options());
+#ifdef RECON_CUDA
+  if (origins.is_cuda()) {
+    auto counts = torch::empty({0}, offsets.options());
+    march_cuda(grid, rule, origins, dirs, t_start, t_far, max_samples, counts, &offsets, &t0, &t1);
+    return {t0, t1};
+  }
+#endif
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  for (int64_t r = 0; r < t_start.numel(); ++r) {
+    recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r, dirs.data_ptr<float>() + 3 * r,
+                     t_start.data_ptr<float>()[r], t_far.data_ptr<float>()[r], max_samples,
+                     t0.data_ptr<float>() + o[r], t1.data_ptr<float>() + o[r]);
+  }
+  return {t0, t1};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("march_count", &march_count, "samples per ray of occupancy-grid marching");
+  m.def("march_fill", &march_fill, "the marched samples");
   m.def("weights_forward", &weights_forward, "packed weights and transmittance");
   m.def("weights_backward", &weights_backward, "their backward");
   m.def("hash_forward", &hash_forward, "3D hash-grid encoding");

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from recon.cuda import extension
 from recon.data.rays import Rays
 from recon.renderers.compositing import first_of_ray
 from recon.renderers.occupancy import OccupancyGrid, rand
@@ -116,7 +118,8 @@ class StepRule:
 
 
 def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_angle: float = 0.0, near: float = 0.0,
-          generator: torch.Generator | None = None, max_samples_per_ray: int = 1024, chunk: int = 2**20) -> Samples:
+          generator: torch.Generator | None = None, max_samples_per_ray: int = 1024, chunk: int = 2**20,
+          kernels: ModuleType | None | str = "auto") -> Samples:
     """Samples along each ray through `aabb`, in the cells `grid` marks occupied.
 
     Rays start at max(near, entry into aabb) and step by StepRule: constant for cone_angle 0, growing
@@ -126,7 +129,8 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
     occupied, at most `max_samples_per_ray` per ray (the nearest).
 
     Candidates are tested in blocks of the next K steps of the rays still inside the box (K * rays ~ chunk),
-    which broadcasts per-ray values instead of gathering them per sample.
+    which broadcasts per-ray values instead of gathering them per sample. `kernels` (recon.cuda's module;
+    "auto": the CUDA build for GPU rays) march each ray in one thread instead, two passes: count, then fill.
     """
     origins, dirs, device = rays.origins, rays.dirs, rays.origins.device
     rule = StepRule(step_size, cone_angle, max(step_size, grid.cell_diagonal * 2 ** (grid.levels - 1)))
@@ -134,6 +138,10 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
     t_start = t_near.clamp(min=near)
     if generator is not None:
         t_start = t_start + rand(t_start.shape, generator, device) * rule.dt(t_start)
+    if kernels == "auto":
+        kernels = extension("cuda") if origins.is_cuda else None
+    if kernels is not None:
+        return _march_kernel(kernels, rays, grid, rule, t_start, t_far, max_samples_per_ray)
 
     # Midpoints are tested in the grid's normalized frame, one contiguous [rays, K] tensor per axis.
     o_u, d_u = grid.normalize(origins), dirs / ((grid.aabb[1] - grid.aabb[0]) / 2)
@@ -156,6 +164,19 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
     samples = Samples(ray_idx, t0, t1, len(rays))
     rank = torch.arange(len(samples), device=device) - first_of_ray(ray_idx, len(rays))
     return samples[rank < max_samples_per_ray]
+
+
+def _march_kernel(kernels: ModuleType, rays: Rays, grid: OccupancyGrid, rule: StepRule, t_start: Tensor, t_far: Tensor,
+                  max_samples: int) -> Samples:
+    args = (rays.origins.contiguous(), rays.dirs.contiguous(), t_start.contiguous(), t_far.contiguous(),
+            grid.occupied.view(-1).contiguous(), grid.aabb, grid.levels, grid.resolution, rule.step, rule.cone_angle,
+            rule.max_step, max_samples)
+    counts = kernels.march_count(*args)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    total = int(offsets[-1])  # the one host sync of marching, as the twin's
+    t0, t1 = kernels.march_fill(*args, offsets, total)
+    ray_idx = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    return Samples(ray_idx, t0, t1, len(counts))
 
 
 def _interval(rule: StepRule, t_start: Tensor, t_far: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
