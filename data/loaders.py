@@ -1,4 +1,5 @@
-"""Reading transforms.json scenes (Blender / instant-ngp / nerfstudio): files, frames and images.
+"""Reading transforms.json scenes (Blender / instant-ngp / nerfstudio): files, frames and images,
+and what every scene layout's reader returns (`Capture`).
 
 Everything here is in the user's world frame; `scene.load_scene` picks the bounds and maps
 the result to the unit frame.
@@ -11,7 +12,7 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "val", "test")
-LONE = "all"  # key of a lone transforms.json, before the every-8th holdout splits it
+LONE = "all"  # key of a lone frame list, before the every-8th holdout splits it
+HOLDOUT = 8  # a lone frame list holds out every 8th usable frame for test
+NGP_KEYS = ("scale", "offset", "aabb_scale")
 # Tried in order when a file_path has no extension (lego's "./train/r_0").
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "PNG", "JPG", "JPEG", "exr", "webp", "bmp", "tif", "tiff")
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE", "PINHOLE")
@@ -58,6 +61,31 @@ class FrameList:
     frames: list[Frame]
     missing: list[str] = field(default_factory=list)  # image paths not found: frames skipped
     parent_paths: list[str] = field(default_factory=list)  # file_paths with '..', as resolved
+
+
+@dataclass
+class Capture:
+    """What a layout reader found, in the user's world frame, and what it knows about the bounds."""
+
+    convention: str  # how the layout was read and split, for the summary
+    lists: dict[str, FrameList]  # split (or LONE, held out later) -> frames
+    ngp_doc: dict | None = None  # a transforms JSON whose instant-ngp keys set the box
+    points: np.ndarray | None = None  # [N, 3] sparse points (COLMAP): the box comes from them
+    to_unit: np.ndarray | None = None  # [4, 4] a normalisation the layout gives (NeuS scale_mat)
+
+
+def read_transforms(path: Path, downscale: int) -> Capture:
+    files = find_transforms(path)
+    docs = {split: read_json(file) for split, file in files.items()}
+    main = "train" if "train" in files else LONE
+    convention = (
+        f"lone {files[LONE].name}: every {HOLDOUT}th usable frame (i % {HOLDOUT} == 0) held out for test"
+        if LONE in files
+        else "Blender split files transforms_{train,val,test}.json"
+    )
+    lists = {split: read_frames(file, docs[split], downscale) for split, file in files.items()}
+    ngp = docs[main] if any(key in docs[main] for key in NGP_KEYS) else None
+    return Capture(convention, lists, ngp_doc=ngp and {**ngp, "file": str(files[main])})
 
 
 def find_transforms(path: Path) -> dict[str, Path]:
@@ -109,15 +137,31 @@ def read_frames(path: Path, doc: dict, downscale: int) -> FrameList:
 
     def load(camera: dict, c2w: np.ndarray, image_path: Path) -> Frame:
         image = read_image(image_path)
-        intrinsics, distortion, fisheye = _camera(path, image_path, camera, image.shape)
-        if downscale > 1:
-            image = _downscale(image, downscale)
-            intrinsics = tuple(v / downscale for v in intrinsics)  # pixel centres: x' = x / n
-        return Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye)
+        intrinsics, distortion, fisheye = _camera(path, image_path, camera, image)
+        return downscaled_frame(Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye), downscale)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        result.frames = list(pool.map(lambda entry: load(*entry), found))
+    result.frames = parallel_map(lambda entry: load(*entry), found)
     return result
+
+
+def parallel_map(fn, items: list) -> list:
+    """fn over items on a few threads: image decoding releases the GIL."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def downscaled_frame(frame: Frame, n: int) -> Frame:
+    if n == 1:
+        return frame
+    intrinsics = tuple(v / n for v in frame.intrinsics)  # pixel centres: x' = x / n
+    return replace(frame, image=_downscale(frame.image, n), intrinsics=intrinsics)
+
+
+def check_size(image_path: Path, image: np.ndarray, stated: tuple[int, int], source: str = "its camera") -> None:
+    """The image must be the size (width, height) its camera (or mask) says."""
+    size = (image.shape[1], image.shape[0])
+    if size != stated:
+        raise SceneError(image_path, f"image is {size[0]}x{size[1]} but {source} says {stated[0]}x{stated[1]}")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -186,12 +230,10 @@ def _pose(path: Path, where: str, matrix) -> np.ndarray:
     return np.concatenate([u @ vt, m[:3, 3:]], axis=1)
 
 
-def _camera(path: Path, image_path: Path, camera: dict, shape: tuple[int, ...]):
+def _camera(path: Path, image_path: Path, camera: dict, image: np.ndarray):
     """Intrinsics (fx, fy, cx, cy), distortion and fisheye flag of one frame at its image's size."""
-    height, width = shape[:2]
-    w, h = round(float(camera.get("w", width))), round(float(camera.get("h", height)))
-    if (w, h) != (width, height):
-        raise SceneError(image_path, f"image is {width}x{height} but its camera says {w}x{h}")
+    height, width = image.shape[:2]
+    check_size(image_path, image, (round(float(camera.get("w", width))), round(float(camera.get("h", height)))))
     if "fl_x" in camera or "fl_y" in camera:
         fx = float(camera.get("fl_x", camera.get("fl_y")))
         fy = float(camera.get("fl_y", fx))

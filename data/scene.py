@@ -7,6 +7,7 @@ in the unit frame. Exports invert `to_unit` to go back to the user's world frame
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,13 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cameras import Cameras
-from .loaders import LONE, Frame, SceneError, find_transforms, read_frames, read_json
+from .colmap import find_colmap, read_colmap
+from .loaders import HOLDOUT, IMAGE_EXTENSIONS, LONE, NGP_KEYS, Capture, Frame, SceneError, read_transforms
+from .neus import CAMERAS as NEUS_CAMERAS
+from .neus import read_neus
 from .rays import Rays
 
 __all__ = ["Scene", "SceneError", "Split", "load_scene", "visual_hull"]
 
-HOLDOUT = 8  # a lone transforms.json holds out every 8th usable frame for test
-NGP_KEYS = ("scale", "offset", "aabb_scale")
 NGP_SCALE, NGP_OFFSET = 0.33, 0.5  # instant-ngp's defaults
 # Voxels per axis of each carving pass: a coarse one finds the object in a generous region,
 # a finer one re-carves the box it found.
@@ -33,6 +35,10 @@ ALPHA_THRESHOLD = 0.1
 MARGIN = 0.03  # of the box's extent, added on each side
 NEAR = 0.2  # unit-frame near plane for unbounded scenes or a camera inside the box
 UNBOUNDED_CONE_ANGLE = 1 / 256
+POINT_QUANTILES = (0.02, 0.98)  # of the sparse points, per axis: the unit box (outliers left out)
+MIN_POINTS = 20
+CAMERA_MARGIN = 1.1  # cameras this far inside the grown box
+MAX_AABB_SCALE = 128  # instant-ngp's largest
 
 
 @dataclass
@@ -131,21 +137,20 @@ class Scene:
 
 
 def load_scene(path: str | Path, downscale: int = 1) -> Scene:
-    """Load a transforms.json scene (folder or file) into the unit frame; raises SceneError."""
+    """Load a scene (a folder or its camera file, in any layout `read_capture` knows) into the unit
+    frame; raises SceneError."""
     source = Path(path).expanduser().absolute()
     if downscale < 1:
         raise SceneError(source, f"downscale must be a positive integer, not {downscale}")
-    files = find_transforms(source)
-    docs = {split: read_json(file) for split, file in files.items()}
-    lists = {split: read_frames(file, docs[split], downscale) for split, file in files.items()}
-    for split, found in lists.items():
+    capture = read_capture(source, downscale)
+    for split, found in capture.lists.items():
         needed = 1 if split in ("val", "test") else 2
         if len(found.frames) < needed:
             raise SceneError(
                 found.file, f"only {len(found.frames)} of {found.listed} frames have an image; {needed} needed"
             )
 
-    frames = {split: found.frames for split, found in lists.items()}
+    frames = {split: found.frames for split, found in capture.lists.items()}
     if LONE in frames:
         every = frames.pop(LONE)
         frames = {"train": [f for i, f in enumerate(every) if i % HOLDOUT], "test": every[::HOLDOUT]}
@@ -154,10 +159,13 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
     deep = any(f.image.dtype == np.uint16 for f in everything)
     world = {split: _split(split_frames, alpha, deep) for split, split_frames in frames.items()}
 
-    main_file = files.get("train", files.get(LONE))
-    main_doc = docs.get("train", docs.get(LONE))
-    if any(key in main_doc for key in NGP_KEYS):
-        to_unit, aabb, aabb_scale, rule = _ngp_bounds(main_file, main_doc)
+    if capture.ngp_doc is not None:
+        to_unit, aabb, aabb_scale, rule = _ngp_bounds(Path(capture.ngp_doc["file"]), capture.ngp_doc)
+    elif capture.to_unit is not None:
+        to_unit, aabb, aabb_scale = torch.tensor(capture.to_unit, dtype=torch.float32), torch.tensor([[-1.0] * 3, [1.0] * 3]), 1.0
+        rule = "the layout's normalisation: the unit sphere's cube"
+    elif capture.points is not None:
+        to_unit, aabb, aabb_scale, rule = _points_bounds(capture.points, world["train"].cameras)
     else:
         to_unit, aabb, rule = _carved_bounds(world["train"])
         aabb_scale = 1.0
@@ -168,33 +176,94 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
     near = NEAR if aabb_scale > 1 or camera_inside else 0.0
     cone_angle = UNBOUNDED_CONE_ANGLE if aabb_scale > 1 else 0.0
 
-    scale, shift = to_unit[0, 0].item(), to_unit[:3, 3]
     summary = {
-        "convention": (
-            f"lone {files[LONE].name}: every {HOLDOUT}th usable frame (i % {HOLDOUT} == 0) held out for test"
-            if LONE in files
-            else "Blender split files transforms_{train,val,test}.json"
-        ),
-        "files": {split: str(file) for split, file in files.items()},
+        "convention": capture.convention,
+        "files": {split: str(found.file) for split, found in capture.lists.items()},
         "views": {split: len(split_frames) for split, split_frames in frames.items()},
         "skipped": [
             {"file": str(found.file), "listed": found.listed, "images": found.missing}
-            for found in lists.values()
+            for found in capture.lists.values()
             if found.missing
         ],
-        "parent_paths": [p for found in lists.values() for p in found.parent_paths],
+        "parent_paths": [p for found in capture.lists.values() for p in found.parent_paths],
         "image_sizes": dict(Counter(f"{f.image.shape[1]}x{f.image.shape[0]}" for f in everything)),
         "downscale": downscale,
         "pixels": ("RGBA" if alpha else "RGB") + (" 16-bit (stored float16)" if deep else " 8-bit"),
         "camera_models": dict(Counter(_model_name(f) for f in everything)),
         "bounds": {
             "rule": rule,
-            "world_box": ((aabb - shift) / scale).tolist(),
+            "world_box": _world_box(aabb, to_unit).tolist(),
             "unit_box": aabb.tolist(),
             "camera_inside": camera_inside,
         },
     }
     return Scene(splits, aabb, to_unit, aabb_scale, near, cone_angle, source, summary)
+
+
+def read_capture(source: Path, downscale: int) -> Capture:
+    """Read whichever layout `source` (a folder, or the camera file in one) holds."""
+    if not source.exists():
+        raise SceneError(source, "no such file or folder")
+    folder = source if source.is_dir() else source.parent
+    if source.name == NEUS_CAMERAS or (source.is_dir() and (folder / NEUS_CAMERAS).is_file()):
+        return read_neus(folder / NEUS_CAMERAS, downscale)
+    if source.is_file() or any((folder / name).is_file() for name in ("transforms.json", "transforms_train.json")):
+        return read_transforms(source, downscale)
+    colmap = find_colmap(folder)
+    if colmap is not None:
+        return read_colmap(*colmap, downscale)
+    if any(p.suffix.lstrip(".") in IMAGE_EXTENSIONS for p in folder.iterdir()):
+        raise SceneError(folder, "images without camera poses; recon needs transforms.json, a COLMAP model "
+                                 "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
+    raise SceneError(folder, "no scene found: expected transforms.json, transforms_train.json, a COLMAP model "
+                             "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
+
+
+def _world_box(aabb: Tensor, to_unit: Tensor) -> Tensor:
+    """The world-frame box around the unit box (they differ by a rotation when the layout is reoriented)."""
+    corners = torch.cartesian_prod(*aabb.T.double())
+    world = (corners - to_unit[:3, 3].double()) @ torch.linalg.inv(to_unit[:3, :3].double()).T
+    return torch.stack([world.min(0).values, world.max(0).values]).float()
+
+
+def _points_bounds(points: np.ndarray, cameras: Cameras) -> tuple[Tensor, Tensor, float, str]:
+    """COLMAP's frame has no up and no scale: the cameras' mean up becomes +z, the box around the
+    central POINT_QUANTILES of the sparse points becomes the unit box (largest half-extent 1), and
+    the box grows by powers of two (instant-ngp's aabb_scale) until every camera is inside it."""
+    up = cameras.c2w[:, :, 1].double().mean(0)
+    rotation = _rotation_onto(F.normalize(up, dim=0), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    if len(points) >= MIN_POINTS:
+        rotated = torch.from_numpy(points) @ rotation.T
+        q = torch.tensor(POINT_QUANTILES, dtype=torch.float64)
+        lo, hi = torch.quantile(rotated, q[0], dim=0), torch.quantile(rotated, q[1], dim=0)
+        what = f"the central {POINT_QUANTILES[1] - POINT_QUANTILES[0]:.0%} of {len(points)} sparse points"
+    else:  # too few points to trust: the cameras' look-at region
+        lo, hi = (v.double() @ rotation.T for v in _look_at_region(cameras))
+        lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+        what = f"the cameras' look-at region (only {len(points)} sparse points)"
+    centre, scale = (lo + hi) / 2, 2 / (hi - lo).max()
+    to_unit = torch.eye(4, dtype=torch.float64)
+    to_unit[:3, :3] = scale * rotation
+    to_unit[:3, 3] = -scale * centre
+    aabb = torch.stack([lo - centre, hi - centre]) * scale
+    positions = cameras.c2w[:, :, 3].double() @ to_unit[:3, :3].T + to_unit[:3, 3]
+    reach = float(positions.abs().max()) * CAMERA_MARGIN
+    aabb_scale = float(min(2 ** max(math.ceil(math.log2(max(reach, 1e-9))), 0), MAX_AABB_SCALE))
+    if aabb_scale > 1:
+        aabb = torch.tensor([[-aabb_scale] * 3, [aabb_scale] * 3], dtype=torch.float64)
+    rule = (f"up from the cameras' mean up vector, the unit box from {what}, "
+            f"aabb_scale {aabb_scale:g} so every camera is inside")
+    return to_unit.float(), aabb.float(), aabb_scale, rule
+
+
+def _rotation_onto(a: Tensor, b: Tensor) -> Tensor:
+    """The smallest rotation taking unit vector a onto unit vector b (Rodrigues)."""
+    v, c = torch.linalg.cross(a, b), torch.dot(a, b)
+    if c < -1 + 1e-9:  # opposite: half a turn about any axis perpendicular to a
+        axis = F.normalize(torch.linalg.cross(a, torch.eye(3, dtype=a.dtype)[int(a.abs().argmin())]), dim=0)
+        return 2 * torch.outer(axis, axis) - torch.eye(3, dtype=a.dtype)
+    k = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], dtype=a.dtype)
+    return torch.eye(3, dtype=a.dtype) + k + k @ k / (1 + c)
 
 
 def _split(frames: list[Frame], alpha: bool, deep: bool) -> Split:

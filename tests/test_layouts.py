@@ -1,0 +1,230 @@
+"""Scene layouts beyond transforms.json: COLMAP models and NeuS cameras, written here from the
+synthetic scene's true cameras, must give the same world-frame rays as the transforms.json."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pycolmap
+import pytest
+import torch
+import trimesh
+
+from recon.data.cameras import Cameras
+from recon.data.colmap import MODELS
+from recon.data.loaders import SceneError
+from recon.data.scene import load_scene
+
+FLIP = np.diag([1.0, -1.0, -1.0])  # OpenGL <-> OpenCV camera axes
+
+
+def true_views(scene: Path) -> list[dict]:
+    """Every view of the synthetic scene: name, RGBA image, OpenGL c2w [4, 4], focal."""
+    views = []
+    for split in ("train", "test"):
+        doc = json.loads((scene / f"transforms_{split}.json").read_text())
+        for frame in doc["frames"]:
+            image = iio.imread(scene / f"{frame['file_path']}.png")
+            focal = 0.5 * image.shape[1] / np.tan(0.5 * doc["camera_angle_x"])
+            views.append({"name": f"{split}_{Path(frame['file_path']).name}.png", "image": image,
+                          "c2w": np.array(frame["transform_matrix"]), "focal": focal})
+    return views
+
+
+def world_rays(scene, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera i's pixel rays mapped back to the user's world frame."""
+    rays = scene.splits[split].cameras.image_rays(i)
+    m = torch.linalg.inv(scene.to_unit.double())
+    origins = rays.origins.double() @ m[:3, :3].T + m[:3, 3]
+    return origins, torch.nn.functional.normalize(rays.dirs.double() @ m[:3, :3].T, dim=-1)
+
+
+def assert_same_rays(scene, reference, atol=1e-4):
+    for split in ("train", "test"):
+        names = [Path(n).name for n in scene.splits[split].names]
+        for i, name in enumerate(names):
+            split_ref, j = next((s, k) for s in ("train", "test")
+                                for k, n in enumerate(reference.splits[s].names) if f"{s}_{Path(n).name}" == name)
+            for got, want in zip(world_rays(scene, split, i), world_rays(reference, split_ref, j)):
+                torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def write_colmap_text(scene: Path, out: Path, points: int = 500) -> Path:
+    """The legacy 3-file text model (as COLMAP writes it) and RGB images under out/."""
+    model, images = out / "sparse" / "0", out / "images"
+    model.mkdir(parents=True)
+    images.mkdir()
+    views = true_views(scene)
+    h, w = views[0]["image"].shape[:2]
+    cameras = [f"1 SIMPLE_PINHOLE {w} {h} {views[0]['focal']} {w / 2} {h / 2}"]
+    lines = []
+    for i, view in enumerate(views, start=1):
+        rgba = view["image"] / 255.0
+        iio.imwrite(images / view["name"], (255 * (rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:])).round().astype(np.uint8))
+        c2w_cv = view["c2w"][:3, :3] @ FLIP
+        w2c_rot, centre = c2w_cv.T, view["c2w"][:3, 3]
+        x, y, z, qw = pycolmap.Rotation3d(w2c_rot).quat  # Eigen's (x, y, z, w)
+        t = -w2c_rot @ centre
+        lines += [f"{i} {qw} {x} {y} {z} {t[0]} {t[1]} {t[2]} 1 {view['name']}", ""]
+    surface = trimesh.sample.sample_surface(trimesh.load(scene / "mesh.ply"), points, seed=0)[0]
+    rows = [f"{k + 1} {p[0]} {p[1]} {p[2]} 128 128 128 0.5" for k, p in enumerate(surface)]
+    (model / "cameras.txt").write_text("\n".join(cameras) + "\n")
+    (model / "images.txt").write_text("\n".join(lines) + "\n")
+    (model / "points3D.txt").write_text("\n".join(rows) + "\n")
+    return out
+
+
+def write_neus(scene: Path, out: Path, scale: float = 0.8, shift=(0.1, -0.2, 0.05)) -> Path:
+    """cameras_sphere.npz (projections at a negative arbitrary scale), image/ and mask/."""
+    (out / "image").mkdir(parents=True)
+    (out / "mask").mkdir()
+    arrays = {}
+    for i, view in enumerate(true_views(scene)):
+        iio.imwrite(out / "image" / f"{i:03d}.png", view["image"][..., :3])
+        iio.imwrite(out / "mask" / f"{i:03d}.png", np.repeat(view["image"][..., 3:], 3, axis=2))
+        h, w = view["image"].shape[:2]
+        k = np.array([[view["focal"], 0, w / 2 - 0.5], [0, view["focal"], h / 2 - 0.5], [0, 0, 1]])  # IDR pixel centres
+        c2w_cv = view["c2w"][:3, :3] @ FLIP
+        w2c = np.concatenate([c2w_cv.T, -c2w_cv.T @ view["c2w"][:3, 3:]], axis=1)
+        arrays[f"world_mat_{i}"] = np.concatenate([-2.5 * k @ w2c, [[0, 0, 0, 1]]])
+        scale_mat = np.eye(4)
+        scale_mat[:3, :3] *= scale
+        scale_mat[:3, 3] = shift
+        arrays[f"scale_mat_{i}"] = scale_mat
+    np.savez(out / "cameras_sphere.npz", **arrays)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_scene):
+    return load_scene(tiny_scene)
+
+
+@pytest.fixture(scope="module")
+def colmap_scene(tiny_scene, tmp_path_factory):
+    return write_colmap_text(tiny_scene, tmp_path_factory.mktemp("colmap"))
+
+
+def test_colmap_text_model_gives_the_true_rays_and_a_box_around_the_object(colmap_scene, reference, tiny_scene):
+    scene = load_scene(colmap_scene)
+    assert "COLMAP text model" in scene.summary["convention"]
+    assert len(scene.splits["train"]) + len(scene.splits["test"]) == 44
+    assert_same_rays(scene, reference)
+    # Reoriented: the synthetic world's up (+z) stays up in the unit frame.
+    up = scene.to_unit[:3, :3].double() @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.rad2deg(torch.arccos(up[2] / up.norm())) < 5
+    # The object fills the central box; cameras 3 object radii away make it unbounded.
+    vertices = torch.tensor(trimesh.load(tiny_scene / "mesh.ply").vertices, dtype=torch.float64)
+    unit = vertices @ scene.to_unit[:3, :3].double().T + scene.to_unit[:3, 3].double()
+    assert unit.abs().max() < 1.2 and unit.abs().max(0).values.max() > 0.8
+    assert scene.unbounded and (scene.aabb[0] < -1).all()
+
+
+def test_colmap_binary_five_file_model_equals_the_text_one(colmap_scene, tmp_path):
+    binary = tmp_path / "binary"
+    shutil.copytree(colmap_scene / "images", binary / "images")
+    (binary / "sparse" / "0").mkdir(parents=True)
+    pycolmap.Reconstruction(str(colmap_scene / "sparse" / "0")).write_binary(str(binary / "sparse" / "0"))
+    assert (binary / "sparse" / "0" / "rigs.bin").is_file()
+    text, binary_scene = load_scene(colmap_scene), load_scene(binary)
+    assert "COLMAP binary model" in binary_scene.summary["convention"]
+    torch.testing.assert_close(binary_scene.to_unit, text.to_unit)
+    torch.testing.assert_close(binary_scene.splits["train"].cameras.c2w, text.splits["train"].cameras.c2w)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_colmap_camera_models_project_as_colmap_does(model):
+    focals, slots, _ = MODELS[model]
+    params = [300.0, 310.0][:focals] + [64.3, 47.8] + [0.05, -0.02, 0.004, 0.003][: len(slots)]
+    colmap_camera = pycolmap.Camera(model=model, width=128, height=96, params=params)
+    reconstruction = pycolmap.Reconstruction()
+    reconstruction.add_camera(colmap_camera)
+    from recon.data.colmap import _intrinsics
+
+    size, (fx, fy, cx, cy), distortion, fisheye = _intrinsics(Path("cameras.txt"), colmap_camera)
+    ours = Cameras(c2w=torch.eye(3, 4, dtype=torch.float64)[None],  # the world is the OpenGL camera frame
+                   **{k: torch.tensor([v], dtype=torch.float64) for k, v in dict(fx=fx, fy=fy, cx=cx, cy=cy).items()},
+                   width=torch.tensor([size[0]]), height=torch.tensor([size[1]]),
+                   distortion=torch.tensor([distortion], dtype=torch.float64), fisheye=torch.tensor([fisheye]))
+    points = np.random.default_rng(0).uniform([-0.2, -0.15, 0.8], [0.2, 0.15, 1.5], (64, 3))  # OpenCV camera frame
+    px, py, _ = ours.project(torch.tensor(points * [1, -1, -1]))  # the same points in the OpenGL frame
+    expected = colmap_camera.img_from_cam(points)
+    np.testing.assert_allclose(torch.stack([px[0], py[0]], 1).numpy(), expected, atol=1e-6)
+
+
+def test_neus_cameras_and_masks(tiny_scene, reference, tmp_path):
+    scene = load_scene(write_neus(tiny_scene, tmp_path / "neus"))
+    assert "NeuS/IDR" in scene.summary["convention"] and not scene.unbounded
+    expected = np.linalg.inv(np.diag([0.8, 0.8, 0.8, 1.0]) + np.pad(np.array([[0.1], [-0.2], [0.05]]), ((0, 1), (3, 0))))
+    np.testing.assert_allclose(scene.to_unit.numpy(), expected, atol=1e-6)
+    views = true_views(tiny_scene)
+    for split in ("train", "test"):
+        for i, name in enumerate(scene.splits[split].names):
+            view = views[int(Path(name).stem)]
+            ref_split = view["name"].split("_")[0]
+            j = next(k for k, n in enumerate(reference.splits[ref_split].names) if view["name"] == f"{ref_split}_{Path(n).name}")
+            for got, want in zip(world_rays(scene, split, i), world_rays(reference, ref_split, j)):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            alpha = scene.splits[split].image(i)[..., 3]
+            np.testing.assert_allclose(alpha.numpy(), view["image"][..., 3] / 255, atol=1e-6)
+
+
+def recon(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recon.app.cli", *args], capture_output=True, text=True)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def colmap_binary(colmap_scene: Path, d: Path) -> Path:
+    shutil.copytree(colmap_scene / "images", d / "images")
+    (d / "sparse" / "0").mkdir(parents=True)
+    pycolmap.Reconstruction(str(colmap_scene / "sparse" / "0")).write_binary(str(d / "sparse" / "0"))
+    return d
+
+
+def resized_image(colmap_scene: Path, d: Path) -> Path:
+    shutil.copytree(colmap_scene, d / "s")
+    first = sorted((d / "s" / "images").iterdir())[0]
+    iio.imwrite(first, np.zeros((10, 12, 3), np.uint8))
+    return d / "s"
+
+
+def single_image(colmap_scene: Path, d: Path) -> Path:
+    shutil.copytree(colmap_scene, d / "s")
+    for image in sorted((d / "s" / "images").iterdir())[1:]:
+        image.unlink()
+    return d / "s"
+
+
+def not_an_image(colmap_scene: Path, d: Path) -> Path:
+    shutil.copytree(colmap_scene, d / "s")
+    sorted((d / "s" / "images").iterdir())[0].write_text("not a picture")
+    return d / "s"
+
+
+@pytest.mark.parametrize("make_bad, expected", [
+    (lambda c, d: d, "no scene found"),
+    (lambda c, d: (iio.imwrite(d / "a.png", np.zeros((4, 4, 3), np.uint8)), d)[1], "images without camera poses"),
+    (lambda c, d: (lambda s: (truncate(s / "sparse" / "0" / "images.bin"), s)[1])(colmap_binary(c, d)), "truncated"),
+    (lambda c, d: (lambda s: (truncate(s / "sparse" / "0" / "cameras.bin"), s)[1])(colmap_binary(c, d)), "truncated"),
+    (resized_image, "but its COLMAP camera says 48x48"),
+    (single_image, "only 1 of 44 frames have an image; 2 needed"),
+    (not_an_image, "unreadable image"),
+], ids=["unknown layout", "bare images", "truncated images.bin", "truncated cameras.bin", "mismatched size",
+        "single image", "not an image"])
+def test_bad_layouts_are_one_line_exit_2(colmap_scene, tmp_path, make_bad, expected):
+    bad = make_bad(colmap_scene, tmp_path)
+    with pytest.raises(SceneError) as error:
+        load_scene(bad)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    result = recon("fit", str(bad), "--out", str(tmp_path / "run"), "--no-viewer")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
