@@ -12,6 +12,10 @@ from torch import nn
 FORMAT = 1
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; str(e) is one line naming the file."""
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file, fsync it, then rename: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -40,9 +44,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
+    """The checkpoint's state; tensors and plain data only, so loading never runs code from the file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a crafted pickle, a truncated or foreign file: all refused the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable recon checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else None} "
+                        f"is not {FORMAT}")
     return state
 
 

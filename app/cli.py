@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import signal
 import sys
@@ -19,13 +20,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from recon.app.config import FitConfig
 from recon.app.evaluate import default_stride, metrics_document, orbit_cameras, render_cameras
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task, task_class
-from recon.app.trainer import Trainer, resolve_device
+from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.data.scene import Scene, SceneError, load_scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import REGISTRY
@@ -122,6 +123,7 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
     if args is not None and viewer_wanted(args) and isinstance(trainer.task, RadianceTask):
         viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
     bar = ProgressBar(trainer)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         trainer.run([bar, LogWriter(run)] + ([viewer] if viewer else []), on_checkpoint=checkpoint_now, gate=viewer)
         bar.close()
@@ -132,15 +134,31 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
             print(f"viewer still at {viewer.url} (Ctrl-C to quit)")
             wait_for_ctrl_c()
         return metrics
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         bar.close()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the checkpoint short
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the checkpoint short
+            signal.signal(signum, signal.SIG_IGN)
         path = checkpoint_now(trainer)
-        print(f"\ninterrupted at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
-        raise SystemExit(130)
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\n{what} at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130)
+    except TrainingDiverged as error:
+        bar.close()
+        last = latest_checkpoint(run.checkpoints)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise UserError(f"{run.path}: training diverged: {error}; {kept}", exit_code=3) from None
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if viewer:
             viewer.close()
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so the run checkpoints on its way out (as Ctrl-C does)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def launch_viewer(pipeline: Pipeline, scene: Scene, run: RunDir, cfg: FitConfig, args: argparse.Namespace):
@@ -221,7 +239,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device"):
+                 "device", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -229,6 +247,10 @@ def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
         raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
     if cfg.quantize < 0:
         raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr {cfg.lr}: the learning rate must be a positive number")
+    if cfg.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1")
     cfg.field_options.update(parse_field_options(args.field_option))
     cfg.tcnn = args.tcnn
 
@@ -451,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="marching step = box diagonal / this (preset: 256 cpu, 1024 gpu as instant-ngp)")
         p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
         p.add_argument("--seed", type=int)
+        p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default 2000)")
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")
         p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
@@ -553,9 +576,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SceneError, UserError) as error:
+    except (SceneError, UserError, CheckpointError) as error:
         print(f"recon: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(getattr(error, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ from recon.app.checkpoint import atomic_write
 
 
 class UserError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
+    """A problem with what the user asked for (exit code 2), or a run that cannot go on: printed as one line."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RunDir:

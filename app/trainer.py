@@ -8,6 +8,7 @@ and never drive the loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,14 @@ from recon.app.tasks import Task, task_class
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget
 from recon.fields import options_for_budget
+
+log = logging.getLogger(__name__)
+SKIPS_BEFORE_LR_DROP = 5  # consecutive non-finite steps skipped before the learning rate is halved
+LR_DROPS = 3  # halvings tried before the run is declared diverged
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite after every learning-rate drop; the parameters are the last good ones."""
 
 
 class Observer(Protocol):
@@ -59,6 +68,8 @@ class Trainer:
         self.progress = Progress(cfg.steps, cfg.max_time)
         self.optimizer = self._make_optimizer()
         self.items_seen = self.samples_seen = 0
+        self.lr_scale = 1.0  # halved when steps keep failing
+        self.skipped_steps = self._failures_in_a_row = 0
         self._loss_sum = torch.zeros((), device=self.device)
         self._items_since_log = self._samples_since_log = self._steps_since_log = 0
 
@@ -80,12 +91,15 @@ class Trainer:
         if field.update(progress):
             self.optimizer = self._make_optimizer()  # the field replaced its parameters (DVGO's upscaling)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * learning_rate_factor(progress)
+            group["lr"] = group["base_lr"] * learning_rate_factor(progress) * self.lr_scale
         self.task.before_step(self.step, progress, self.generator)
         result = self.task.loss(self.generator)
         regularization = field.regularization()
         loss = result.loss if regularization is None else result.loss + regularization
         self.optimizer.zero_grad(set_to_none=True)
+        if not self._finite(loss):
+            self.progress.step += 1  # the step is spent (schedules and resume stay aligned), nothing is learnt
+            return
         if loss.requires_grad:  # e.g. no sample hit the occupied space: nothing to learn this step
             with record_function("backward"):
                 loss.backward()
@@ -99,6 +113,25 @@ class Trainer:
         self.items_seen += result.items
         self.samples_seen += result.samples
         self.progress.step += 1
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Skip a non-finite step; after SKIPS_BEFORE_LR_DROP in a row halve the learning rate, and after
+        LR_DROPS halvings give up. One host sync per step, as a mixed-precision scaler's check."""
+        if bool(torch.isfinite(loss)):
+            self._failures_in_a_row = 0
+            return True
+        self.skipped_steps += 1
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row == 1:
+            log.warning("step %d: non-finite loss, step skipped", self.step)
+        if self._failures_in_a_row % SKIPS_BEFORE_LR_DROP == 0:
+            if self._failures_in_a_row // SKIPS_BEFORE_LR_DROP > LR_DROPS:
+                raise TrainingDiverged(f"the loss stayed non-finite for {self._failures_in_a_row} steps after "
+                                       f"{LR_DROPS} learning-rate halvings (step {self.step})")
+            self.lr_scale /= 2
+            log.warning("step %d: %d non-finite steps in a row, learning rate halved (x%g)", self.step,
+                        self._failures_in_a_row, self.lr_scale)
+        return False
 
     def run(self, observers: list[Observer] = (), stop_at: int | None = None, on_checkpoint=None,
             gate: Gate | None = None) -> None:
@@ -169,6 +202,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": {"loop": self.generator.get_state(), "torch": torch.get_rng_state()},
             "seen": {"items": self.items_seen, "samples": self.samples_seen},
+            "guard": {"lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps},
             "task_state": self.task.state_dict(),
         }
 
@@ -184,4 +218,6 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.progress = Progress(self.cfg.steps, self.cfg.max_time, state["step"], state["train_seconds"])
         self.items_seen, self.samples_seen = state["seen"]["items"], state["seen"]["samples"]
+        guard = state.get("guard", {})  # absent from checkpoints of earlier versions
+        self.lr_scale, self.skipped_steps = guard.get("lr_scale", 1.0), guard.get("skipped_steps", 0)
         self.task.load_state_dict(state["task_state"])

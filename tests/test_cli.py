@@ -1,4 +1,4 @@
-"""The command line end to end: fit, eval, render, resume, Ctrl-C and bad input."""
+"""The command line end to end: fit, eval, render, resume, Ctrl-C / SIGTERM and bad input."""
 
 import json
 import signal
@@ -90,16 +90,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, make_bad, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_scene, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_writes_a_checkpoint_and_resume_continues(tiny_scene, tmp_path, signum, code):
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "recon.app.cli", "fit", str(tiny_scene), "--steps", "100000",
                                 "--out", str(run), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     checkpoints = list((run / "checkpoints").glob("step-*.pt"))
     assert len(checkpoints) == 1
     step = int(checkpoints[0].stem.split("-")[1])
