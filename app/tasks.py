@@ -34,6 +34,7 @@ EIKONAL_WEIGHT = MASK_WEIGHT = 0.1  # NeuS's igr_weight and mask_weight
 MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
 IOU_POINTS = 2**20  # held-out uniform points of the SDF IoU
 NORMAL_POINTS = 2**16  # held-out surface points of the normal angular error
+MIN_BATCH = 256  # rays or points: the batch never halves below this after running out of memory
 EVAL_SEED = 2**31 - 1  # held-out points never share the training points' stream
 
 
@@ -65,6 +66,13 @@ class Task:
 
     def after_step(self, result: StepLoss) -> None:
         """Adapt to what the step cost (the ray batch)."""
+
+    def halve_batch(self) -> str | None:
+        """After running out of memory: halve the batch and say what it is now; None at the smallest."""
+        if self.cfg.batch_points <= MIN_BATCH:
+            return None
+        self.cfg.batch_points //= 2
+        return f"{self.cfg.batch_points} points"
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -157,6 +165,14 @@ class RadianceTask(Task):
             # (fewer distinct sizes) and never more rays than the budget has samples.
             rays_wanted = self.batch_rays * budget / result.samples
             self.batch_rays = int(min(max(256, round(rays_wanted / 256) * 256), budget))
+
+    def halve_batch(self) -> str | None:
+        if self.batch_rays <= MIN_BATCH:
+            return None
+        self.batch_rays //= 2
+        if self.cfg.sample_budget:  # the budget drives the batch size, so it halves too
+            self.cfg.sample_budget //= 2
+        return f"{self.batch_rays} rays" + (f", {self.cfg.sample_budget} samples" if self.cfg.sample_budget else "")
 
     def state_dict(self) -> dict[str, Any]:
         return {"batch_rays": self.batch_rays}

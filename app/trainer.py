@@ -93,16 +93,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * learning_rate_factor(progress) * self.lr_scale
         self.task.before_step(self.step, progress, self.generator)
-        result = self.task.loss(self.generator)
-        regularization = field.regularization()
-        loss = result.loss if regularization is None else result.loss + regularization
         self.optimizer.zero_grad(set_to_none=True)
-        if not self._finite(loss):
-            self.progress.step += 1  # the step is spent (schedules and resume stay aligned), nothing is learnt
-            return
-        if loss.requires_grad:  # e.g. no sample hit the occupied space: nothing to learn this step
-            with record_function("backward"):
-                loss.backward()
+        try:
+            result = self.task.loss(self.generator)
+            regularization = field.regularization()
+            loss = result.loss if regularization is None else result.loss + regularization
+            if not self._finite(loss):
+                self.progress.step += 1  # the step is spent (schedules and resume stay aligned), nothing is learnt
+                return
+            if loss.requires_grad:  # e.g. no sample hit the occupied space: nothing to learn this step
+                with record_function("backward"):
+                    loss.backward()
+        except torch.OutOfMemoryError:
+            if not self._smaller_batch():
+                raise
+            return  # the step is tried again with the smaller batch
+        if loss.requires_grad:
             with record_function("optimizer"):
                 self.optimizer.step()
         self.task.after_step(result)
@@ -113,6 +119,16 @@ class Trainer:
         self.items_seen += result.items
         self.samples_seen += result.samples
         self.progress.step += 1
+
+    def _smaller_batch(self) -> bool:
+        """After running out of memory: halve the task's batch and go on; False at the smallest batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch = self.task.halve_batch()
+        if batch is not None:
+            log.warning("step %d: out of %s memory, batch halved to %s", self.step, self.device.type.upper(), batch)
+        return batch is not None
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Skip a non-finite step; after SKIPS_BEFORE_LR_DROP in a row halve the learning rate, and after

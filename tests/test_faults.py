@@ -133,3 +133,22 @@ def test_a_viewer_port_in_use_moves_to_the_next_free_one():
         taken.listen()
         port = taken.getsockname()[1]
         assert free_port("127.0.0.1", port) > port
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(photo, caplog):
+    trainer = image_trainer(photo, steps=20)
+    loss = trainer.task.loss
+
+    def tight_memory(generator):  # as a GPU with room for 300 points per step would behave
+        if trainer.task.cfg.batch_points > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss(generator)
+
+    trainer.task.loss = tight_memory
+    trainer.run()
+    assert trainer.step == 20 and trainer.task.cfg.batch_points == 256
+    assert "out of CPU memory, batch halved to 256 points" in caplog.text
+    trainer.task.loss = lambda generator: (_ for _ in ()).throw(torch.OutOfMemoryError("still too big"))
+    trainer.progress.steps = 21
+    with pytest.raises(torch.OutOfMemoryError):  # at the smallest batch there is nothing left to try
+        trainer.run()
