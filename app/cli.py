@@ -239,7 +239,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device", "checkpoint_every"):
+                 "device", "checkpoint_every", "distortion"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="marching step = box diagonal / this (preset: 256 cpu, 1024 gpu as instant-ngp)")
         p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
         p.add_argument("--seed", type=int)
+        p.add_argument("--distortion", type=float, metavar="WEIGHT",
+                       help="mip-NeRF 360's distortion loss against floaters (e.g. 0.01; default off)")
         p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default 2000)")
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")

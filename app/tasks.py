@@ -29,6 +29,7 @@ from recon.app.pipeline import Pipeline
 from recon.data.scene import Scene, visual_hull
 from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
 from recon.fields import build_field
+from recon.renderers import distortion
 
 EIKONAL_WEIGHT = MASK_WEIGHT = 0.1  # NeuS's igr_weight and mask_weight
 MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
@@ -151,6 +152,8 @@ class RadianceTask(Task):
         out = self.pipeline.render(rays, background, generator=generator)
         photometric = F.mse_loss(out["rgb"], target)
         loss = photometric
+        if self.cfg.distortion:
+            loss = loss + self.cfg.distortion * distortion(out["weights"], out["samples"]).mean()
         if "eikonal" in out:  # an SDF field (NeuS): |grad| = 1, and the opacity follows the alpha mask
             loss = loss + EIKONAL_WEIGHT * out["eikonal"]
             if pixels.shape[1] == 4:

@@ -5,7 +5,8 @@ field: callers pass `density_fn(x)` and `field_fn(x, d, dt)` closures (the latte
 optical depth and colour), so one renderer serves density and SDF fields.
 """
 
-from recon.renderers.compositing import accumulate, alpha_to_tau, composite, density_to_tau, render_weights
+from recon.renderers.compositing import (accumulate, alpha_to_tau, composite, density_to_tau, distortion,
+                                         render_weights)
 from recon.renderers.marching import Samples, StepRule, march, ray_aabb
 from recon.renderers.occupancy import DensityFn, OccupancyGrid
 from recon.renderers.render import FieldFn, render_chunked, render_rays
@@ -20,6 +21,7 @@ __all__ = [
     "alpha_to_tau",
     "composite",
     "density_to_tau",
+    "distortion",
     "march",
     "ray_aabb",
     "render_chunked",

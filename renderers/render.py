@@ -21,15 +21,16 @@ FieldFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor, step_size: float,
                 cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Tensor | int]:
-    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus n_samples (the field evaluations)."""
+                generator: torch.Generator | None = None) -> dict[str, Tensor | Samples | int]:
+    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus the samples and
+    n_samples (the field evaluations)."""
     with record_function("march"):
         samples = march(rays, grid, aabb, step_size, cone_angle, near, generator)
     with record_function("field"):
         tau, rgb = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
     with record_function("composite"):
-        out: dict[str, Tensor | int] = dict(composite(rgb, tau, samples, background))
-    out["n_samples"] = len(samples)
+        out: dict[str, Tensor | Samples | int] = dict(composite(rgb, tau, samples, background))
+    out["samples"], out["n_samples"] = samples, len(samples)
     return out
 
 

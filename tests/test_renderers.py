@@ -11,9 +11,11 @@ import torch
 from recon.data.rays import Rays
 from recon.renderers import (
     OccupancyGrid,
+    Samples,
     alpha_to_tau,
     composite,
     density_to_tau,
+    distortion,
     march,
     ray_aabb,
     render_chunked,
@@ -188,6 +190,28 @@ def test_render_weights_gradcheck():
     ray_idx = torch.tensor([0, 0, 0, 2, 3, 3])  # ray 1 is empty
     tau = torch.rand(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: render_weights(x, ray_idx, 4), (tau,))
+
+
+def test_distortion_loss_matches_the_double_sum():
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, 9, (40,), generator=g)
+    counts[[0, 39]] = 0
+    ray_idx = torch.repeat_interleave(torch.arange(40), counts)
+    widths = torch.rand(len(ray_idx), generator=g, dtype=torch.float64) * 0.1
+    ends = torch.cat([torch.cumsum(widths[ray_idx == r] + 0.02, 0) for r in range(40)])  # gaps between intervals
+    samples = Samples(ray_idx, (ends - widths), ends, 40)
+    weights = torch.rand(len(ray_idx), generator=g, dtype=torch.float64, requires_grad=True)
+    expected = []
+    for r in range(40):
+        on = ray_idx == r
+        w, m, d = weights[on], 0.5 * (samples.t0[on] + samples.t1[on]), widths[on]
+        expected.append((w[:, None] * w[None] * (m[:, None] - m[None]).abs()).sum() + (w.square() * d).sum() / 3)
+    expected = torch.stack(expected)
+    got = distortion(weights, samples)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn(40, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((got * upstream).sum(), weights)[0],
+                               torch.autograd.grad((expected * upstream).sum(), weights)[0])
 
 
 # --- early ray termination ----------------------------------------------------------------------
