@@ -128,6 +128,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         trainer.run([bar, LogWriter(run)] + ([viewer] if viewer else []), on_checkpoint=checkpoint_now, gate=viewer)
         bar.close()
         checkpoint_now(trainer)
+        if getattr(trainer.task, "poses", None) is not None:
+            write_refined_poses(run, trainer.task)
         metrics = evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
         if viewer and args.keep_viewer:
             viewer.training_done()
@@ -151,6 +153,25 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         signal.signal(signal.SIGTERM, previous_sigterm)
         if viewer:
             viewer.close()
+
+
+def write_refined_poses(run: RunDir, task: RadianceTask) -> None:
+    """RUN/refined_poses.json: the training cameras as pose refinement left them, in the input's world frame
+    (OpenGL camera-to-world, as transforms.json), with how far each moved."""
+    cameras = task.train.cameras
+    to_world = torch.linalg.inv(task.scene.to_unit.double()).to(cameras.c2w.device)
+    scale = to_world[0, :3].norm()
+    frames = []
+    for name, given, refined in zip(task.train.names, cameras.c2w.double(), task.poses.corrected(cameras.c2w).double()):
+        rotation = to_world[:3, :3] / scale @ refined[:, :3]
+        centre = to_world[:3, :3] @ refined[:, 3] + to_world[:3, 3]
+        turn = ((given[:, :3].T @ refined[:, :3]).trace().clamp(-1, 3) - 1) / 2
+        frames.append({"file_path": name, "transform_matrix": torch.cat([torch.cat([rotation, centre[:, None]], 1),
+                       torch.tensor([[0, 0, 0, 1.0]], dtype=torch.float64, device=centre.device)]).tolist(),
+                       "rotated_degrees": math.degrees(math.acos(float(turn.clamp(-1, 1)))),
+                       "moved": float((refined[:, 3] - given[:, 3]).norm() * scale)})
+    run.write_json(run.path / "refined_poses.json", {"frames": frames})
+    print(f"refined poses: {run.path / 'refined_poses.json'}")
 
 
 class Terminated(Exception):
@@ -239,7 +260,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device", "checkpoint_every", "distortion"):
+                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -475,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--distortion", type=float, metavar="WEIGHT",
                        help="mip-NeRF 360's distortion loss against floaters (e.g. 0.01; default off)")
+        p.add_argument("--refine-poses", action="store_true", default=None,
+                       help="learn an SE(3) correction per training camera (real captures with imperfect poses)")
+        p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections (default 1e-3)")
         p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default 2000)")
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")

@@ -26,6 +26,7 @@ from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate, to_uint8
 from recon.app.metrics import psnr, ssim
 from recon.app.pipeline import Pipeline
+from recon.data.cameras import PoseCorrection
 from recon.data.scene import Scene, visual_hull
 from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
 from recon.fields import build_field
@@ -67,6 +68,10 @@ class Task:
 
     def after_step(self, result: StepLoss) -> None:
         """Adapt to what the step cost (the ray batch)."""
+
+    def learnable(self) -> tuple[torch.nn.Module, float] | None:
+        """What the task itself learns beside the field (camera corrections), and its base learning rate."""
+        return None
 
     def halve_batch(self) -> str | None:
         """After running out of memory: halve the batch and say what it is now; None at the smallest."""
@@ -118,6 +123,7 @@ class RadianceTask(Task):
                                                    scene.cone_angle, cfg.occupancy_resolution, cfg.samples_per_diagonal,
                                                    cfg.quantize, cam_options(cfg, type(self)), cfg.model).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
+        self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
         self.device = device
         self.batch_rays = cfg.batch_rays  # resized every step to spend about cfg.sample_budget samples
 
@@ -142,13 +148,15 @@ class RadianceTask(Task):
 
     def loss(self, generator: torch.Generator) -> StepLoss:
         with record_function("sample_rays"):
-            rays, pixels = self.train.sample(self.batch_rays, generator)
+            rays, pixels, cam = self.train.sample(self.batch_rays, generator)
             # A random background per ray makes transparency learnable (instant-ngp).
             background = torch.rand(len(rays), 3, generator=generator)
             target = pixels[:, :3]
             if pixels.shape[1] == 4:
                 target = target * pixels[:, 3:] + background * (1 - pixels[:, 3:])
             rays, target, background = rays.to(self.device), target.to(self.device), background.to(self.device)
+            if self.poses is not None:
+                rays = self.poses(rays, cam.to(self.device), self.train.cameras.c2w)
         out = self.pipeline.render(rays, background, generator=generator)
         photometric = F.mse_loss(out["rgb"], target)
         loss = photometric
@@ -168,6 +176,9 @@ class RadianceTask(Task):
             # (fewer distinct sizes) and never more rays than the budget has samples.
             rays_wanted = self.batch_rays * budget / result.samples
             self.batch_rays = int(min(max(256, round(rays_wanted / 256) * 256), budget))
+
+    def learnable(self) -> tuple[torch.nn.Module, float] | None:
+        return None if self.poses is None else (self.poses, self.cfg.pose_lr)
 
     def halve_batch(self) -> str | None:
         if self.batch_rays <= MIN_BATCH:

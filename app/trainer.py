@@ -75,6 +75,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = self.pipeline.field.optimizer_groups(self.cfg.lr)
+        if (own := self.task.learnable()) is not None:
+            module, lr = own
+            groups.append({"params": list(module.parameters()), "lr": lr})
         for group in groups:
             group["base_lr"] = group["lr"]
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)  # instant-ngp's Adam
@@ -220,6 +223,7 @@ class Trainer:
             "seen": {"items": self.items_seen, "samples": self.samples_seen},
             "guard": {"lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps},
             "task_state": self.task.state_dict(),
+            "task_weights": None if (own := self.task.learnable()) is None else own[0].state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,6 +232,8 @@ class Trainer:
         load_resizing(self.pipeline.field, saved["field"]["state"])
         if self.pipeline.grid is not None:
             load_resizing(self.pipeline.grid, saved["grid"])
+        if (own := self.task.learnable()) is not None:
+            own[0].load_state_dict(state["task_weights"])
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["loop"])

@@ -101,6 +101,37 @@ class Cameras:
         return self.fx[:, None] * xn + self.cx[:, None], self.fy[:, None] * yn + self.cy[:, None], z
 
 
+class PoseCorrection(torch.nn.Module):
+    """A learnable SE(3) correction per training camera (nerfstudio's and instant-ngp's pose refinement),
+    in each camera's own frame: c2w <- c2w [exp(omega^) | t], zero (the given poses) at the start."""
+
+    def __init__(self, n_cameras: int):
+        super().__init__()
+        self.delta = torch.nn.Parameter(torch.zeros(n_cameras, 6))  # axis-angle omega, then translation t
+
+    def rotations(self) -> Tensor:
+        """[N, 3, 3] exp of each camera's skew-symmetric omega (matrix_exp: smooth at zero, unlike Rodrigues)."""
+        wx, wy, wz = self.delta[:, :3].unbind(1)
+        zero = torch.zeros_like(wx)
+        skew = torch.stack([zero, -wz, wy, wz, zero, -wx, -wy, wx, zero], 1).view(-1, 3, 3)
+        return torch.linalg.matrix_exp(skew)
+
+    def forward(self, rays: Rays, cam: Tensor, c2w: Tensor) -> Rays:
+        """The rays of cameras cam [R] (poses c2w [N, 3, 4]) as the corrected cameras shoot them."""
+        rot = c2w[cam, :, :3]
+        local = torch.einsum("rji,rj->ri", rot, rays.dirs)  # R^T d: the direction in the camera frame
+        local = torch.einsum("rij,rj->ri", self.rotations()[cam], local)
+        dirs = torch.einsum("rij,rj->ri", rot, local)
+        origins = rays.origins + torch.einsum("rij,rj->ri", rot, self.delta[cam, 3:])
+        return Rays(origins, dirs)
+
+    def corrected(self, c2w: Tensor) -> Tensor:
+        """[N, 3, 4] the corrected poses."""
+        rot = c2w[:, :, :3]
+        with torch.no_grad():
+            return torch.cat([rot @ self.rotations(), c2w[:, :, 3:] + rot @ self.delta[:, 3:, None]], 2)
+
+
 def _distort_radial_tangential(x: Tensor, y: Tensor, k) -> tuple[Tensor, ...]:
     """OpenCV radial-tangential model (radial polynomial to r^8, as nerfstudio's k1..k4).
 

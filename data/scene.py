@@ -62,9 +62,9 @@ class Split:
         h, w = int(self.cameras.height[i]), int(self.cameras.width[i])
         return _unit_float(self.pixels[self.offsets[i] : self.offsets[i + 1]]).view(h, w, -1)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[Rays, Tensor]:
-        """n rays through pixel centres drawn uniformly over all pixels of all images, and their
-        colours [n, C] float32. Draws on the generator's device, so a CPU generator serves GPU pixels."""
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Rays, Tensor, Tensor]:
+        """n rays through pixel centres drawn uniformly over all pixels of all images, their colours
+        [n, C] float32 and cameras [n]. Draws on the generator's device, so a CPU generator serves GPU pixels."""
         index = torch.randint(self.pixels.shape[0], (n,), generator=generator, device=generator.device)
         index = index.to(self.pixels.device)
         cam = torch.searchsorted(self.offsets, index, right=True) - 1
@@ -72,7 +72,7 @@ class Split:
         width = self.cameras.width[cam]
         px = (local % width).to(torch.float32) + 0.5
         py = (local // width).to(torch.float32) + 0.5
-        return self.cameras.rays(cam, px, py), _unit_float(self.pixels[index])
+        return self.cameras.rays(cam, px, py), _unit_float(self.pixels[index]), cam
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device))

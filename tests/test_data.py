@@ -113,9 +113,9 @@ def test_per_frame_cameras_and_sampling(tmp_path):
     assert train.cameras.width.tolist() == [10, 20, 16, 12] and train.cameras.fx.tolist() == [20.0, 40.0, 32.0, 24.0]
     assert [tuple(train.image(k).shape) for k in range(4)] == [(14, 10, 4), (8, 20, 4), (12, 16, 4), (12, 12, 4)]
 
-    rays, colour = train.sample(500, torch.Generator().manual_seed(0))
+    rays, colour, cam = train.sample(500, torch.Generator().manual_seed(0))
     i, j, view = (colour[:, :3] * 255).round().long().unbind(1)
-    cam = view - 1  # view 0 is the held-out test image
+    assert torch.equal(cam, view - 1)  # view 0 is the held-out test image
     expected = train.cameras.rays(cam, i + 0.5, j + 0.5)
     assert torch.allclose(rays.dirs, expected.dirs) and torch.allclose(rays.origins, expected.origins)
     assert len(set(cam.tolist())) == 4  # every image is sampled
