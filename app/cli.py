@@ -260,7 +260,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr"):
+                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--refine-poses", action="store_true", default=None,
                        help="learn an SE(3) correction per training camera (real captures with imperfect poses)")
         p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections (default 1e-3)")
+        p.add_argument("--appearance", action="store_true", default=None,
+                       help="a colour transform per training image, for exposure changes (test views: the mean)")
         p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default 2000)")
         p.add_argument("--device", help="auto, cpu or cuda")
         p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")

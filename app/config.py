@@ -55,6 +55,7 @@ class FitConfig:
     distortion: float = 0.0  # weight of mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)
     refine_poses: bool = False  # a learnable SE(3) correction per training camera
     pose_lr: float = 1e-3  # its base learning rate (on the same schedule as the field's)
+    appearance: bool = False  # a colour transform per training image (exposure changes)
     checkpoint_every: int = 2000  # steps; a checkpoint is also written at the end and on Ctrl-C
     log_every: int = 25
     seed: int = 0

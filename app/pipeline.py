@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from recon.app.checkpoint import load_resizing
-from recon.data.cameras import Cameras
+from recon.data.cameras import AppearanceCodes, Cameras
 from recon.data.rays import Rays
 from recon.fields import Field, SurfaceField, build_field
 from recon.renderers import OccupancyGrid, alpha_to_tau, render_chunked, render_rays
@@ -35,8 +35,10 @@ class Tracer:
 
 
 class Pipeline:
-    def __init__(self, field: Field, grid_config: dict[str, Any] | None = None, tracer: Tracer | None = None):
+    def __init__(self, field: Field, grid_config: dict[str, Any] | None = None, tracer: Tracer | None = None,
+                 appearance: AppearanceCodes | None = None):
         self.field, self.tracer = field, tracer
+        self.appearance = appearance  # per-training-image colour transforms; views render with their mean
         self.grid_config = grid_config  # OccupancyGrid keyword arguments, kept to rebuild it from a checkpoint
         self.grid = None if grid_config is None else OccupancyGrid(
             aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
@@ -75,13 +77,19 @@ class Pipeline:
         if saved["cam"]:
             field.enable_cam(**saved["cam"])
         load_resizing(field, saved["state"])
-        pipeline = cls(field, state["grid_config"], tracer)
+        codes = state.get("appearance")  # absent from checkpoints of earlier versions
+        appearance = None if codes is None else AppearanceCodes(len(codes["transform"]))
+        if appearance is not None:
+            appearance.load_state_dict(codes)
+        pipeline = cls(field, state["grid_config"], tracer, appearance)
         if pipeline.grid is not None:
             load_resizing(pipeline.grid, state["grid"])
         return pipeline
 
     def to(self, device: torch.device | str) -> "Pipeline":
         self.field.to(device)
+        if self.appearance is not None:
+            self.appearance.to(device)
         if self.tracer is not None:
             self.grid.to(device)
             self.tracer.aabb = self.tracer.aabb.to(device)
@@ -150,6 +158,8 @@ class Pipeline:
         was_training = self.field.training
         self.field.eval()
         out = self.render_rays_chunked(rays, bg, chunk)
+        if self.appearance is not None:
+            out["rgb"] = self.appearance(out["rgb"], out["opacity"], bg).clamp(0, 1)
         self.field.train(was_training)
         return {k: out[k].reshape(height, width, -1).squeeze(-1) for k in ("rgb", "depth", "opacity")}
 
@@ -163,4 +173,5 @@ class Pipeline:
             "grid": None if self.grid is None else self.grid.state_dict(),
             "grid_config": self.grid_config,
             "tracer": None if self.tracer is None else self.tracer.to_json(),
+            "appearance": None if self.appearance is None else self.appearance.state_dict(),
         }

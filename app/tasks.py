@@ -26,7 +26,7 @@ from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate, to_uint8
 from recon.app.metrics import psnr, ssim
 from recon.app.pipeline import Pipeline
-from recon.data.cameras import PoseCorrection
+from recon.data.cameras import AppearanceCodes, PoseCorrection
 from recon.data.scene import Scene, visual_hull
 from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
 from recon.fields import build_field
@@ -69,9 +69,9 @@ class Task:
     def after_step(self, result: StepLoss) -> None:
         """Adapt to what the step cost (the ray batch)."""
 
-    def learnable(self) -> tuple[torch.nn.Module, float] | None:
-        """What the task itself learns beside the field (camera corrections), and its base learning rate."""
-        return None
+    def learnable(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        """What the task learns beside the field (camera corrections, appearance), with base learning rates."""
+        return {}
 
     def halve_batch(self) -> str | None:
         """After running out of memory: halve the batch and say what it is now; None at the smallest."""
@@ -124,6 +124,8 @@ class RadianceTask(Task):
                                                    cfg.quantize, cam_options(cfg, type(self)), cfg.model).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
+        if cfg.appearance and self.pipeline.appearance is None:
+            self.pipeline.appearance = AppearanceCodes(len(self.train)).to(device)
         self.device = device
         self.batch_rays = cfg.batch_rays  # resized every step to spend about cfg.sample_budget samples
 
@@ -158,6 +160,8 @@ class RadianceTask(Task):
             if self.poses is not None:
                 rays = self.poses(rays, cam.to(self.device), self.train.cameras.c2w)
         out = self.pipeline.render(rays, background, generator=generator)
+        if self.pipeline.appearance is not None:
+            out["rgb"] = self.pipeline.appearance(out["rgb"], out["opacity"], background, cam.to(self.device))
         photometric = F.mse_loss(out["rgb"], target)
         loss = photometric
         if self.cfg.distortion:
@@ -177,8 +181,11 @@ class RadianceTask(Task):
             rays_wanted = self.batch_rays * budget / result.samples
             self.batch_rays = int(min(max(256, round(rays_wanted / 256) * 256), budget))
 
-    def learnable(self) -> tuple[torch.nn.Module, float] | None:
-        return None if self.poses is None else (self.poses, self.cfg.pose_lr)
+    def learnable(self) -> dict[str, tuple[torch.nn.Module, float]]:
+        own = {} if self.poses is None else {"poses": (self.poses, self.cfg.pose_lr)}
+        if self.pipeline.appearance is not None:
+            own["appearance"] = (self.pipeline.appearance, self.cfg.lr)
+        return own
 
     def halve_batch(self) -> str | None:
         if self.batch_rays <= MIN_BATCH:

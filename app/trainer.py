@@ -75,9 +75,8 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = self.pipeline.field.optimizer_groups(self.cfg.lr)
-        if (own := self.task.learnable()) is not None:
-            module, lr = own
-            groups.append({"params": list(module.parameters()), "lr": lr})
+        for name, (module, lr) in self.task.learnable().items():
+            groups.append({"name": name, "params": list(module.parameters()), "lr": lr})
         for group in groups:
             group["base_lr"] = group["lr"]
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)  # instant-ngp's Adam
@@ -223,7 +222,7 @@ class Trainer:
             "seen": {"items": self.items_seen, "samples": self.samples_seen},
             "guard": {"lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps},
             "task_state": self.task.state_dict(),
-            "task_weights": None if (own := self.task.learnable()) is None else own[0].state_dict(),
+            "task_weights": {name: module.state_dict() for name, (module, _) in self.task.learnable().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -232,8 +231,8 @@ class Trainer:
         load_resizing(self.pipeline.field, saved["field"]["state"])
         if self.pipeline.grid is not None:
             load_resizing(self.pipeline.grid, saved["grid"])
-        if (own := self.task.learnable()) is not None:
-            own[0].load_state_dict(state["task_weights"])
+        for name, (module, _) in self.task.learnable().items():
+            module.load_state_dict(state["task_weights"][name])
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["loop"])

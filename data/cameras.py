@@ -132,6 +132,22 @@ class PoseCorrection(torch.nn.Module):
             return torch.cat([rot @ self.rotations(), c2w[:, :, 3:] + rot @ self.delta[:, 3:, None]], 2)
 
 
+class AppearanceCodes(torch.nn.Module):
+    """Per-image appearance as an affine colour transform of the field's colour (exposure and white balance,
+    the changes between photos of one capture): foreground <- A_i foreground + b_i opacity, identity at the
+    start. Held-out views, which have no code of their own, use the mean transform."""
+
+    def __init__(self, n_images: int):
+        super().__init__()
+        self.transform = torch.nn.Parameter(torch.eye(3, 4).repeat(n_images, 1, 1))  # [N, 3, 4]: A | b
+
+    def forward(self, rgb: Tensor, opacity: Tensor, background: Tensor, cam: Tensor | None = None) -> Tensor:
+        """Composited colours [R, 3] (on `background`) as image cam [R] (None: the mean image) would show them."""
+        m = self.transform[cam] if cam is not None else self.transform.mean(0).expand(len(rgb), 3, 4)
+        clear = (1 - opacity)[:, None] * background
+        return torch.einsum("rij,rj->ri", m[:, :, :3], rgb - clear) + m[:, :, 3] * opacity[:, None] + clear
+
+
 def _distort_radial_tangential(x: Tensor, y: Tensor, k) -> tuple[Tensor, ...]:
     """OpenCV radial-tangential model (radial polynomial to r^8, as nerfstudio's k1..k4).
 

@@ -1,5 +1,10 @@
 """The training loop end to end on a generated scene: quality, exact resume, schedules."""
 
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 
@@ -31,9 +36,10 @@ def test_short_fit_reaches_psnr_floor_on_held_out_views(tiny_scene):
     assert trainer.samples_seen / trainer.step == pytest.approx(2**14, rel=0.25)
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_scene):
+@pytest.mark.parametrize("extras", [{}, {"refine_poses": True, "appearance": True}], ids=["field", "poses+appearance"])
+def test_resumed_run_equals_uninterrupted_run(tiny_scene, extras):
     scene = load_scene(tiny_scene)
-    cfg = small_config(tiny_scene, steps=40, occupancy_every=8)
+    cfg = small_config(tiny_scene, steps=40, occupancy_every=8, **extras)
     straight = Trainer(cfg, scene)
     straight.run()
 
@@ -50,6 +56,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny_scene):
         assert torch.equal(a, b), name
     for a, b in zip(straight.pipeline.grid.state_dict().values(), resumed.pipeline.grid.state_dict().values()):
         assert torch.equal(a, b)
+    for name, (module, _) in straight.task.learnable().items():
+        for a, b in zip(module.state_dict().values(), resumed.task.learnable()[name][0].state_dict().values()):
+            assert torch.equal(a, b), name
 
 
 def test_time_capped_run_ends_at_the_final_learning_rate(tiny_scene):
@@ -96,3 +105,32 @@ def test_pose_refinement_brings_perturbed_cameras_back(tiny_scene):
         optimizer.step()
     remaining = task.poses.delta.detach().norm(dim=1) / start
     assert remaining.mean() < 0.8 and (remaining < 1).float().mean() >= 0.8, remaining
+
+
+def test_appearance_codes_learn_each_photos_exposure(tiny_scene, tmp_path):
+    """Training photos at different exposures and white balances, a field trained on the true colours held
+    fixed: each photo's code learns its gains (the colour transform's diagonal) from the task's loss."""
+    scene_dir = tmp_path / "exposures"
+    shutil.copytree(tiny_scene, scene_dir)
+    truth = load_scene(tiny_scene)
+    gains = np.random.default_rng(0).uniform(0.7, 1.3, (len(truth.splits["train"]), 3))
+    for name, gain in zip(truth.splits["train"].names, gains):
+        path = scene_dir / "train" / Path(name).name
+        image = iio.imread(path).astype(np.float64)
+        image[..., :3] = (image[..., :3] * gain).clip(0, 255)
+        iio.imwrite(path, image.round().astype(np.uint8))
+    fitted = Trainer(small_config(tiny_scene), truth)
+    fitted.run()
+    trainer = Trainer(small_config(scene_dir, appearance=True), load_scene(scene_dir))
+    trainer.pipeline.field.load_state_dict(fitted.pipeline.field.state_dict())
+    trainer.pipeline.grid.load_state_dict(fitted.pipeline.grid.state_dict())
+    trainer.pipeline.field.requires_grad_(False)
+    codes, generator = trainer.pipeline.appearance, torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(codes.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = trainer.task.loss(generator).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    learnt = codes.transform.detach().diagonal(dim1=1, dim2=2).numpy()
+    assert np.abs(learnt - gains).mean() < 0.4 * np.abs(1 - gains).mean(), (learnt[:4], gains[:4])
