@@ -260,7 +260,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance"):
+                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance", "depth_weight"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -496,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument("--distortion", type=float, metavar="WEIGHT",
                        help="mip-NeRF 360's distortion loss against floaters (e.g. 0.01; default off)")
+        p.add_argument("--depth-weight", type=float, metavar="W",
+                       help="scenes with depth maps: weight of the L1 depth loss (default 0.1; 0 ignores them)")
         p.add_argument("--refine-poses", action="store_true", default=None,
                        help="learn an SE(3) correction per training camera (real captures with imperfect poses)")
         p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections (default 1e-3)")

@@ -53,6 +53,7 @@ class FitConfig:
     batch_points: int | None = None  # pixels or points per step of the image and mesh-sdf tasks
     sdf_pool: int = 2**20  # mesh-sdf: training points drawn once, with their exact distances
     distortion: float = 0.0  # weight of mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)
+    depth_weight: float = 0.1  # L1 on the expected depth, for scenes with depth maps (0: ignore them)
     refine_poses: bool = False  # a learnable SE(3) correction per training camera
     pose_lr: float = 1e-3  # its base learning rate (on the same schedule as the field's)
     appearance: bool = False  # a colour transform per training image (exposure changes)

@@ -150,7 +150,8 @@ class RadianceTask(Task):
 
     def loss(self, generator: torch.Generator) -> StepLoss:
         with record_function("sample_rays"):
-            rays, pixels, cam = self.train.sample(self.batch_rays, generator)
+            batch = self.train.sample(self.batch_rays, generator)
+            rays, pixels, cam = batch.rays, batch.colours, batch.cameras
             # A random background per ray makes transparency learnable (instant-ngp).
             background = torch.rand(len(rays), 3, generator=generator)
             target = pixels[:, :3]
@@ -166,6 +167,11 @@ class RadianceTask(Task):
         loss = photometric
         if self.cfg.distortion:
             loss = loss + self.cfg.distortion * distortion(out["weights"], out["samples"]).mean()
+        if batch.depths is not None and self.cfg.depth_weight:  # L1 on the expected depth where a depth map has one
+            depths = batch.depths.to(self.device)
+            known = depths > 0
+            if bool(known.any()):
+                loss = loss + self.cfg.depth_weight * (out["depth"][known] - depths[known]).abs().mean()
         if "eikonal" in out:  # an SDF field (NeuS): |grad| = 1, and the opacity follows the alpha mask
             loss = loss + EIKONAL_WEIGHT * out["eikonal"]
             if pixels.shape[1] == 4:

@@ -45,7 +45,7 @@ def main() -> None:
     from recon.data.scene import load_scene
 
     train = load_scene(cfg.scene, downscale=cfg.downscale).splits["train"].to(device)
-    rays, _, _ = train.sample(args.rays, torch.Generator(device=device).manual_seed(0))
+    rays = train.sample(args.rays, torch.Generator(device=device).manual_seed(0)).rays
     t = pipeline.tracer
     results = {}
     kernels = {"torch": None, "recon-cuda": extension("cuda") if device.type == "cuda" else None}

@@ -50,6 +50,8 @@ class Frame:
     intrinsics: tuple[float, float, float, float]  # fx, fy, cx, cy in pixels
     distortion: tuple[float, ...]  # k1, k2, k3, k4, p1, p2
     fisheye: bool
+    loss_mask: np.ndarray | None = None  # [H, W] bool: False = pixel left out of the loss (nerfstudio's mask_path)
+    depth: np.ndarray | None = None  # [H, W] float32 z-depth in world units, 0 = unknown (depth_file_path)
 
 
 @dataclass
@@ -138,7 +140,12 @@ def read_frames(path: Path, doc: dict, downscale: int) -> FrameList:
     def load(camera: dict, c2w: np.ndarray, image_path: Path) -> Frame:
         image = read_image(image_path)
         intrinsics, distortion, fisheye = _camera(path, image_path, camera, image)
-        return downscaled_frame(Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye), downscale)
+        mask = _loss_mask(path.parent / camera["mask_path"], image) if "mask_path" in camera else None
+        depth = None
+        if "depth_file_path" in camera:
+            depth = _depth(path.parent / camera["depth_file_path"], image, float(camera.get("depth_unit_scale_factor", 1e-3)))
+        frame = Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye, mask, depth)
+        return downscaled_frame(frame, downscale)
 
     result.frames = parallel_map(lambda entry: load(*entry), found)
     return result
@@ -151,10 +158,21 @@ def parallel_map(fn, items: list) -> list:
 
 
 def downscaled_frame(frame: Frame, n: int) -> Frame:
+    """Images average n x n blocks; a block keeps a loss-mask pixel or a depth only when all of it has one."""
     if n == 1:
         return frame
     intrinsics = tuple(v / n for v in frame.intrinsics)  # pixel centres: x' = x / n
-    return replace(frame, image=_downscale(frame.image, n), intrinsics=intrinsics)
+
+    def pooled(values: np.ndarray) -> np.ndarray:
+        h, w = values.shape[0] // n * n, values.shape[1] // n * n
+        return values[:h, :w].reshape(h // n, n, w // n, n).transpose(0, 2, 1, 3).reshape(h // n, w // n, -1)
+
+    mask = None if frame.loss_mask is None else pooled(frame.loss_mask).all(-1)
+    depth = None
+    if frame.depth is not None:
+        blocks = pooled(frame.depth)
+        depth = np.where((blocks > 0).all(-1), blocks.mean(-1), 0).astype(np.float32)
+    return replace(frame, image=_downscale(frame.image, n), intrinsics=intrinsics, loss_mask=mask, depth=depth)
 
 
 def check_size(image_path: Path, image: np.ndarray, stated: tuple[int, int], source: str = "its camera") -> None:
@@ -185,6 +203,35 @@ def read_image(path: Path) -> np.ndarray:
     if image.shape[2] <= 2:
         image = np.concatenate([image[..., :1].repeat(3, axis=2), image[..., 1:]], axis=2)
     return image
+
+
+def _loss_mask(path: Path, image: np.ndarray) -> np.ndarray:
+    """nerfstudio's mask_path: zero marks a pixel to leave out of the loss."""
+    if not path.is_file():
+        raise SceneError(path, "mask_path names no file")
+    mask = read_image(path)
+    check_size(path, mask, (image.shape[1], image.shape[0]), "its image")
+    return mask[..., 0] > 0
+
+
+def _depth(path: Path, image: np.ndarray, scale: float) -> np.ndarray:
+    """nerfstudio's depth_file_path: a 16-bit PNG or .npy of z-depths, times depth_unit_scale_factor
+    (default 1e-3: millimetres to metres); zero (or not finite) = unknown."""
+    if not path.is_file():
+        raise SceneError(path, "depth_file_path names no file")
+    if path.suffix == ".npy":
+        try:
+            depth = np.load(path).astype(np.float64)
+        except Exception as e:
+            raise SceneError(path, f"unreadable depth ({type(e).__name__}: {e})") from None
+    else:
+        depth = read_image(path)[..., 0].astype(np.float64)
+    depth = np.squeeze(depth)
+    if depth.ndim != 2:
+        raise SceneError(path, f"depth has shape {depth.shape}, not height x width")
+    check_size(path, depth, (image.shape[1], image.shape[0]), "its image")
+    depth = depth * scale
+    return np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
 
 
 def _read_png16(path: Path, alpha: bool) -> np.ndarray:

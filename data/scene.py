@@ -24,7 +24,7 @@ from .neus import CAMERAS as NEUS_CAMERAS
 from .neus import read_neus
 from .rays import Rays
 
-__all__ = ["Scene", "SceneError", "Split", "load_scene", "visual_hull"]
+__all__ = ["Batch", "Scene", "SceneError", "Split", "load_scene", "visual_hull"]
 
 NGP_SCALE, NGP_OFFSET = 0.33, 0.5  # instant-ngp's defaults
 # Voxels per axis of each carving pass: a coarse one finds the object in a generous region,
@@ -42,6 +42,16 @@ MAX_AABB_SCALE = 128  # instant-ngp's largest
 
 
 @dataclass
+class Batch:
+    """Training rays with what they are compared against."""
+
+    rays: Rays
+    colours: Tensor  # [R, C] float32 in [0, 1]
+    cameras: Tensor  # [R] int64: the image each ray comes from
+    depths: Tensor | None  # [R] float32 unit-frame distance along the ray, 0 = unknown; None: no depth maps
+
+
+@dataclass
 class Split:
     """The views of one split, with every image's pixels flattened into one tensor."""
 
@@ -49,6 +59,8 @@ class Split:
     names: list[str]  # image paths as resolved
     pixels: Tensor  # [P, C] uint8, or float16 in [0, 1] for 16-bit images; C = 3 or 4
     offsets: Tensor  # [N + 1] int64: image i is pixels[offsets[i]:offsets[i + 1]]
+    usable: Tensor | None = None  # [U] int64: the pixels loss masks keep (None: every pixel)
+    depth: Tensor | None = None  # [P] float32 z-depth (unit frame once loaded), 0 = unknown
 
     @property
     def has_alpha(self) -> bool:
@@ -62,20 +74,29 @@ class Split:
         h, w = int(self.cameras.height[i]), int(self.cameras.width[i])
         return _unit_float(self.pixels[self.offsets[i] : self.offsets[i + 1]]).view(h, w, -1)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[Rays, Tensor, Tensor]:
-        """n rays through pixel centres drawn uniformly over all pixels of all images, their colours
-        [n, C] float32 and cameras [n]. Draws on the generator's device, so a CPU generator serves GPU pixels."""
-        index = torch.randint(self.pixels.shape[0], (n,), generator=generator, device=generator.device)
-        index = index.to(self.pixels.device)
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        """n rays through pixel centres drawn uniformly over the usable pixels of all images. Draws on the
+        generator's device, so a CPU generator serves GPU pixels."""
+        pool = self.pixels.shape[0] if self.usable is None else len(self.usable)
+        index = torch.randint(pool, (n,), generator=generator, device=generator.device).to(self.pixels.device)
+        if self.usable is not None:
+            index = self.usable[index]
         cam = torch.searchsorted(self.offsets, index, right=True) - 1
         local = index - self.offsets[cam]
         width = self.cameras.width[cam]
         px = (local % width).to(torch.float32) + 0.5
         py = (local // width).to(torch.float32) + 0.5
-        return self.cameras.rays(cam, px, py), _unit_float(self.pixels[index]), cam
+        rays = self.cameras.rays(cam, px, py)
+        depths = None
+        if self.depth is not None:  # z-depth along the viewing axis (-z of the OpenGL camera) -> distance
+            cosine = -(rays.dirs * self.cameras.c2w[cam, :, 2]).sum(-1)
+            depths = self.depth[index] / cosine.clamp_min(1e-6)
+        return Batch(rays, _unit_float(self.pixels[index]), cam, depths)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device),
+                     move(self.usable), move(self.depth))
 
 
 @dataclass
@@ -108,6 +129,8 @@ class Scene:
             f"views: {views}; cameras: {models}",
             f"images: {sizes}, {s['pixels']}, downscale {s['downscale']}",
         ]
+        if s.get("loss_masks") or s.get("depth_maps"):
+            lines.append(f"loss masks: {s['loss_masks']} frames; depth maps: {s['depth_maps']} frames")
         for skip in s["skipped"]:
             lines.append(
                 f"skipped {len(skip['images'])} of {skip['listed']} frames of {Path(skip['file']).name}: "
@@ -169,7 +192,10 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
     else:
         to_unit, aabb, rule = _carved_bounds(world["train"])
         aabb_scale = 1.0
-    splits = {name: replace(split, cameras=split.cameras.transformed(to_unit)) for name, split in world.items()}
+    scale = float(to_unit[0, :3].norm())
+    splits = {name: replace(split, cameras=split.cameras.transformed(to_unit),
+                            depth=None if split.depth is None else split.depth * scale)
+              for name, split in world.items()}
 
     positions = torch.cat([split.cameras.c2w[:, :, 3] for split in splits.values()])
     camera_inside = bool(((positions > aabb[0]) & (positions < aabb[1])).all(dim=1).any())
@@ -190,6 +216,8 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
         "downscale": downscale,
         "pixels": ("RGBA" if alpha else "RGB") + (" 16-bit (stored float16)" if deep else " 8-bit"),
         "camera_models": dict(Counter(_model_name(f) for f in everything)),
+        "loss_masks": sum(f.loss_mask is not None for f in everything),
+        "depth_maps": sum(f.depth is not None for f in everything),
         "bounds": {
             "rule": rule,
             "world_box": _world_box(aabb, to_unit).tolist(),
@@ -282,7 +310,14 @@ def _split(frames: list[Frame], alpha: bool, deep: bool) -> Split:
     )
     pixels = torch.from_numpy(np.concatenate([_flat_pixels(f.image, alpha, deep) for f in frames]))
     sizes = torch.tensor([0] + [f.image.shape[0] * f.image.shape[1] for f in frames])
-    return Split(cameras, [f.name for f in frames], pixels, sizes.cumsum(0))
+    usable = depth = None
+    if any(f.loss_mask is not None for f in frames):
+        keep = np.concatenate([np.ones(f.image.shape[:2], bool) if f.loss_mask is None else f.loss_mask for f in frames])
+        usable = torch.from_numpy(np.flatnonzero(keep))
+    if any(f.depth is not None for f in frames):
+        depth = torch.from_numpy(np.concatenate([
+            (np.zeros(f.image.shape[:2], np.float32) if f.depth is None else f.depth).reshape(-1) for f in frames]))
+    return Split(cameras, [f.name for f in frames], pixels, sizes.cumsum(0), usable, depth)
 
 
 def _flat_pixels(image: np.ndarray, alpha: bool, deep: bool) -> np.ndarray:

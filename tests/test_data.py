@@ -113,7 +113,8 @@ def test_per_frame_cameras_and_sampling(tmp_path):
     assert train.cameras.width.tolist() == [10, 20, 16, 12] and train.cameras.fx.tolist() == [20.0, 40.0, 32.0, 24.0]
     assert [tuple(train.image(k).shape) for k in range(4)] == [(14, 10, 4), (8, 20, 4), (12, 16, 4), (12, 12, 4)]
 
-    rays, colour, cam = train.sample(500, torch.Generator().manual_seed(0))
+    batch = train.sample(500, torch.Generator().manual_seed(0))
+    rays, colour, cam = batch.rays, batch.colours, batch.cameras
     i, j, view = (colour[:, :3] * 255).round().long().unbind(1)
     assert torch.equal(cam, view - 1)  # view 0 is the held-out test image
     expected = train.cameras.rays(cam, i + 0.5, j + 0.5)
@@ -252,6 +253,40 @@ def test_downscale_averages_and_scales_intrinsics(tmp_path):
     assert scene.summary["downscale"] == 2 and scene.summary["image_sizes"] == {"4x3": 3}
 
 
+def test_loss_masks_and_depth_maps(tmp_path):
+    """nerfstudio's mask_path keeps masked pixels out of every batch; depth_file_path (16-bit PNG in mm, or
+    .npy times depth_unit_scale_factor) becomes distances along the rays in the unit frame."""
+    poses = ring(4)
+    frames = write_frames(tmp_path, poses)
+    (tmp_path / "masks").mkdir()
+    for i, frame in enumerate(frames):
+        mask = np.full((12, 16), 255, np.uint8)
+        mask[:, : 4 * (i + 1) - 1] = 0  # the left columns are out of the loss
+        iio.imwrite(tmp_path / "masks" / f"m{i}.png", mask)
+        frame["mask_path"] = f"masks/m{i}.png"
+    write_png16(tmp_path / "d0.png", np.full((12, 16, 3), 2500, np.uint16))  # 2.5 m as millimetres
+    np.save(tmp_path / "d1.npy", np.full((12, 16), 3000.0))
+    frames[0]["depth_file_path"], frames[1]["depth_file_path"] = "d0.png", "d1.npy"
+    write_json(tmp_path / "transforms_train.json", {"camera_angle_x": 0.8, "aabb_scale": 1, "frames": frames[:3]})
+    write_json(tmp_path / "transforms_test.json", {"camera_angle_x": 0.8, "aabb_scale": 1, "frames": frames[3:]})
+    scene = load_scene(tmp_path)
+    train = scene.splits["train"]
+    assert scene.summary["loss_masks"] == 4 and scene.summary["depth_maps"] == 2
+    assert len(train.usable) == sum(12 * (16 - (4 * (i + 1) - 1)) for i in range(3))
+    batch = train.sample(4000, torch.Generator().manual_seed(0))
+    assert set(batch.cameras.tolist()) == {0, 1, 2}
+    for cam in range(3):  # no sampled ray goes through a masked pixel
+        picked = batch.rays.dirs[batch.cameras == cam]
+        forward = -train.cameras.c2w[cam, :, 2]
+        local_x = picked @ train.cameras.c2w[cam, :, 0] / (picked @ forward)
+        px = local_x * train.cameras.fx[cam] + train.cameras.cx[cam]
+        assert (px > 4 * (cam + 1) - 1).all()
+    scale = float(scene.to_unit[0, :3].norm())
+    z = (batch.rays.dirs * -train.cameras.c2w[batch.cameras, :, 2]).sum(-1) * batch.depths  # back to z-depth
+    expected = torch.tensor([2.5, 3.0, 0.0])[batch.cameras] * scale
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+
+
 def bad_scene(tmp_path, case):
     """Write a scene with one defect; return (path to load, name the message must contain)."""
     frames = write_frames(tmp_path, ring(3))
@@ -285,12 +320,20 @@ def bad_scene(tmp_path, case):
     elif case == "size mismatch":
         frames[2] |= {"w": 20, "h": 12}
         name = "v2.png"
+    elif case == "missing mask":
+        frames[1]["mask_path"] = "masks/none.png"
+        name = "none.png"
+    elif case == "mask size":
+        iio.imwrite(tmp_path / "m.png", np.zeros((5, 5), np.uint8))
+        frames[1]["mask_path"] = "m.png"
+        name = "m.png"
     write_json(tmp_path / "transforms.json", doc)
     return tmp_path, name
 
 
 BAD = ["missing folder", "no transforms", "malformed json", "no test split", "no frames", "one usable frame",
-       "non-finite pose", "not orthonormal", "reflection", "unreadable image", "size mismatch"]
+       "non-finite pose", "not orthonormal", "reflection", "unreadable image", "size mismatch", "missing mask",
+       "mask size"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -77,7 +77,7 @@ def test_distortion_loss_concentrates_each_rays_weight(tiny_scene):
     for weight in (0.0, 0.01):
         trainer = Trainer(small_config(tiny_scene, steps=200, distortion=weight), scene)
         trainer.run()
-        rays, _, _ = scene.splits["train"].sample(4096, torch.Generator().manual_seed(7))
+        rays = scene.splits["train"].sample(4096, torch.Generator().manual_seed(7)).rays
         with torch.no_grad():
             out = trainer.pipeline.render(rays, torch.ones(3))
             spread[weight] = (distortion(out["weights"], out["samples"]) / out["opacity"].clamp_min(1e-3)).mean()
