@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--distortion", type=float, metavar="WEIGHT",
                        help="mip-NeRF 360's distortion loss against floaters (e.g. 0.01; default off)")
         p.add_argument("--depth-weight", type=float, metavar="W",
-                       help="scenes with depth maps: weight of the L1 depth loss (default 0.1; 0 ignores them)")
+                       help="scenes with depth maps: weight of the L1 depth loss (default 1; 0 ignores them)")
         p.add_argument("--refine-poses", action="store_true", default=None,
                        help="learn an SE(3) correction per training camera (real captures with imperfect poses)")
         p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections (default 1e-3)")

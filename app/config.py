@@ -53,7 +53,9 @@ class FitConfig:
     batch_points: int | None = None  # pixels or points per step of the image and mesh-sdf tasks
     sdf_pool: int = 2**20  # mesh-sdf: training points drawn once, with their exact distances
     distortion: float = 0.0  # weight of mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)
-    depth_weight: float = 0.1  # L1 on the expected depth, for scenes with depth maps (0: ignore them)
+    # L1 on the expected depth (unit frame, box half-size 1) for scenes with depth maps, 0 ignores them: at 1 a
+    # 1% depth error costs what a colour MSE of 0.01 does; 0.1 barely moved 300-step fits (tests/test_fit.py).
+    depth_weight: float = 1.0
     refine_poses: bool = False  # a learnable SE(3) correction per training camera
     pose_lr: float = 1e-3  # its base learning rate (on the same schedule as the field's)
     appearance: bool = False  # a colour transform per training image (exposure changes)
