@@ -448,6 +448,21 @@ def cmd_export_video(args: argparse.Namespace) -> None:
     print(f"wrote {output} ({len(cameras)} frames, colour and depth side by side; PNGs in {frames})")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from recon.data.convert import write_transforms
+    from recon.data.scene import read_capture
+
+    source = Path(args.scene).expanduser().absolute()
+    capture = read_capture(source, downscale=1)
+    files = write_transforms(capture, Path(args.out))
+    views = sum(len(found.frames) for found in capture.lists.values())
+    print(f"{source}: {capture.convention}")
+    print(f"wrote {views} views to {', '.join(str(f) for f in files)} (world frame of the input)")
+    if capture.points is not None or capture.to_unit is not None:
+        print("note: transforms.json has no place for this layout's normalisation; recon fit on the result "
+              "chooses its box from the camera frustums")
+
+
 def cmd_eval_mesh(args: argparse.Namespace) -> None:
     from recon.app.metrics import mesh_distances
 
@@ -591,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     path_options(p)
     p.add_argument("--output", help="file to write (default RUN/export/video-PATH.mp4)")
     p.set_defaults(func=cmd_export_video)
+
+    p = sub.add_parser("convert", help="write any scene layout recon reads (COLMAP, NeuS, transforms) as transforms.json")
+    p.add_argument("scene")
+    p.add_argument("out", help="a new folder")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
     p.add_argument("pred")

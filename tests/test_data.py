@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from geometry import look_at
-from recon.data.scene import SceneError, load_scene
+from recon.data.convert import write_transforms
+from recon.data.scene import SceneError, load_scene, read_capture
 
 SHARED = Path("/work/shared/data")
 
@@ -285,6 +286,11 @@ def test_loss_masks_and_depth_maps(tmp_path):
     z = (batch.rays.dirs * -train.cameras.c2w[batch.cameras, :, 2]).sum(-1) * batch.depths  # back to z-depth
     expected = torch.tensor([2.5, 3.0, 0.0])[batch.cameras] * scale
     torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    # recon convert keeps both.
+    write_transforms(read_capture(tmp_path, 1), tmp_path / "converted")
+    converted = load_scene(tmp_path / "converted").splits["train"]
+    assert torch.equal(converted.usable, train.usable)
+    torch.testing.assert_close(converted.depth, train.depth)
 
 
 def bad_scene(tmp_path, case):

@@ -228,3 +228,20 @@ def test_bad_layouts_are_one_line_exit_2(colmap_scene, tmp_path, make_bad, expec
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layout", ["colmap", "neus"])
+def test_convert_writes_a_transforms_scene_with_the_same_rays(layout, colmap_scene, tiny_scene, tmp_path):
+    source = colmap_scene if layout == "colmap" else write_neus(tiny_scene, tmp_path / "neus")
+    result = recon("convert", str(source), str(tmp_path / "converted"))
+    assert result.returncode == 0, result.stderr
+    original, converted = load_scene(source), load_scene(tmp_path / "converted")
+    assert "transforms" in converted.summary["convention"]
+    for split in ("train", "test"):
+        assert len(converted.splits[split]) == len(original.splits[split])
+        for i in range(len(original.splits[split])):
+            for got, want in zip(world_rays(converted, split, i), world_rays(original, split, i)):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            torch.testing.assert_close(converted.splits[split].image(i), original.splits[split].image(i))
+    again = recon("convert", str(source), str(tmp_path / "converted"))
+    assert again.returncode == 2 and "not empty" in again.stderr
