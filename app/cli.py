@@ -253,8 +253,25 @@ def cmd_fit(args: argparse.Namespace) -> None:
     cfg = FitConfig(scene=args.scene, out="")
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path(args.scene), cfg.field))
-    target = load_input(cfg.scene, downscale=cfg.downscale)  # bad input fails before any folder is touched
+    target = load_fit_input(cfg)  # bad input fails before any folder is touched
     fit(cfg, RunDir(cfg.out), target, resume=False, overwrite=args.overwrite, args=args)
+
+
+def load_fit_input(cfg: FitConfig) -> Target:
+    """The fit's input; an automatic --downscale becomes the factor chosen, so config.json reloads the same images."""
+    target = load_input(cfg.scene, downscale=cfg.downscale, budget=pixel_budget(resolve_device(cfg.device)))
+    if isinstance(target, Scene):
+        cfg.downscale = target.summary["downscale"]
+    return target
+
+
+def pixel_budget(device: torch.device) -> float:
+    """Bytes of decoded training pixels allowed: a quarter of the machine's memory, and of the GPU's when the
+    pixels will live there too."""
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 4)
+    return budget
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
@@ -286,8 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = FitConfig(scene=str(scene_dir), out="", **copy.deepcopy(DEMO_FIT))
     apply_fit_args(cfg, args)
     cfg.out = str(args.out or default_run_name(Path("demo"), cfg.field))
-    fit(cfg, RunDir(cfg.out), load_scene(cfg.scene, downscale=cfg.downscale), resume=False, overwrite=args.overwrite,
-        args=args)
+    fit(cfg, RunDir(cfg.out), load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
 
 
 def load_split(cfg: FitConfig, split: str):
@@ -502,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image and mesh inputs: pixels or points per step (preset: 2^16 cpu, 2^18 gpu)")
         p.add_argument("--sdf-pool", type=int, help="mesh inputs: training points with exact distances (default 2^20)")
         p.add_argument("--lr", type=float, help="base learning rate (default 1e-2)")
-        p.add_argument("--downscale", type=int, help="divide image resolution by N")
+        p.add_argument("--downscale", type=int,
+                       help="divide image resolution by N (default 0: 1, or what fits a quarter of the memory)")
         p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
                        help="occupancy grid cells per side (preset: 64 cpu, 128 gpu)")
         p.add_argument("--samples-per-diagonal", type=int,

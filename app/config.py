@@ -43,7 +43,7 @@ class FitConfig:
     batch_rays: int | None = None  # rays of the first step; later steps size the batch to sample_budget
     sample_budget: int | None = None  # field samples per step the ray batch adapts to (nerfacc's examples)
     lr: float = 1e-2
-    downscale: int = 1
+    downscale: int = 0  # 0: automatic (1 unless the pixels overflow the memory budget); config.json keeps the factor
     occupancy_resolution: int | None = None
     occupancy_every: int = 16  # steps between occupancy-grid updates
     occupancy_warmup: float = 0.02  # progress during which every cell is refreshed

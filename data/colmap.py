@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .loaders import LONE, Capture, Frame, FrameList, SceneError, check_size, downscaled_frame, parallel_map, read_image
+from .loaders import (LONE, Capture, Frame, FrameList, SceneError, check_size, downscaled_frame, parallel_map,
+                      read_image, resolve_downscale)
 
 # Where a sparse model may sit in a scene folder (COLMAP's own layout, nerfstudio's, a bare model)
 # and where its images are then, tried before the scene folder's images/.
@@ -48,7 +49,7 @@ def find_colmap(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def read_colmap(model_folder: Path, image_folder: Path, downscale: int) -> Capture:
+def read_colmap(model_folder: Path, image_folder: Path, downscale: int, budget: float | None = None) -> Capture:
     import pycolmap  # only COLMAP scenes need it
 
     for stem in MODEL_FILES:  # pycolmap reads zeros past the end of a short file, so check first
@@ -70,6 +71,7 @@ def read_colmap(model_folder: Path, image_folder: Path, downscale: int) -> Captu
             continue
         entries.append((path, _camera_to_world(image), cameras[image.camera_id]))
     listed = len(entries) + len(missing)
+    downscale, note = resolve_downscale(downscale, [entry[0] for entry in entries], budget)
 
     def load(entry) -> Frame:
         path, c2w, (size, intrinsics, distortion, fisheye) = entry
@@ -82,7 +84,7 @@ def read_colmap(model_folder: Path, image_folder: Path, downscale: int) -> Captu
     files = "binary" if _model_file(model_folder, "images").suffix == ".bin" else "text"
     convention = (f"COLMAP {files} model {model_folder} ({len(points)} sparse points), images in {image_folder}; "
                   f"every 8th registered image (by name) held out for test")
-    return Capture(convention, {LONE: frames}, points=points)
+    return Capture(convention, {LONE: frames}, downscale, note, points=points)
 
 
 def _model_file(folder: Path, stem: str) -> Path | None:

@@ -24,6 +24,8 @@ SPLITS = ("train", "val", "test")
 LONE = "all"  # key of a lone frame list, before the every-8th holdout splits it
 HOLDOUT = 8  # a lone frame list holds out every 8th usable frame for test
 NGP_KEYS = ("scale", "offset", "aabb_scale")
+AUTO = 0  # downscale: the smallest factor whose pixels fit the memory budget
+DEFAULT_PIXEL_BUDGET = 8 * 2**30  # bytes of decoded pixels, when the caller gives no budget
 # Tried in order when a file_path has no extension (lego's "./train/r_0").
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "PNG", "JPG", "JPEG", "exr", "webp", "bmp", "tif", "tiff")
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE", "PINHOLE")
@@ -71,12 +73,14 @@ class Capture:
 
     convention: str  # how the layout was read and split, for the summary
     lists: dict[str, FrameList]  # split (or LONE, held out later) -> frames
+    downscale: int  # the factor the images were read at
+    downscale_note: str | None  # why, when it was chosen automatically
     ngp_doc: dict | None = None  # a transforms JSON whose instant-ngp keys set the box
     points: np.ndarray | None = None  # [N, 3] sparse points (COLMAP): the box comes from them
     to_unit: np.ndarray | None = None  # [4, 4] a normalisation the layout gives (NeuS scale_mat)
 
 
-def read_transforms(path: Path, downscale: int) -> Capture:
+def read_transforms(path: Path, downscale: int, budget: float | None = None) -> Capture:
     files = find_transforms(path)
     docs = {split: read_json(file) for split, file in files.items()}
     main = "train" if "train" in files else LONE
@@ -85,9 +89,11 @@ def read_transforms(path: Path, downscale: int) -> Capture:
         if LONE in files
         else "Blender split files transforms_{train,val,test}.json"
     )
-    lists = {split: read_frames(file, docs[split], downscale) for split, file in files.items()}
+    listed = {split: list_frames(file, docs[split]) for split, file in files.items()}
+    downscale, note = resolve_downscale(downscale, [e[2] for _, found in listed.values() for e in found], budget)
+    lists = {split: load_frames(result, found, downscale) for split, (result, found) in listed.items()}
     ngp = docs[main] if any(key in docs[main] for key in NGP_KEYS) else None
-    return Capture(convention, lists, ngp_doc=ngp and {**ngp, "file": str(files[main])})
+    return Capture(convention, lists, downscale, note, ngp_doc=ngp and {**ngp, "file": str(files[main])})
 
 
 def find_transforms(path: Path) -> dict[str, Path]:
@@ -119,11 +125,12 @@ def read_json(path: Path) -> dict:
     return doc
 
 
-def read_frames(path: Path, doc: dict, downscale: int) -> FrameList:
-    """Validate every frame of one transforms file and read the images that exist (in parallel)."""
+def list_frames(path: Path, doc: dict) -> tuple[FrameList, list[tuple[dict, np.ndarray, Path]]]:
+    """Validate every frame of one transforms file: the frame list so far, and (camera dict, pose, image
+    path) of each frame whose image exists."""
     top = {k: v for k, v in doc.items() if k != "frames"}
     result = FrameList(path, len(doc["frames"]), [])
-    found = []  # (camera dict, pose, image path) of the frames whose image exists
+    found = []
     for i, frame in enumerate(doc["frames"]):
         if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
             raise SceneError(path, f"frame {i} lacks file_path or transform_matrix")
@@ -136,19 +143,48 @@ def read_frames(path: Path, doc: dict, downscale: int) -> FrameList:
             found.append(({**top, **frame}, c2w, image_path))  # per-frame keys override the top level
         else:
             result.missing.append(str(image_path))
+    return result, found
+
+
+def load_frames(result: FrameList, found: list[tuple[dict, np.ndarray, Path]], downscale: int) -> FrameList:
+    """Read the listed frames' images (in parallel), with their masks and depth maps."""
+    folder = result.file.parent
 
     def load(camera: dict, c2w: np.ndarray, image_path: Path) -> Frame:
         image = read_image(image_path)
-        intrinsics, distortion, fisheye = _camera(path, image_path, camera, image)
-        mask = _loss_mask(path.parent / camera["mask_path"], image) if "mask_path" in camera else None
+        intrinsics, distortion, fisheye = _camera(result.file, image_path, camera, image)
+        mask = _loss_mask(folder / camera["mask_path"], image) if "mask_path" in camera else None
         depth = None
         if "depth_file_path" in camera:
-            depth = _depth(path.parent / camera["depth_file_path"], image, float(camera.get("depth_unit_scale_factor", 1e-3)))
+            depth = _depth(folder / camera["depth_file_path"], image, float(camera.get("depth_unit_scale_factor", 1e-3)))
         frame = Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye, mask, depth)
         return downscaled_frame(frame, downscale)
 
     result.frames = parallel_map(lambda entry: load(*entry), found)
     return result
+
+
+def resolve_downscale(requested: int, images: list[Path], budget: float | None) -> tuple[int, str | None]:
+    """`requested`, or for AUTO the smallest factor that fits the images' pixels into `budget` bytes (read
+    from the files' headers before any image is decoded), and a note saying why."""
+    if requested != AUTO:
+        return requested, None
+    budget = budget or DEFAULT_PIXEL_BUDGET
+    need = 0
+    for path in images:
+        try:
+            props = iio.improps(path)
+        except Exception:  # reading it will say what is wrong
+            continue
+        channels = props.shape[2] if len(props.shape) == 3 else 1
+        need += props.shape[0] * props.shape[1] * max(channels, 3) * props.dtype.itemsize
+    factor = 1
+    while need / factor**2 > budget:
+        factor += 1
+    if factor == 1:
+        return 1, None
+    return factor, (f"automatic: {len(images)} images need {need / 2**30:.2f} GiB of pixels, "
+                    f"over the {budget / 2**30:.2f} GiB budget")
 
 
 def parallel_map(fn, items: list) -> list:

@@ -14,12 +14,12 @@ import numpy as np
 
 from .colmap import OPENCV_TO_OPENGL
 from .loaders import (IMAGE_EXTENSIONS, LONE, Capture, Frame, FrameList, SceneError, check_size, downscaled_frame,
-                      parallel_map, read_image)
+                      parallel_map, read_image, resolve_downscale)
 
 CAMERAS = "cameras_sphere.npz"
 
 
-def read_neus(file: Path, downscale: int) -> Capture:
+def read_neus(file: Path, downscale: int, budget: float | None = None) -> Capture:
     folder = file.parent
     images = _images(folder / "image")
     if not images:
@@ -36,6 +36,7 @@ def read_neus(file: Path, downscale: int) -> Capture:
     except Exception as e:  # a truncated or foreign file
         raise SceneError(file, f"unreadable ({type(e).__name__}: {e})") from None
     poses = [_decompose(file, i, m) for i, m in enumerate(world_mats)]
+    downscale, note = resolve_downscale(downscale, images, budget)
 
     def load(i: int) -> Frame:
         pixels = read_image(images[i])
@@ -50,7 +51,7 @@ def read_neus(file: Path, downscale: int) -> Capture:
     frames = FrameList(file, len(images), parallel_map(load, list(range(len(images)))))
     with_masks = f"masks from {folder / 'mask'} as alpha" if masks else "no masks"
     convention = f"NeuS/IDR {file} ({with_masks}); the unit sphere from scale_mat_0; every 8th image held out for test"
-    return Capture(convention, {LONE: frames}, to_unit=np.linalg.inv(scale_mat))
+    return Capture(convention, {LONE: frames}, downscale, note, to_unit=np.linalg.inv(scale_mat))
 
 
 def _images(folder: Path) -> list[Path]:

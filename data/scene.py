@@ -127,7 +127,8 @@ class Scene:
         lines = [
             f"{self.source}: {s['convention']}",
             f"views: {views}; cameras: {models}",
-            f"images: {sizes}, {s['pixels']}, downscale {s['downscale']}",
+            f"images: {sizes}, {s['pixels']}, downscale {s['downscale']}"
+            + (f" ({s['downscale_note']})" if s.get("downscale_note") else ""),
         ]
         if s.get("loss_masks") or s.get("depth_maps"):
             lines.append(f"loss masks: {s['loss_masks']} frames; depth maps: {s['depth_maps']} frames")
@@ -159,13 +160,13 @@ class Scene:
         }
 
 
-def load_scene(path: str | Path, downscale: int = 1) -> Scene:
+def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None) -> Scene:
     """Load a scene (a folder or its camera file, in any layout `read_capture` knows) into the unit
-    frame; raises SceneError."""
+    frame; raises SceneError. downscale AUTO (0) picks the smallest factor whose pixels fit `budget` bytes."""
     source = Path(path).expanduser().absolute()
-    if downscale < 1:
-        raise SceneError(source, f"downscale must be a positive integer, not {downscale}")
-    capture = read_capture(source, downscale)
+    if downscale < 0:
+        raise SceneError(source, f"downscale must be a positive integer (or 0: automatic), not {downscale}")
+    capture = read_capture(source, downscale, budget)
     for split, found in capture.lists.items():
         needed = 1 if split in ("val", "test") else 2
         if len(found.frames) < needed:
@@ -213,7 +214,8 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
         ],
         "parent_paths": [p for found in capture.lists.values() for p in found.parent_paths],
         "image_sizes": dict(Counter(f"{f.image.shape[1]}x{f.image.shape[0]}" for f in everything)),
-        "downscale": downscale,
+        "downscale": capture.downscale,
+        "downscale_note": capture.downscale_note,
         "pixels": ("RGBA" if alpha else "RGB") + (" 16-bit (stored float16)" if deep else " 8-bit"),
         "camera_models": dict(Counter(_model_name(f) for f in everything)),
         "loss_masks": sum(f.loss_mask is not None for f in everything),
@@ -228,18 +230,18 @@ def load_scene(path: str | Path, downscale: int = 1) -> Scene:
     return Scene(splits, aabb, to_unit, aabb_scale, near, cone_angle, source, summary)
 
 
-def read_capture(source: Path, downscale: int) -> Capture:
+def read_capture(source: Path, downscale: int, budget: float | None = None) -> Capture:
     """Read whichever layout `source` (a folder, or the camera file in one) holds."""
     if not source.exists():
         raise SceneError(source, "no such file or folder")
     folder = source if source.is_dir() else source.parent
     if source.name == NEUS_CAMERAS or (source.is_dir() and (folder / NEUS_CAMERAS).is_file()):
-        return read_neus(folder / NEUS_CAMERAS, downscale)
+        return read_neus(folder / NEUS_CAMERAS, downscale, budget)
     if source.is_file() or any((folder / name).is_file() for name in ("transforms.json", "transforms_train.json")):
-        return read_transforms(source, downscale)
+        return read_transforms(source, downscale, budget)
     colmap = find_colmap(folder)
     if colmap is not None:
-        return read_colmap(*colmap, downscale)
+        return read_colmap(*colmap, downscale, budget)
     if any(p.suffix.lstrip(".") in IMAGE_EXTENSIONS for p in folder.iterdir()):
         raise SceneError(folder, "images without camera poses; recon needs transforms.json, a COLMAP model "
                                  "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")

@@ -62,15 +62,15 @@ class ImageTarget:
         return {"source": str(self.path), "width": self.width, "height": self.height, "aabb": self.box.tolist()}
 
 
-def load_input(path: str | Path, downscale: int = 1) -> Scene | ImageTarget | MeshTarget:
-    """What `recon fit` was pointed at: an image file, a mesh file, or a posed-image scene (folder or
-    transforms file). Raises SceneError."""
+def load_input(path: str | Path, downscale: int = 1, budget: float | None = None) -> Scene | ImageTarget | MeshTarget:
+    """What `recon fit` was pointed at: an image file, a mesh file, or a posed-image scene (any layout
+    load_scene reads; `budget`: bytes of pixels for an automatic downscale). Raises SceneError."""
     suffix = Path(path).suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return load_image(path, downscale)
     if suffix in MESH_SUFFIXES:
         return load_mesh(path)
-    return load_scene(path, downscale=downscale)
+    return load_scene(path, downscale=downscale, budget=budget)
 
 
 def load_image(path: str | Path, downscale: int = 1) -> ImageTarget:

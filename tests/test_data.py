@@ -293,6 +293,16 @@ def test_loss_masks_and_depth_maps(tmp_path):
     torch.testing.assert_close(converted.depth, train.depth)
 
 
+def test_automatic_downscale_fits_the_pixel_budget(tmp_path):
+    """downscale 0: the smallest factor whose decoded pixels fit the budget, chosen from the files' headers,
+    and said so."""
+    lone_scene(tmp_path, n=10)  # ten 16x12 RGBA images: 7680 bytes of pixels
+    assert load_scene(tmp_path, downscale=0, budget=10_000).summary["downscale"] == 1
+    scene = load_scene(tmp_path, downscale=0, budget=2_000)
+    assert scene.summary["downscale"] == 2 and scene.splits["train"].cameras.width.tolist() == [8] * 8
+    assert "automatic: 10 images need" in scene.describe()
+
+
 def bad_scene(tmp_path, case):
     """Write a scene with one defect; return (path to load, name the message must contain)."""
     frames = write_frames(tmp_path, ring(3))
