@@ -245,3 +245,18 @@ def test_convert_writes_a_transforms_scene_with_the_same_rays(layout, colmap_sce
             torch.testing.assert_close(converted.splits[split].image(i), original.splits[split].image(i))
     again = recon("convert", str(source), str(tmp_path / "converted"))
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_exif_orientation_is_ignored_as_colmap_ignores_it(tmp_path):
+    """COLMAP registers the stored pixels, not the EXIF-rotated picture, so recon reads them the same way."""
+    from PIL import Image
+
+    from recon.data.loaders import read_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    picture = Image.fromarray(pixels)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    picture.save(tmp_path / "photo.png", exif=exif)
+    assert Image.open(tmp_path / "photo.png").getexif()[0x0112] == 6
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.png"), pixels)
