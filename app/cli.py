@@ -285,8 +285,9 @@ def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
         raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
     if cfg.quantize < 0:
         raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UserError(f"--lr {cfg.lr}: the learning rate must be a positive number")
+    for flag, rate in (("--lr", cfg.lr), ("--pose-lr", cfg.pose_lr)):
+        if not (math.isfinite(rate) and rate > 0):
+            raise UserError(f"{flag} {rate}: a learning rate must be a positive number")
     if cfg.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1")
     cfg.field_options.update(parse_field_options(args.field_option))

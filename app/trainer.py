@@ -232,7 +232,7 @@ class Trainer:
         if self.pipeline.grid is not None:
             load_resizing(self.pipeline.grid, saved["grid"])
         for name, (module, _) in self.task.learnable().items():
-            module.load_state_dict(state["task_weights"][name])
+            module.load_state_dict(state["task_weights"][name])  # KeyError: a checkpoint from before --refine-poses etc.
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["loop"])
