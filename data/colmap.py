@@ -32,9 +32,9 @@ MODELS = {
     "RADIAL_FISHEYE": (1, (0, 1), True),
     "OPENCV_FISHEYE": (2, (0, 1, 2, 3), True),
 }
-OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])  # camera axes: y down, +z forward -> y up, -z forward
 # Parameter counts of COLMAP's camera model ids, for walking cameras.bin.
-PARAMS_PER_MODEL = {0: 3, 1: 4, 2: 4, 3: 5, 4: 8, 5: 8, 6: 12, 7: 5, 8: 4, 9: 5, 10: 12, 11: 16}  # camera axes: y down, +z forward -> y up, -z forward
+PARAMS_PER_MODEL = {0: 3, 1: 4, 2: 4, 3: 5, 4: 8, 5: 8, 6: 12, 7: 5, 8: 4, 9: 5, 10: 12, 11: 16}
 
 
 def find_colmap(folder: Path) -> tuple[Path, Path] | None:
@@ -135,8 +135,8 @@ def _intrinsics(model_folder: Path, camera) -> tuple[tuple[int, int], tuple[floa
     """(width, height), (fx, fy, cx, cy), recon's six distortion slots and the fisheye flag."""
     name = camera.model.name
     if name not in MODELS:
-        raise SceneError(_model_file(model_folder, "cameras"), f"camera {camera.camera_id}: COLMAP model {name} is not supported "
-                                       f"(supported: {', '.join(MODELS)})")
+        raise SceneError(_model_file(model_folder, "cameras"),
+                         f"camera {camera.camera_id}: COLMAP model {name} is not supported (supported: {', '.join(MODELS)})")
     focals, slots, fisheye = MODELS[name]
     params = [float(v) for v in camera.params]
     fx, fy = (params[0], params[0]) if focals == 1 else (params[0], params[1])

@@ -94,9 +94,8 @@ class Split:
         return Batch(rays, _unit_float(self.pixels[index]), cam, depths)
 
     def to(self, device: torch.device | str) -> Split:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device),
-                     move(self.usable), move(self.depth))
+        usable, depth = (None if t is None else t.to(device) for t in (self.usable, self.depth))
+        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device), usable, depth)
 
 
 @dataclass
@@ -186,7 +185,8 @@ def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None
     if capture.ngp_doc is not None:
         to_unit, aabb, aabb_scale, rule = _ngp_bounds(Path(capture.ngp_doc["file"]), capture.ngp_doc)
     elif capture.to_unit is not None:
-        to_unit, aabb, aabb_scale = torch.tensor(capture.to_unit, dtype=torch.float32), torch.tensor([[-1.0] * 3, [1.0] * 3]), 1.0
+        to_unit, aabb_scale = torch.tensor(capture.to_unit, dtype=torch.float32), 1.0
+        aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
         rule = "the layout's normalisation: the unit sphere's cube"
     elif capture.points is not None:
         to_unit, aabb, aabb_scale, rule = _points_bounds(capture.points, world["train"].cameras)
