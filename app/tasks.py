@@ -158,11 +158,12 @@ class RadianceTask(Task):
             if pixels.shape[1] == 4:
                 target = target * pixels[:, 3:] + background * (1 - pixels[:, 3:])
             rays, target, background = rays.to(self.device), target.to(self.device), background.to(self.device)
+            cam = cam.to(self.device)
             if self.poses is not None:
-                rays = self.poses(rays, cam.to(self.device), self.train.cameras.c2w)
+                rays = self.poses(rays, cam, self.train.cameras.c2w)
         out = self.pipeline.render(rays, background, generator=generator)
         if self.pipeline.appearance is not None:
-            out["rgb"] = self.pipeline.appearance(out["rgb"], out["opacity"], background, cam.to(self.device))
+            out["rgb"] = self.pipeline.appearance(out["rgb"], out["opacity"], background, cam)
         photometric = F.mse_loss(out["rgb"], target)
         loss = photometric
         if self.cfg.distortion:

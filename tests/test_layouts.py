@@ -15,7 +15,7 @@ import torch
 import trimesh
 
 from recon.data.cameras import Cameras
-from recon.data.colmap import MODELS
+from recon.data.colmap import MODELS, _intrinsics
 from recon.data.loaders import SceneError
 from recon.data.scene import load_scene
 
@@ -124,11 +124,16 @@ def test_colmap_text_model_gives_the_true_rays_and_a_box_around_the_object(colma
     assert scene.unbounded and (scene.aabb[0] < -1).all()
 
 
+def colmap_binary(colmap_scene: Path, d: Path) -> Path:
+    """The text model rewritten by pycolmap as binary: the 5-file layout with rigs and frames."""
+    shutil.copytree(colmap_scene / "images", d / "images")
+    (d / "sparse" / "0").mkdir(parents=True)
+    pycolmap.Reconstruction(str(colmap_scene / "sparse" / "0")).write_binary(str(d / "sparse" / "0"))
+    return d
+
+
 def test_colmap_binary_five_file_model_equals_the_text_one(colmap_scene, tmp_path):
-    binary = tmp_path / "binary"
-    shutil.copytree(colmap_scene / "images", binary / "images")
-    (binary / "sparse" / "0").mkdir(parents=True)
-    pycolmap.Reconstruction(str(colmap_scene / "sparse" / "0")).write_binary(str(binary / "sparse" / "0"))
+    binary = colmap_binary(colmap_scene, tmp_path / "binary")
     assert (binary / "sparse" / "0" / "rigs.bin").is_file()
     text, binary_scene = load_scene(colmap_scene), load_scene(binary)
     assert "COLMAP binary model" in binary_scene.summary["convention"]
@@ -141,10 +146,6 @@ def test_colmap_camera_models_project_as_colmap_does(model):
     focals, slots, _ = MODELS[model]
     params = [300.0, 310.0][:focals] + [64.3, 47.8] + [0.05, -0.02, 0.004, 0.003][: len(slots)]
     colmap_camera = pycolmap.Camera(model=model, width=128, height=96, params=params)
-    reconstruction = pycolmap.Reconstruction()
-    reconstruction.add_camera(colmap_camera)
-    from recon.data.colmap import _intrinsics
-
     size, (fx, fy, cx, cy), distortion, fisheye = _intrinsics(Path("cameras.txt"), colmap_camera)
     ours = Cameras(c2w=torch.eye(3, 4, dtype=torch.float64)[None],  # the world is the OpenGL camera frame
                    **{k: torch.tensor([v], dtype=torch.float64) for k, v in dict(fx=fx, fy=fy, cx=cx, cy=cy).items()},
@@ -179,13 +180,6 @@ def recon(*args: str) -> subprocess.CompletedProcess:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def colmap_binary(colmap_scene: Path, d: Path) -> Path:
-    shutil.copytree(colmap_scene / "images", d / "images")
-    (d / "sparse" / "0").mkdir(parents=True)
-    pycolmap.Reconstruction(str(colmap_scene / "sparse" / "0")).write_binary(str(d / "sparse" / "0"))
-    return d
 
 
 def resized_image(colmap_scene: Path, d: Path) -> Path:
