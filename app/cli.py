@@ -1,4 +1,4 @@
-"""The `recon` command line: fit, demo, eval, render, export, eval-mesh.
+"""The `recon` command line: fit, demo, eval, render, export, convert, process, eval-mesh.
 
 `recon fit` takes a posed-image scene (a radiance field), an image file (the image task) or a mesh
 file (its signed distance); every later command reads the run folder and knows which it was.
@@ -28,6 +28,7 @@ from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task, task_class
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.data.scene import Scene, SceneError, load_scene
+from recon.data.sfm import CAMERA_MODELS, MATCHERS, VIDEO_FRAMES, SfmOptions
 from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import REGISTRY
 
@@ -474,10 +475,31 @@ def cmd_convert(args: argparse.Namespace) -> None:
     files = write_transforms(capture, Path(args.out))
     views = sum(len(found.frames) for found in capture.lists.values())
     print(f"{source}: {capture.convention}")
-    print(f"wrote {views} views to {', '.join(str(f) for f in files)} (world frame of the input)")
-    if capture.points is not None or capture.to_unit is not None:
-        print("note: transforms.json has no place for this layout's normalisation; recon fit on the result "
-              "chooses its box from the camera frustums")
+    turned = " turned so the cameras' mean up is +z" if capture.points is not None else ""
+    print(f"wrote {views} views to {', '.join(str(f) for f in files)} (world frame of the input{turned})")
+
+
+def cmd_process(args: argparse.Namespace) -> None:
+    from recon.data.sfm import process_images, process_video
+
+    source, scene = Path(args.source).expanduser().absolute(), Path(args.scene).expanduser().absolute()
+    matcher = args.matcher or ("sequential" if args.kind == "video" else "exhaustive")
+    options = SfmOptions(matcher=matcher, camera_model=args.camera_model, max_image_side=args.max_image_side)
+    print(f"{source}: structure from motion with pycolmap on the CPU ({matcher} matching, {args.camera_model} camera)")
+    if args.kind == "video":
+        report = process_video(source, scene, args.frames, options)
+    else:
+        report = process_images(source, scene, options)
+    seconds = sum(report[key] for key in ("prepare_s", "features_s", "matching_s", "mapping_s"))
+    print(f"registered {report['registered']} of {report['images']} images ({report['registered_fraction']:.0%}), "
+          f"{report['points']:,} sparse points, mean reprojection error {report['reprojection_error_px']:.2f} px, "
+          f"{seconds:.0f} s")
+    if len(report["models"]) > 1 and report["unregistered"]:
+        print(f"note: the views fell into {len(report['models'])} unconnected models {report['models']}; kept the largest")
+    if "warning" in report:
+        print(f"warning: {report['warning']}")
+    print(f"wrote {scene} (transforms.json, images/, colmap/sparse/0; report process.json, picture process.png); "
+          f"next: recon fit {scene}")
 
 
 def cmd_eval_mesh(args: argparse.Namespace) -> None:
@@ -629,6 +651,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scene")
     p.add_argument("out", help="a new folder")
     p.set_defaults(func=cmd_convert)
+
+    process = sub.add_parser("process", help="camera poses for photos or a video (structure from motion, pycolmap)")
+    kinds = process.add_subparsers(dest="kind", required=True)
+    for kind, what in (("images", "a folder of photos"), ("video", "a video file")):
+        p = kinds.add_parser(kind, help=f"{what} in, a posed scene folder out")
+        p.add_argument("source", help=what)
+        p.add_argument("scene", help="a new folder for the scene")
+        if kind == "video":
+            p.add_argument("--frames", type=int, default=VIDEO_FRAMES,
+                           help=f"frames to keep, the sharpest of equal stretches (default {VIDEO_FRAMES})")
+        p.add_argument("--matcher", choices=MATCHERS,
+                       help="exhaustive: every pair (default for photos); sequential: neighbours in order (video)")
+        p.add_argument("--camera-model", default="OPENCV", choices=CAMERA_MODELS, help="COLMAP camera model")
+        p.add_argument("--max-image-side", type=int, default=SfmOptions.max_image_side,
+                       help=f"features on images downscaled to this side (default {SfmOptions.max_image_side})")
+        p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
     p.add_argument("pred")

@@ -9,6 +9,7 @@ without applying EXIF orientation, as COLMAP saw them.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,37 @@ def find_colmap(folder: Path) -> tuple[Path, Path] | None:
 
 
 def read_colmap(model_folder: Path, image_folder: Path, downscale: int, budget: float | None = None) -> Capture:
+    views, missing, points = colmap_views(model_folder, image_folder)
+    downscale, note = resolve_downscale(downscale, [view.path for view in views], budget)
+
+    def load(view: ColmapView) -> Frame:
+        pixels = read_image(view.path)
+        check_size(view.path, pixels, view.size, "its COLMAP camera")
+        return downscaled_frame(Frame(str(view.path), pixels, view.c2w, view.intrinsics, view.distortion,
+                                      view.fisheye), downscale)
+
+    frames = FrameList(model_folder, len(views) + len(missing), parallel_map(load, views), missing)
+    files = "binary" if _model_file(model_folder, "images").suffix == ".bin" else "text"
+    convention = (f"COLMAP {files} model {model_folder} ({len(points)} sparse points), images in {image_folder}; "
+                  f"every 8th registered image (by name) held out for test")
+    return Capture(convention, {LONE: frames}, downscale, note, points=points)
+
+
+@dataclass(frozen=True)
+class ColmapView:
+    """One registered image of a sparse model: where it is and its camera, pixels not read."""
+
+    path: Path
+    c2w: np.ndarray  # [3, 4] OpenGL camera-to-world in the model's frame
+    size: tuple[int, int]  # width, height
+    intrinsics: tuple[float, float, float, float]
+    distortion: tuple[float, ...]  # recon's six slots
+    fisheye: bool
+
+
+def colmap_views(model_folder: Path, image_folder: Path) -> tuple[list[ColmapView], list[str], np.ndarray]:
+    """The registered images (by name) found in image_folder, the paths of those not found, and the
+    sparse points [N, 3]. Raises SceneError for a model pycolmap cannot read."""
     import pycolmap  # only COLMAP scenes need it
 
     for stem in MODEL_FILES:  # pycolmap reads zeros past the end of a short file, so check first
@@ -62,29 +94,16 @@ def read_colmap(model_folder: Path, image_folder: Path, downscale: int, budget: 
         raise SceneError(model_folder, f"unreadable COLMAP model, a file truncated or corrupt? "
                                        f"({type(e).__name__}: {e})") from None
     cameras = {camera_id: _intrinsics(model_folder, camera) for camera_id, camera in reconstruction.cameras.items()}
-    entries, missing = [], []
+    views, missing = [], []
     for image_id in sorted(reconstruction.reg_image_ids(), key=lambda i: reconstruction.images[i].name):
         image = reconstruction.images[image_id]
         path = image_folder / image.name
-        if not path.is_file():
+        if path.is_file():
+            views.append(ColmapView(path, _camera_to_world(image), *cameras[image.camera_id]))
+        else:
             missing.append(str(path))
-            continue
-        entries.append((path, _camera_to_world(image), cameras[image.camera_id]))
-    listed = len(entries) + len(missing)
-    downscale, note = resolve_downscale(downscale, [entry[0] for entry in entries], budget)
-
-    def load(entry) -> Frame:
-        path, c2w, (size, intrinsics, distortion, fisheye) = entry
-        pixels = read_image(path)
-        check_size(path, pixels, size, "its COLMAP camera")
-        return downscaled_frame(Frame(str(path), pixels, c2w, intrinsics, distortion, fisheye), downscale)
-
-    frames = FrameList(model_folder, listed, parallel_map(load, entries), missing)
     points = np.array([p.xyz for p in reconstruction.points3D.values()], dtype=np.float64).reshape(-1, 3)
-    files = "binary" if _model_file(model_folder, "images").suffix == ".bin" else "text"
-    convention = (f"COLMAP {files} model {model_folder} ({len(points)} sparse points), images in {image_folder}; "
-                  f"every 8th registered image (by name) held out for test")
-    return Capture(convention, {LONE: frames}, downscale, note, points=points)
+    return views, missing, points
 
 
 def _model_file(folder: Path, stem: str) -> Path | None:

@@ -189,7 +189,8 @@ def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None
         aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
         rule = "the layout's normalisation: the unit sphere's cube"
     elif capture.points is not None:
-        to_unit, aabb, aabb_scale, rule = _points_bounds(capture.points, world["train"].cameras)
+        every_camera = torch.cat([split.cameras.c2w for split in world.values()])
+        to_unit, aabb, aabb_scale, rule = points_bounds(capture.points, every_camera)
     else:
         to_unit, aabb, rule = _carved_bounds(world["train"])
         aabb_scale = 1.0
@@ -243,8 +244,9 @@ def read_capture(source: Path, downscale: int, budget: float | None = None) -> C
     if colmap is not None:
         return read_colmap(*colmap, downscale, budget)
     if any(p.suffix.lstrip(".") in IMAGE_EXTENSIONS for p in folder.iterdir()):
-        raise SceneError(folder, "images without camera poses; recon needs transforms.json, a COLMAP model "
-                                 "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
+        raise SceneError(folder, "images without camera poses; find them with `recon process images "
+                                 f"{folder} SCENE` (structure from motion), or give transforms.json, a COLMAP "
+                                 "model (sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
     raise SceneError(folder, "no scene found: expected transforms.json, transforms_train.json, a COLMAP model "
                              "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
 
@@ -256,11 +258,11 @@ def _world_box(aabb: Tensor, to_unit: Tensor) -> Tensor:
     return torch.stack([world.min(0).values, world.max(0).values]).float()
 
 
-def _points_bounds(points: np.ndarray, cameras: Cameras) -> tuple[Tensor, Tensor, float, str]:
+def points_bounds(points: np.ndarray, c2w: Tensor) -> tuple[Tensor, Tensor, float, str]:
     """COLMAP's frame has no up and no scale: the cameras' mean up becomes +z, the box around the
     central POINT_QUANTILES of the sparse points becomes the unit box (largest half-extent 1), and
     the box grows by powers of two (instant-ngp's aabb_scale) until every camera is inside it."""
-    up = cameras.c2w[:, :, 1].double().mean(0)
+    up = c2w[:, :, 1].double().mean(0)
     rotation = _rotation_onto(F.normalize(up, dim=0), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
     if len(points) >= MIN_POINTS:
         rotated = torch.from_numpy(points) @ rotation.T
@@ -268,7 +270,7 @@ def _points_bounds(points: np.ndarray, cameras: Cameras) -> tuple[Tensor, Tensor
         lo, hi = torch.quantile(rotated, q[0], dim=0), torch.quantile(rotated, q[1], dim=0)
         what = f"the central {POINT_QUANTILES[1] - POINT_QUANTILES[0]:.0%} of {len(points)} sparse points"
     else:  # too few points to trust: the cameras' look-at region
-        lo, hi = (v.double() @ rotation.T for v in _look_at_region(cameras))
+        lo, hi = (v.double() @ rotation.T for v in _look_at_region(c2w))
         lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
         what = f"the cameras' look-at region (only {len(points)} sparse points)"
     centre, scale = (lo + hi) / 2, 2 / (hi - lo).max()
@@ -276,7 +278,7 @@ def _points_bounds(points: np.ndarray, cameras: Cameras) -> tuple[Tensor, Tensor
     to_unit[:3, :3] = scale * rotation
     to_unit[:3, 3] = -scale * centre
     aabb = torch.stack([lo - centre, hi - centre]) * scale
-    positions = cameras.c2w[:, :, 3].double() @ to_unit[:3, :3].T + to_unit[:3, 3]
+    positions = c2w[:, :, 3].double() @ to_unit[:3, :3].T + to_unit[:3, 3]
     reach = float(positions.abs().max()) * CAMERA_MARGIN
     aabb_scale = float(min(2 ** max(math.ceil(math.log2(max(reach, 1e-9))), 0), MAX_AABB_SCALE))
     if aabb_scale > 1:
@@ -369,7 +371,7 @@ def _carved_bounds(train: Split) -> tuple[Tensor, Tensor, str]:
     """The box where the training views agree something can be: the intersection of their
     frustums, tightened by the alpha visual hull for RGBA images (as DVGO). Centred on the
     unit frame's origin with its largest half-extent 1."""
-    lo, hi = _look_at_region(train.cameras)
+    lo, hi = _look_at_region(train.cameras.c2w)
     for resolution in CARVE_RESOLUTIONS:
         lo, hi, seen_by, hull = _carve(train, lo, hi, resolution)
     pad = MARGIN * (hi - lo)
@@ -388,11 +390,11 @@ def _carved_bounds(train: Split) -> tuple[Tensor, Tensor, str]:
     return to_unit, aabb, rule
 
 
-def _look_at_region(cameras: Cameras) -> tuple[Tensor, Tensor]:
-    """A generous cube: centred on the point nearest (least squares) to every optical axis,
-    half-size the farthest camera's distance from it."""
-    centres = cameras.c2w[:, :, 3].double()
-    axes = -cameras.c2w[:, :, 2].double()  # viewing directions (OpenGL cameras look down -z)
+def _look_at_region(c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """A generous cube: centred on the point nearest (least squares) to every optical axis of the
+    cameras [N, 3, 4], half-size the farthest camera's distance from it."""
+    centres = c2w[:, :, 3].double()
+    axes = -c2w[:, :, 2].double()  # viewing directions (OpenGL cameras look down -z)
     across = torch.eye(3, dtype=torch.float64) - axes[:, :, None] * axes[:, None, :]
     target = torch.linalg.lstsq(across.sum(0), (across @ centres[..., None]).sum(0)).solution[:, 0]
     half = (centres - target).norm(dim=1).max()

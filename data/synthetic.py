@@ -38,6 +38,16 @@ SUPERSAMPLE = 2  # rays per pixel side: anti-aliased silhouettes give fractional
 LIGHT = np.array([0.5, -0.4, 0.75]) / np.linalg.norm([0.5, -0.4, 0.75])
 AMBIENT = 0.35
 
+# The photo capture for structure from motion (make_capture): speckled objects on a speckled ground
+# disk, cameras on an orbit whose elevation swings twice per turn, as a hand-held walk around.
+NOISE_PERIOD = 32
+NOISE_TABLE = np.random.default_rng(7).random((NOISE_PERIOD,) * 3)
+SPECKLE_FREQUENCIES = (5.0, 9.0, 17.0)  # lattice cells per world unit
+SPECKLE_CONTRAST = 4.0
+GROUND_Z, GROUND_RADIUS, GROUND_TINT = -0.52, 2.6, (0.75, 0.65, 0.5)
+BACKDROP = 0.5  # grey beyond the ground
+ORBIT_ELEVATION_DEG = (32.0, 18.0)  # mean and swing
+
 # Sphere tracing: stop at SDF < EPS; a lower bound on the distance makes every step safe.
 EPS = 1e-4
 MAX_STEPS = 128
@@ -157,10 +167,31 @@ def scene_bounds() -> tuple[Array, Array]:
     return np.min(lows, axis=0), np.max(highs, axis=0)
 
 
-def shade(points: Array, normals: Array) -> Array:
-    """Baked colour [P, 3]: albedo times ambient plus diffuse light, view-independent."""
+def shade(points: Array, normals: Array, speckled: bool = False) -> Array:
+    """Baked colour [P, 3]: albedo (times the speckle) times ambient plus diffuse light, view-independent."""
     diffuse = np.clip(normals @ LIGHT, 0, None)
-    return scene_albedo(points) * (AMBIENT + (1 - AMBIENT) * diffuse)[:, None]
+    albedo = scene_albedo(points) * (speckle(points)[:, None] if speckled else 1)
+    return albedo * (AMBIENT + (1 - AMBIENT) * diffuse)[:, None]
+
+
+def speckle(points: Array) -> Array:
+    """A solid texture [P] in [0.08, 1]: three octaves of value noise, contrast-stretched. Stripes and
+    checkers repeat, and SIFT needs features that do not: photographs for structure from motion get this."""
+    noise = sum(_value_noise(points * frequency) for frequency in SPECKLE_FREQUENCIES) / len(SPECKLE_FREQUENCIES)
+    return np.clip(0.5 + SPECKLE_CONTRAST * (noise - 0.5), 0.08, 1.0)
+
+
+def _value_noise(x: Array) -> Array:
+    """Smoothstep-interpolated random values on the integer lattice (a fixed, periodic table)."""
+    cell = np.floor(x).astype(np.int64)
+    t = x - cell
+    t = t * t * (3 - 2 * t)
+    out = np.zeros(len(x))
+    for corner in np.ndindex(2, 2, 2):
+        weight = np.prod(np.where(corner, t, 1 - t), axis=1)
+        index = (cell + corner) % NOISE_PERIOD
+        out += weight * NOISE_TABLE[index[:, 0], index[:, 1], index[:, 2]]
+    return out
 
 
 def _normals(points: Array) -> Array:
@@ -196,7 +227,8 @@ def _sphere_trace(origin: Array, dirs: Array) -> tuple[npt.NDArray[np.bool_], Ar
     return hit, origin + t[:, None] * dirs
 
 
-def render_view(c2w: Array, width: int, height: int, focal: float, supersample: int = SUPERSAMPLE) -> Array:
+def render_view(c2w: Array, width: int, height: int, focal: float, supersample: int = SUPERSAMPLE,
+                speckled: bool = False) -> Array:
     """Render RGBA [H, W, 4] in [0, 1] (straight alpha = coverage) from an OpenGL c2w pose.
 
     Each pixel averages supersample x supersample stratified rays; its colour is the mean
@@ -210,7 +242,7 @@ def render_view(c2w: Array, width: int, height: int, focal: float, supersample: 
     hit, points = _sphere_trace(c2w[:3, 3], dirs)
 
     rgb = np.zeros_like(dirs)
-    rgb[hit] = shade(points[hit], _normals(points[hit]))
+    rgb[hit] = shade(points[hit], _normals(points[hit]), speckled)
     alpha = hit.reshape(height, s, width, s).mean(axis=(1, 3))
     premultiplied = rgb.reshape(height, s, width, s, 3).mean(axis=(1, 3))
     color = np.divide(premultiplied, alpha[..., None], out=np.zeros_like(premultiplied), where=alpha[..., None] > 0)
@@ -263,6 +295,46 @@ def extract_mesh(cell: float = MESH_CELL) -> trimesh.Trimesh:
     colors = np.round(scene_albedo(vertices) * 255).astype(np.uint8)
     # PyMCubes winds faces towards negative values, i.e. inward for an inside-negative SDF.
     return trimesh.Trimesh(vertices, faces[:, ::-1], vertex_colors=colors, process=False)
+
+
+def make_capture(out_dir: str | Path, n_views: int = 24, resolution: int = 256, supersample: int = 1,
+                 radius: float = 3.0) -> Path:
+    """Photos without poses, for structure from motion: out_dir/photos/view_NNN.png along an orbit
+    (in order, so they also make a video), and out_dir/cameras.json with the true OpenGL camera-to-world
+    poses and focal length, which recon never reads."""
+    out_dir = Path(out_dir)
+    (out_dir / "photos").mkdir(parents=True, exist_ok=True)
+    focal = 0.5 * resolution / np.tan(0.5 * CAMERA_ANGLE_X)
+    azimuth = np.linspace(0, 2 * np.pi, n_views, endpoint=False)
+    mean, swing = ORBIT_ELEVATION_DEG
+    elevation = np.radians(mean + swing * np.sin(2 * azimuth))
+    eyes = radius * np.stack([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth),
+                              np.sin(elevation)], axis=-1)
+    poses = {}
+    for i, eye in enumerate(eyes):
+        c2w = look_at_origin(eye)
+        rgba = render_view(c2w, resolution, resolution, focal, supersample, speckled=True)
+        # The objects stand on the ground and every camera is above it, so the ground never hides them.
+        rgb = rgba[..., :3] * rgba[..., 3:] + _ground(c2w, resolution, focal) * (1 - rgba[..., 3:])
+        name = f"view_{i:03d}.png"
+        iio.imwrite(out_dir / "photos" / name, _to_png(rgb))
+        poses[name] = c2w.tolist()
+    (out_dir / "cameras.json").write_text(json.dumps({"focal": focal, "resolution": resolution, "poses": poses}))
+    return out_dir
+
+
+def _ground(c2w: Array, resolution: int, focal: float) -> Array:
+    """RGB [H, W, 3] of the speckled ground disk z = GROUND_Z through each pixel centre; grey elsewhere."""
+    u, v = np.meshgrid(np.arange(resolution) + 0.5, np.arange(resolution) + 0.5)
+    cam_dirs = np.stack([(u - resolution / 2) / focal, -(v - resolution / 2) / focal, -np.ones_like(u)], -1)
+    dirs = cam_dirs.reshape(-1, 3) @ c2w[:3, :3].T
+    down = np.minimum(dirs[:, 2], -1e-9)  # rays going up never meet the ground
+    t = (GROUND_Z - c2w[2, 3]) / down
+    points = c2w[:3, 3] + t[:, None] * dirs
+    on = (dirs[:, 2] < 0) & (np.hypot(points[:, 0], points[:, 1]) < GROUND_RADIUS)
+    rgb = np.full_like(dirs, BACKDROP)
+    rgb[on] = speckle(points[on])[:, None] * GROUND_TINT
+    return rgb.reshape(resolution, resolution, 3)
 
 
 def _to_png(rgba: Array) -> npt.NDArray[np.uint8]:
