@@ -23,7 +23,8 @@ its k nearest kernels (by centre) and aggregates f(x) = sum_k w_k * g(phi_k(x)):
   shape from its cluster's weighted covariance divided by 0.5 (0.3 for radiance), clipped, inverted;
 - the kernel count fills a parameter budget: by default the parameters of the reference model the
   paper compares with (an instant-ngp grid, TensoRF's VM 16/48) minus the backbone's, at
-  (features + D + shape values) per kernel; `kernels=N` or `--params` set it.
+  (features + D + shape values) per kernel; `kernels=N` sets it, and `--params` sets the kernel count
+  (images, SDFs) or, for radiance, the resolution at which backbone plus kernels meet the budget.
 
 Deviations, because recon has one renderer and one loop: the radiance backbone is recon's single-level
 VM-split (NeuRBF: a 2-level VM with NRFF's ASG shading), the learning-rate schedule is recon's (NeuRBF:
@@ -235,14 +236,17 @@ def mlp_parameters(widths: list[int]) -> int:
 class NeuRBFField(VectorMatrixField):
     """Radiance: TensoRF's VM-split with adaptive RBF features joining its appearance features.
 
-    kernels: None fills the budget of TensoRF's VM with 16/48 components at the same resolution. The
+    kernels: None fills the budget of TensoRF's VM with 16/48 components at the same resolution, so a
+    parameter budget (`--params`, through num_voxels) keeps NeuRBF's split of backbone and kernels. The
     RBFs stay off (their features zero, no gradient) until progress `init_at`, when they are placed by
     weighted k-means on an `init_grid`^3 lattice weighted by alpha * |grad appearance| (the optimiser is
     then rebuilt, as at TensoRF's upscales).
     """
 
     presets = {"cpu": {"num_voxels_init": 64**3, "num_voxels": 128**3, "init_grid": 128}}
-    size_option = {"radiance": "kernels", "image": "kernels", "sdf": "kernels"}
+    # Radiance: the resolution, with the kernels filling TensoRF's budget at it (sizing by the kernel count
+    # alone left one kernel once the CPU preset's backbone exceeded a 2M budget).
+    size_option = {"radiance": "num_voxels", "image": "kernels", "sdf": "kernels"}
     coordinate_decoder = {"hidden": 64, "layers": 2}
 
     def __init__(self, aabb: Tensor, kernels: int | None = None, rbf_features: int = 32, neighbours: int = 5,

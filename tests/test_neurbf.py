@@ -150,3 +150,21 @@ def test_radiance_kernels_are_placed_after_pre_training():
     assert field.update(0.1) and bool(field.rbf_ready)  # placed; the trainer rebuilds its optimiser
     assert (field.rbf.centres < 0.5).all(-1).float().mean() > 0.8  # in the blob's corner of [0, 1]^3
     assert torch.allclose(field(x, d)["rgb"], before, atol=1e-3)  # features start near zero
+
+
+def test_a_radiance_budget_keeps_the_split_of_backbone_and_kernels():
+    """--params sizes the resolution and the kernels fill TensoRF's 16/48 budget at it, so a budget below
+    the CPU preset's backbone still leaves NeuRBF its kernels (sizing by the kernel count left one)."""
+    from recon.fields import final_parameters, options_for_budget
+
+    box = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    preset = {"num_voxels_init": 64**3, "num_voxels": 128**3, "init_grid": 128}
+    options = options_for_budget("neurbf", box, "radiance", 2_000_000, **preset)
+    total = final_parameters("neurbf", box, "radiance", **options)
+    field = build_field("neurbf", box, **options)
+    rbf = sum(p.numel() for p in field.rbf.parameters())  # centres, shapes, features
+    assert abs(total - 2_000_000) < 0.02 * 2_000_000 and options["num_voxels"] < 128**3
+    reference = final_parameters("vm", box, "radiance", num_voxels=options["num_voxels"])
+    assert total == pytest.approx(reference, rel=0.02)  # NeuRBF's size: TensoRF 16/48 at the same resolution
+    kernels = len(field.rbf.centres)
+    assert kernels > 1000 and 0.15 < rbf / total < 0.5, (kernels, rbf, total)
