@@ -20,6 +20,8 @@ from recon.data.rays import Rays
 from recon.fields import Field, SurfaceField, build_field
 from recon.renderers import OccupancyGrid, alpha_to_tau, render_chunked, render_rays
 
+BACKGROUND = ("hashgrid", {"levels": 8, "log2_table": 17})  # the density field around an SDF in unbounded scenes
+
 
 @dataclass
 class Tracer:
@@ -36,9 +38,10 @@ class Tracer:
 
 class Pipeline:
     def __init__(self, field: Field, grid_config: dict[str, Any] | None = None, tracer: Tracer | None = None,
-                 appearance: AppearanceCodes | None = None):
+                 appearance: AppearanceCodes | None = None, background: Field | None = None):
         self.field, self.tracer = field, tracer
         self.appearance = appearance  # per-training-image colour transforms; views render with their mean
+        self.background = background  # an SDF field's surroundings in an unbounded scene (density, NeRF++)
         self.grid_config = grid_config  # OccupancyGrid keyword arguments, kept to rebuild it from a checkpoint
         self.grid = None if grid_config is None else OccupancyGrid(
             aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
@@ -51,43 +54,48 @@ class Pipeline:
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
         (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off; model "sdf": a NeuS
         SDF field (fields.surface) instead of a density. In an
-        unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction)."""
-        field = build_field(field_name, scene_aabb, "surface" if model == "sdf" else "radiance", **field_options)
-        field.set_quantization(quantize)
-        if cam:
-            field.enable_cam(**cam)
+        unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction); an SDF
+        field covers the inner box only, and a density field (BACKGROUND) the space around it, as NeRF++ does,
+        so the background is not carved into the surface."""
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
-        if field.bounded and levels > 1:
-            field.set_contraction(inner)
+        background = None
+        if model == "sdf":
+            field = build_field(field_name, inner, "surface", **field_options)
+            if levels > 1:
+                background = build_field(BACKGROUND[0], scene_aabb, "radiance", **BACKGROUND[1])
+        else:
+            field = build_field(field_name, scene_aabb, "radiance", **field_options)
+            if field.bounded and levels > 1:
+                field.set_contraction(inner)
+        field.set_quantization(quantize)
+        if cam:
+            field.enable_cam(**cam)
         step_size = float(torch.linalg.norm(inner[1] - inner[0])) / samples_per_diagonal
         grid_config = {"aabb": inner.tolist(), "resolution": grid_resolution, "levels": levels, "step_size": step_size}
-        return cls(field, grid_config, Tracer(scene_aabb.clone(), step_size, cone_angle, near))
+        return cls(field, grid_config, Tracer(scene_aabb.clone(), step_size, cone_angle, near), background=background)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Pipeline":
         """Rebuild from `state_dict()`; shapes come from the saved tensors, not the config."""
-        saved = state["field"]
         t = state["tracer"]
         tracer = None if t is None else Tracer(torch.tensor(t["aabb"]), t["step_size"], t["cone_angle"], t["near"])
-        field = build_field(saved["name"], torch.tensor(saved["aabb"]), **saved["config"])
-        field.set_quantization(saved["quantize"])
-        field.set_contraction(None if saved["contraction"] is None else torch.tensor(saved["contraction"]))
-        if saved["cam"]:
-            field.enable_cam(**saved["cam"])
-        load_resizing(field, saved["state"])
         codes = state.get("appearance")  # absent from checkpoints of earlier versions
         appearance = None if codes is None else AppearanceCodes(len(codes["transform"]))
         if appearance is not None:
             appearance.load_state_dict(codes)
-        pipeline = cls(field, state["grid_config"], tracer, appearance)
+        background = state.get("background")
+        pipeline = cls(_field_from_state(state["field"]), state["grid_config"], tracer, appearance,
+                       None if background is None else _field_from_state(background))
         if pipeline.grid is not None:
             load_resizing(pipeline.grid, state["grid"])
         return pipeline
 
     def to(self, device: torch.device | str) -> "Pipeline":
         self.field.to(device)
+        if self.background is not None:
+            self.background.to(device)
         if self.appearance is not None:
             self.appearance.to(device)
         if self.tracer is not None:
@@ -110,20 +118,41 @@ class Pipeline:
         samples are appended to `gradients`, for the eikonal term)."""
         # bf16 matmuls on CUDA only; the field keeps positions and interpolation in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            if self.is_surface:
+            if not self.is_surface:
+                out = self.field(x, d)
+                return out["density"].float() * dt, out["rgb"].float()
+            if self.background is None:
                 alpha, rgb, gradient = self.field.opacity(x, d, dt)
                 if gradients is not None:
                     gradients.append(gradient)
                 return alpha_to_tau(alpha.float()), rgb.float()
-            out = self.field(x, d)
-        return out["density"].float() * dt, out["rgb"].float()
+            inside = self._in_surface_box(x)
+            tau, rgb = x.new_zeros(len(x)), x.new_zeros(len(x), 3)
+            alpha, surface_rgb, gradient = self.field.opacity(x[inside], d[inside], dt[inside])
+            tau[inside], rgb[inside] = alpha_to_tau(alpha.float()), surface_rgb.float()
+            if gradients is not None:
+                gradients.append(gradient)
+            out = self.background(x[~inside], d[~inside])
+            tau[~inside], rgb[~inside] = out["density"].float() * dt[~inside], out["rgb"].float()
+        return tau, rgb
 
     def density_fn(self, x: torch.Tensor) -> torch.Tensor:
         """Density for the occupancy grid; for an SDF field, NeuS's opacity over the grid's step as a density."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            if self.is_surface:
+            if not self.is_surface:
+                return self.field.density(x).float()
+            if self.background is None:
                 return self.field.occupancy_density(x, self.grid.step_size).float()
-            return self.field.density(x).float()
+            inside = self._in_surface_box(x)
+            density = x.new_zeros(len(x))
+            density[inside] = self.field.occupancy_density(x[inside], self.grid.step_size).float()
+            density[~inside] = self.background.density(x[~inside]).float()
+        return density
+
+    def _in_surface_box(self, x: torch.Tensor) -> torch.Tensor:
+        """Which points the SDF field answers for (the background answers for the rest)."""
+        box = self.field.aabb
+        return ((x >= box[0]) & (x <= box[1])).all(-1)
 
     def _trace_args(self) -> dict[str, Any]:
         t = self.tracer
@@ -164,14 +193,29 @@ class Pipeline:
         return {k: out[k].reshape(height, width, -1).squeeze(-1) for k in ("rgb", "depth", "opacity")}
 
     def state_dict(self) -> dict[str, Any]:
-        field = self.field
         return {
-            "field": {"name": field.name, "aabb": field.aabb.tolist(), "config": field.config(),
-                      "quantize": field.quantize_relative,
-                      "contraction": None if field.contraction is None else field.contraction.tolist(), "cam": field.cam,
-                      "state": field.state_dict()},
+            "field": _field_state(self.field),
+            "background": None if self.background is None else _field_state(self.background),
             "grid": None if self.grid is None else self.grid.state_dict(),
             "grid_config": self.grid_config,
             "tracer": None if self.tracer is None else self.tracer.to_json(),
             "appearance": None if self.appearance is None else self.appearance.state_dict(),
         }
+
+
+
+def _field_state(field: Field) -> dict[str, Any]:
+    """What rebuilds a field: its builder name, box, options, coordinate transforms and weights."""
+    contraction = None if field.contraction is None else field.contraction.tolist()
+    return {"name": field.name, "aabb": field.aabb.tolist(), "config": field.config(), "quantize": field.quantize_relative,
+            "contraction": contraction, "cam": field.cam, "state": field.state_dict()}
+
+
+def _field_from_state(saved: dict[str, Any]) -> Field:
+    field = build_field(saved["name"], torch.tensor(saved["aabb"]), **saved["config"])
+    field.set_quantization(saved["quantize"])
+    field.set_contraction(None if saved["contraction"] is None else torch.tensor(saved["contraction"]))
+    if saved["cam"]:
+        field.enable_cam(**saved["cam"])
+    load_resizing(field, saved["state"])
+    return field

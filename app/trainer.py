@@ -75,6 +75,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = self.pipeline.field.optimizer_groups(self.cfg.lr)
+        if self.pipeline.background is not None:
+            background = self.pipeline.background.optimizer_groups(self.cfg.lr)
+            groups += [{**g, "name": f"background-{g['name']}"} for g in background]
         for name, (module, lr) in self.task.learnable().items():
             groups.append({"name": name, "params": list(module.parameters()), "lr": lr})
         for group in groups:
@@ -231,8 +234,10 @@ class Trainer:
         load_resizing(self.pipeline.field, saved["field"]["state"])
         if self.pipeline.grid is not None:
             load_resizing(self.pipeline.grid, saved["grid"])
+        if self.pipeline.background is not None:
+            load_resizing(self.pipeline.background, saved["background"]["state"])
         for name, (module, _) in self.task.learnable().items():
-            module.load_state_dict(state["task_weights"][name])  # KeyError: a checkpoint from before --refine-poses etc.
+            module.load_state_dict(state["task_weights"][name])
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["loop"])

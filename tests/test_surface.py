@@ -2,7 +2,10 @@
 exact SDF, the untrained field as a sphere, both gradient modes, and a short fit meshed near the truth."""
 
 import json
+import shutil
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 import trimesh
@@ -97,3 +100,54 @@ def test_a_short_fit_meshes_near_the_truth(tiny_scene, tmp_path):
     scores = mesh_distances(path, tiny_scene / "mesh.ply", samples=50_000)
     assert scores["chamfer"] < 0.03 and scores["fscore"] > 0.6, scores
     assert trimesh.load(path).is_watertight or len(trimesh.load(path).split()) >= 1
+
+
+def test_an_unbounded_scene_splits_space_between_the_sdf_and_a_background_field():
+    """NeRF++'s split in one renderer: the SDF answers inside the inner box only, a density field
+    everywhere around it. An exact sphere inside, a wall at z = 2 outside: rays through the sphere end on
+    it, rays past it cross the (empty) rest of the inner box and end on the wall, in the wall's colour."""
+    scene_box = BOX * 4
+    pipeline = Pipeline.build("hashgrid", {"levels": 2, "log2_table": 10, "max_resolution": 16}, scene_box, 4.0,
+                              0.0, 0.0, 16, 512, model="sdf")
+    assert pipeline.background is not None and torch.equal(pipeline.field.aabb, BOX)
+    exact = sphere_pipeline(sharpness=2000.0).field
+    field, asked = pipeline.field, {"sdf": [], "background": []}
+
+    def sphere(x, create_graph=False):
+        asked["sdf"].append(x.detach())
+        return exact.sdf_gradient(x)
+
+    def wall(x, d):
+        asked["background"].append(x.detach())
+        density = torch.where(x[:, 2] > 2.0, 1e4, 0.0)
+        return {"density": density, "rgb": torch.tensor([0.0, 1.0, 0.0]).expand(len(x), 3)}
+
+    field.sdf_gradient = sphere
+    with torch.no_grad():
+        field.variance.fill_(torch.log(torch.tensor(2000.0)).item() / 10)
+    pipeline.background.forward = wall
+    through, hit = rays_at_the_sphere(32, spread=0.3)
+    near_axis, _ = rays_at_the_sphere(32, spread=0.1)
+    past = Rays(near_axis.origins + torch.tensor([0.85, 0.0, 0.0]), near_axis.dirs)  # 0.25 off the sphere, in the box
+    out = pipeline.render(Rays(torch.cat([through.origins, past.origins]), torch.cat([through.dirs, past.dirs])),
+                          torch.ones(3))
+    step = pipeline.tracer.step_size
+    assert (out["depth"][:32] - hit).abs().max() < 2 * step
+    assert (out["depth"][32:] - 5.0).abs().max() < 2 * step  # from z = -3 to the wall at z = 2
+    assert out["opacity"].min() > 0.99
+    torch.testing.assert_close(out["rgb"][32:], torch.tensor([0.0, 1.0, 0.0]).expand(32, 3), atol=5e-3, rtol=0)
+    inside = lambda x: ((x >= -1) & (x <= 1)).all(-1)  # noqa: E731
+    assert inside(torch.cat(asked["sdf"])).all() and not inside(torch.cat(asked["background"])).any()
+
+
+def test_an_sdf_with_a_background_reloads_identically():
+    pipeline = Pipeline.build("hashgrid", {"levels": 2, "log2_table": 10, "max_resolution": 16}, BOX * 4, 4.0,
+                              0.0, 0.0, 16, 512, model="sdf")
+    with torch.no_grad():
+        for p in pipeline.background.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    reloaded = Pipeline.from_state(pipeline.state_dict())
+    x, d = torch.rand(256, 3) * 8 - 4, torch.nn.functional.normalize(torch.randn(256, 3), dim=-1)
+    dt = torch.full((256,), 0.01)
+    for got, want in zip(reloaded.field_fn(x, d, dt), pipeline.field_fn(x, d, dt)):
+        torch.testing.assert_close(got, want)
