@@ -64,11 +64,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_scene, extras):
 
 
 def test_time_capped_run_ends_at_the_final_learning_rate(tiny_scene):
+    """A step must take under a tenth of the cap for the last phase to get one: 5 s leaves room on a busy CPU."""
     scene = load_scene(tiny_scene)
-    cfg = small_config(tiny_scene, steps=None, max_time=3.0, batch_rays=256)
+    cfg = small_config(tiny_scene, steps=None, max_time=5.0, batch_rays=256)
     trainer = Trainer(cfg, scene)
     trainer.run()
-    assert trainer.progress.done and trainer.progress.seconds >= 3.0
+    assert trainer.progress.done and trainer.progress.seconds >= 5.0
     assert trainer.lr() == pytest.approx(cfg.lr * FINAL_LEARNING_RATE_FACTOR)
 
 

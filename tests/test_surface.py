@@ -1,11 +1,7 @@
 """SDF fields from posed images (NeuS): the renderer against a sphere's closed form, the eikonal term of an
-exact SDF, the untrained field as a sphere, both gradient modes, and a short fit meshed near the truth."""
+exact SDF, the untrained field as a sphere, both gradient modes, a short fit meshed near the truth, and
+the split of an unbounded scene between the SDF and a background field."""
 
-import json
-import shutil
-
-import imageio.v3 as iio
-import numpy as np
 import pytest
 import torch
 import trimesh
