@@ -39,7 +39,7 @@ class SfmOptions:
     camera_model: str = "OPENCV"  # nerfstudio's default: pinhole plus two radial and two tangential terms
     max_image_side: int = 1600  # SIFT runs on images downscaled to this side (COLMAP's own default: 3200)
     sequential_overlap: int = 10
-    seed: int = 0  # COLMAP's RANSAC and initial pair choice, so a rerun gives the same model
+    seed: int = 0  # COLMAP's RANSAC and initial pair choice (its threads still make reruns differ slightly)
 
 
 def process_images(photos: Path, scene: Path, options: SfmOptions = SfmOptions()) -> dict:
