@@ -28,7 +28,7 @@ from recon.app.metrics import psnr, ssim
 from recon.app.pipeline import Pipeline
 from recon.data.cameras import AppearanceCodes, PoseCorrection
 from recon.data.scene import Scene, visual_hull
-from recon.data.targets import ImageTarget, MeshTarget, sample_surface, sdf_samples, signed_distance
+from recon.data.targets import ImageTarget, MeshTarget, inside_mesh, sample_surface, sdf_samples
 from recon.fields import build_field
 from recon.renderers import distortion
 
@@ -318,7 +318,7 @@ SDF_PROTOCOL = (f"IoU of the insides (sdf < 0) over {IOU_POINTS:,} points unifor
 def sdf_scores(field, mesh: MeshTarget, chunk: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(EVAL_SEED)
     uniform = torch.rand(IOU_POINTS, 3, generator=generator) * 2 - 1
-    gt_inside = signed_distance(mesh.vertices, mesh.faces, uniform) < 0
+    gt_inside = inside_mesh(mesh.vertices, mesh.faces, uniform)
     surface, normals = sample_surface(mesh.vertices, mesh.faces, NORMAL_POINTS, generator)
     device = field.aabb.device
     was_training = field.training
