@@ -203,7 +203,6 @@ class Pipeline:
         }
 
 
-
 def _field_state(field: Field) -> dict[str, Any]:
     """What rebuilds a field: its builder name, box, options, coordinate transforms and weights."""
     contraction = None if field.contraction is None else field.contraction.tolist()

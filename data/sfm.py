@@ -87,7 +87,7 @@ def pick_sharp_frames(video: Path, count: int) -> list[tuple[int, np.ndarray]]:
         meta = iio.immeta(video, plugin="FFMPEG")
         frames = iio.imiter(video, plugin="FFMPEG")
     except Exception as e:  # imageio and ffmpeg raise OSError, RuntimeError, ... for what they cannot read
-        raise SceneError(video, f"unreadable video ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise _unreadable(video, "video", e) from None
     estimated = max(round(meta.get("fps", 0) * meta.get("duration", 0)), 1)
     best: dict[int, tuple[float, int, np.ndarray]] = {}
     try:
@@ -97,7 +97,7 @@ def pick_sharp_frames(video: Path, count: int) -> list[tuple[int, np.ndarray]]:
             if stretch not in best or score > best[stretch][0]:
                 best[stretch] = (score, index, frame[..., :3])
     except Exception as e:
-        raise SceneError(video, f"unreadable video ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise _unreadable(video, "video", e) from None
     if len(best) < 2:
         raise SceneError(video, f"{len(best)} decodable frames; structure from motion needs at least 2")
     return [(index, frame) for _, index, frame in (best[k] for k in sorted(best))]
@@ -213,7 +213,12 @@ def _image_size(file: Path) -> tuple[int, ...]:
     try:
         return iio.improps(file).shape[:2]
     except Exception as e:
-        raise SceneError(file, f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise _unreadable(file, "image", e) from None
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> SceneError:
+    first_line = (str(error).splitlines() or [""])[0]
+    return SceneError(path, f"unreadable {what} ({type(error).__name__}: {first_line})")
 
 
 def draw_cameras(transforms: Path, points_file: Path, out: Path) -> None:

@@ -235,10 +235,7 @@ def render_view(c2w: Array, width: int, height: int, focal: float, supersample: 
     over covered sub-rays, so compositing on a background reproduces the supersampled image.
     """
     c2w, s = np.asarray(c2w, dtype=np.float64), supersample
-    u, v = np.meshgrid((np.arange(width * s) + 0.5) / s, (np.arange(height * s) + 0.5) / s)
-    cam_dirs = np.stack([(u - width / 2) / focal, -(v - height / 2) / focal, -np.ones_like(u)], -1).reshape(-1, 3)
-    dirs = cam_dirs @ c2w[:3, :3].T
-    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    dirs = _pixel_dirs(c2w, width, height, focal, s)
     hit, points = _sphere_trace(c2w[:3, 3], dirs)
 
     rgb = np.zeros_like(dirs)
@@ -247,6 +244,15 @@ def render_view(c2w: Array, width: int, height: int, focal: float, supersample: 
     premultiplied = rgb.reshape(height, s, width, s, 3).mean(axis=(1, 3))
     color = np.divide(premultiplied, alpha[..., None], out=np.zeros_like(premultiplied), where=alpha[..., None] > 0)
     return np.concatenate([np.clip(color, 0, 1), alpha[..., None]], axis=-1)
+
+
+def _pixel_dirs(c2w: Array, width: int, height: int, focal: float, supersample: int = 1) -> Array:
+    """Unit world directions [H*s * W*s, 3] of stratified rays through each pixel (centres at +0.5)."""
+    s = supersample
+    u, v = np.meshgrid((np.arange(width * s) + 0.5) / s, (np.arange(height * s) + 0.5) / s)
+    cam_dirs = np.stack([(u - width / 2) / focal, -(v - height / 2) / focal, -np.ones_like(u)], -1).reshape(-1, 3)
+    dirs = cam_dirs @ c2w[:3, :3].T
+    return dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
 
 
 def look_at_origin(eye: Array) -> Array:
@@ -325,9 +331,7 @@ def make_capture(out_dir: str | Path, n_views: int = 24, resolution: int = 256, 
 
 def _ground(c2w: Array, resolution: int, focal: float) -> Array:
     """RGB [H, W, 3] of the speckled ground disk z = GROUND_Z through each pixel centre; grey elsewhere."""
-    u, v = np.meshgrid(np.arange(resolution) + 0.5, np.arange(resolution) + 0.5)
-    cam_dirs = np.stack([(u - resolution / 2) / focal, -(v - resolution / 2) / focal, -np.ones_like(u)], -1)
-    dirs = cam_dirs.reshape(-1, 3) @ c2w[:3, :3].T
+    dirs = _pixel_dirs(c2w, resolution, resolution, focal)
     down = np.minimum(dirs[:, 2], -1e-9)  # rays going up never meet the ground
     t = (GROUND_Z - c2w[2, 3]) / down
     points = c2w[:3, 3] + t[:, None] * dirs
