@@ -1,6 +1,6 @@
 """Every backend on one input at one parameter budget, with and without quantized coordinates.
 
-Runs `recon fit INPUT --field NAME --params BUDGET ...` for each backend (and each --quantize value),
+Runs `recon fit INPUT --field NAME [--params BUDGET] ...` for each backend (and each --quantize value),
 reads each run's metrics.json, and writes one JSON file plus the Markdown rows of BENCHMARKS.md's table.
 
     python bench/backends.py ../shared/data/meshes/armadillo.obj --params 1000000 --steps 1500 \
@@ -22,8 +22,9 @@ BACKENDS = ("hashgrid", "voxel", "triplane", "vm", "pe")
 def run_one(args: argparse.Namespace, field: str, quantize: float) -> dict:
     name = f"{Path(args.input).stem}-{field}-q{quantize:g}{'-' + args.label if args.label else ''}"
     run = Path(args.runs) / name
-    command = [sys.executable, "-m", "recon.app.cli", "fit", args.input, "--field", field, "--params", str(args.params),
+    command = [sys.executable, "-m", "recon.app.cli", "fit", args.input, "--field", field,
                "--quantize", str(quantize), "--out", str(run), "--overwrite", "--no-viewer", *args.extra]
+    command += ["--params", str(args.params)] if args.params else []
     command += ["--steps", str(args.steps)] if args.steps else []
     command += ["--max-time", str(args.max_time)] if args.max_time else []
     started = time.perf_counter()
@@ -52,7 +53,7 @@ def markdown_row(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="an image, a mesh or a posed-image scene")
-    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--params", type=int, help="the parameter budget (default: each backend at its own size)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-time", type=float)
     parser.add_argument("--quantize", type=float, nargs="+", default=[0.0, 2e-4])

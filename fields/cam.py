@@ -7,11 +7,15 @@ After each hidden linear layer of an MLP, before its activation:
 with gamma and beta sampled from small learnable grids at a coordinate c of the query, one scalar pair per
 layer and point (the official code's grids hold one channel each), initialised to gamma = 1, beta = 0.
 The grids train at the rate the official code actually uses: 10x the MLP's for images; the MLP's own for
-Mip-NeRF (one optimiser group) and for NerfAcc (whose 10x group matches no parameter name, so it is empty). Norm is a layer norm over the channels of each point, without its
-own affine (the image code's instance norm acts that way on its layout; Mip-NeRF's GroupNorm(1) would mix
-a ray's samples); it never mixes points, so an output does not depend on how queries are batched. The
-tri-plane variant has none, as the official NerfAcc code, which also keeps an SDF decoder's geometric
-initialisation intact (normalising each layer would undo it).
+Mip-NeRF (one optimiser group) and for NerfAcc (whose 10x group matches no parameter name, so it is empty);
+never above the base rate grid encodings train at. The image code's 10x is 1e-2 beside its FFN's 1e-3, which
+is what the positional-encoding MLP gets here; a grid backbone's decoder already trains at 1e-2 (instant-ngp's),
+and 10x that, 0.1, cost the hash grid 2.3 dB on a photo where the capped rate gains 0.1 (BENCHMARKS.md, CAM).
+Norm is a layer norm over the channels of each point, without its own affine (the image code's instance
+norm acts that way on its layout; Mip-NeRF's GroupNorm(1) would mix a ray's samples); it never mixes points,
+so an output does not depend on how queries are batched. The tri-plane variant has none, as the official
+NerfAcc code, which also keeps an SDF decoder's geometric initialisation intact (normalising each layer would
+undo it).
 
 The coordinate and grid per task, as the official code:
 - "plane" (images): a 32 x 32 grid over the pixel coordinates, bilinear, borders clamped;
