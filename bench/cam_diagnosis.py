@@ -1,22 +1,21 @@
-"""Why CAM on a grid's decoder lost 2.3 dB on a photo: the hash grid + plane CAM with the grids' learning-rate
-factor and normalisation set by hand (fields.cam.LR_FACTOR / NORMALIZED, which the CLI does not expose).
+"""CAM's image grids with their learning-rate factor and layer norm set by hand (fields.cam.LR_FACTOR and
+NORMALIZED, which the CLI does not expose); everything after them goes to `recon fit` as it is.
 
-    python bench/cam_diagnosis.py FACTOR on|off RUN [IMAGE]
+    python bench/cam_diagnosis.py FACTOR on|off IMAGE --field hashgrid --cam --out RUN [recon fit options]
 
-FACTOR 10 gives the grids 0.1 beside the decoder's 1e-2 (before the cap at the base rate), 1 gives 1e-2.
+FACTOR is the grids' rate over the modulated MLP's; above 1 the cap at the base rate is lifted too, to
+reproduce the uncapped rate (10 beside a grid's decoder at 1e-2: 0.1).
 """
 
 import sys
 
 import recon.fields.cam as cam
 from recon.app.cli import main
+from recon.fields import base
 
-factor, normalize, run = float(sys.argv[1]), sys.argv[2] == "on", sys.argv[3]
-image = sys.argv[4] if len(sys.argv) > 4 else "../shared/data/fox/images/0001.jpg"
+factor, normalize, fit_args = float(sys.argv[1]), sys.argv[2] == "on", sys.argv[3:]
 cam.LR_FACTOR["plane"], cam.NORMALIZED["plane"] = factor, normalize
-if factor > 1:  # undo the cap at the base rate, to reproduce the uncapped rate
-    from recon.fields import base
-    base.min = lambda rate, _cap: rate
-sys.argv = ["recon", "fit", image, "--field", "hashgrid", "--params", "250000", "--quantize", "0", "--downscale", "2",
-            "--steps", "1000", "--cam", "--out", run, "--overwrite", "--no-viewer"]
+if factor > 1:
+    base.min = lambda rate, _cap: rate  # fields.base caps the grids' rate with min(); this lifts the cap
+sys.argv = ["recon", "fit", *fit_args, "--overwrite", "--no-viewer"]
 main()
