@@ -11,11 +11,10 @@ import sys
 
 import recon.fields.cam as cam
 from recon.app.cli import main
-from recon.fields import base
 
 factor, normalize, fit_args = float(sys.argv[1]), sys.argv[2] == "on", sys.argv[3:]
 cam.LR_FACTOR["plane"], cam.NORMALIZED["plane"] = factor, normalize
 if factor > 1:
-    base.min = lambda rate, _cap: rate  # fields.base caps the grids' rate with min(); this lifts the cap
+    cam.Modulation.lr_cap = float("inf")
 sys.argv = ["recon", "fit", *fit_args, "--overwrite", "--no-viewer"]
 main()

@@ -141,7 +141,7 @@ class Field(nn.Module):
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
         """`param_groups`, with CAM's grids split out at their factor (fields.cam.LR_FACTOR) times the rate
-        of the MLP they modulate, at most the base rate `lr` (the grid encodings' rate)."""
+        of the MLP they modulate, at most Modulation.lr_cap times the base rate `lr`."""
         groups = self.param_groups(lr)
         factor = {id(p): m.lr_factor for m in self.modules() if isinstance(m, Modulation) for p in m.parameters()}
         if not factor:
@@ -153,7 +153,7 @@ class Field(nn.Module):
             out += [{**group, "params": own}] if own else []
             if grids:
                 out.append({**group, "name": f"{group['name']}-cam", "params": grids,
-                            "lr": min(factor[id(grids[0])] * group["lr"], lr), "weight_decay": 0.0})
+                            "lr": min(factor[id(grids[0])] * group["lr"], Modulation.lr_cap * lr), "weight_decay": 0.0})
         return out
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:

@@ -72,6 +72,8 @@ def direction_coordinates(d: Tensor) -> Tensor:
 class Modulation(nn.Module):
     """gamma, beta [layers, N, 1] for the `layers` hidden layers of one MLP (see the module docstring)."""
 
+    lr_cap = 1.0  # the grids' rate is at most this times the base rate, the rate grid encodings train at
+
     def __init__(self, kind: str, layers: int, resolution: int | None = None, bits: int | None = None,
                  normalize: bool | None = None):
         super().__init__()

@@ -37,7 +37,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recon.fields import final_parameters, register

@@ -22,7 +22,6 @@ backend.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

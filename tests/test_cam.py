@@ -1,7 +1,6 @@
 """CAM: the identity at gamma = 1, beta = 0, outputs independent of batching, gradients into every grid,
 the 8-bit quantiser, reloads, and small fits of an image and a sphere SDF."""
 
-
 import imageio.v2 as imageio
 import numpy as np
 import pytest
