@@ -335,6 +335,26 @@ class FrequencyEncoding(Encoding):
         return torch.cat([x, torch.sin(scaled), torch.cos(scaled)], -1)
 
 
+class GaussianFourierEncoding(Encoding):
+    """Random Fourier features (Tancik et al., NeurIPS 2020): [sin(2 pi B u), cos(2 pi B u)] for u in [0, 1]^D,
+    B [features, D] drawn once from N(0, scale^2) with a fixed seed and kept as a buffer, so a saved run
+    reloads to the same features. CAM's image experiments use 256 features at scale 10."""
+
+    def __init__(self, dims: int, features: int = 256, scale: float = 10.0, seed: int = 0):
+        super().__init__()
+        self.dims = dims
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", torch.randn(features, dims, generator=generator) * (2 * math.pi * scale))
+
+    @property
+    def out_dim(self) -> int:
+        return 2 * len(self.projection)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        phase = u @ self.projection.T
+        return torch.cat([torch.sin(phase), torch.cos(phase)], -1)
+
+
 class MLP(nn.Module):
     """in_dim -> `layers` hidden layers of width `hidden` -> out_dim (no output activation; out_dim None:
     the last hidden activation, a trunk).

@@ -7,8 +7,9 @@ feature and the encoded direction to colour.
 
 NeRF's ReLU density is replaced by softplus: identical where positive, but it never dies at zero.
 
-For the coordinate tasks the backend is the encoding of [-1, 1]^D coordinates, decoded by a `layers` x
-`hidden` MLP (default 4 x 256, a Fourier-feature network's size) at a tenth of the base learning rate.
+For the coordinate tasks the backend is the encoding of [-1, 1]^D coordinates (or, with `fourier_features`,
+random Gaussian Fourier features of [0, 1]^D ones), decoded by a `layers` x `hidden` MLP (default 4 x 256, a
+Fourier-feature network's size) at a tenth of the base learning rate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from recon.fields import register
 from recon.fields.base import Field
 from recon.fields.cam import CamQuery
-from recon.fields.encodings import MLP, Encoding, FrequencyEncoding
+from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, GaussianFourierEncoding
 
 SKIP_AFTER = 4  # NeRF feeds the encoded position again after its 4th layer
 
@@ -54,7 +55,12 @@ class PositionalEncodingField(Field):
         self.color_net = MLP(width + self.view_encoding.out_dim, 3, width // 2, 1)
 
     @classmethod
-    def coordinate_encoding(cls, extent: list[float], finest: float, frequencies: int = 10) -> Encoding:
+    def coordinate_encoding(cls, extent: list[float], finest: float, frequencies: int = 10,
+                            fourier_features: int = 0, fourier_scale: float = 10.0) -> Encoding:
+        """NeRF's octaves, or with `fourier_features` > 0 a Fourier-feature network's random Gaussian ones
+        (CAM's image backbone: 256 at scale 10, with `layers=3`)."""
+        if fourier_features:
+            return GaussianFourierEncoding(len(extent), fourier_features, fourier_scale)
         return CentredFrequencyEncoding(len(extent), frequencies)
 
     def cam_targets(self) -> list[MLP]:

@@ -3,6 +3,7 @@ coordinates: the loss falls, gradients reach every parameter, a saved run reload
 and the task fields' own contracts (the SDF starts as a sphere, the image field covers its pixels)."""
 
 import json
+import math
 
 import imageio.v2 as imageio
 import numpy as np
@@ -18,6 +19,7 @@ from recon.data.loaders import SceneError
 from recon.data.targets import (load_image, load_mesh, open3d_available, sdf_samples, signed_distance,
                                 signed_distance_reference)
 from recon.fields import REGISTRY, build_field
+from recon.fields.encodings import GaussianFourierEncoding
 
 # Small encodings per backend for the coordinate tasks (their options, not the radiance fields').
 SMALL = {
@@ -114,6 +116,31 @@ def test_mesh_sdf_fit_reaches_an_iou_floor(bunny):
     trainer.run()
     scores = trainer.task.evaluate(None)["mean"]
     assert scores["iou"] > 0.97 and scores["normal_angle_deg"] < 10, scores
+
+
+def test_fourier_features_are_gaussian_frequencies_and_fit_an_image(photo):
+    encoding = GaussianFourierEncoding(2, features=256, scale=10.0)
+    frequencies = encoding.projection / (2 * math.pi)  # cycles per unit of [0, 1]
+    assert encoding.out_dim == 512 and abs(frequencies.std().item() - 10) < 1 and abs(frequencies.mean().item()) < 1
+    u = torch.rand(100, 2)
+    phase = 2 * math.pi * u @ frequencies.T
+    assert torch.allclose(encoding(u), torch.cat([phase.sin(), phase.cos()], -1), atol=1e-4)
+    assert torch.equal(GaussianFourierEncoding(2, 256, 10.0).projection, encoding.projection)  # a fixed draw
+
+    def fit(**encoding) -> Trainer:
+        options = {"hidden": 64, "layers": 3, **encoding}
+        trainer = Trainer(coordinate_config(photo, "pe", steps=300, field_options=options), load_image(photo))
+        trainer.run()
+        return trainer
+
+    # The stripes every 6 pixels are beyond 6 octaves in 300 steps; random frequencies reach them.
+    trainer = fit(fourier_features=128, fourier_scale=10.0)
+    random_features = trainer.task.evaluate(None)["mean"]["psnr"]
+    octaves = fit(frequencies=6).task.evaluate(None)["mean"]["psnr"]
+    assert random_features > 24 and random_features > octaves + 2, (random_features, octaves)
+    reloaded = Pipeline.from_state(trainer.pipeline.state_dict()).field
+    x = torch.rand(256, 2) * 40
+    assert torch.equal(trainer.pipeline.field.rgb(x), reloaded.rgb(x))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
