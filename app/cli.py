@@ -276,7 +276,7 @@ def pixel_budget(device: torch.device) -> float:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
+    for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "cam_norm", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
                  "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance", "depth_weight"):
         value = getattr(args, name)
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "radiance, a 2D grid for images, tri-planes for SDFs")
         p.add_argument("--cam-resolution", type=int, metavar="N", help="CAM grid side (default the paper's)")
         p.add_argument("--cam-bits", type=int, metavar="B", help="quantise CAM's gamma and beta to B bits, e.g. 8")
+        p.add_argument("--cam-norm", action=argparse.BooleanOptionalAction,
+                       help="CAM's per-point layer norm (default the paper's: on for images and directions)")
         p.add_argument("--params", type=int, metavar="N",
                        help="size the backend to about N parameters (its size option, e.g. log2_table, num_voxels)")
         p.add_argument("--steps", type=int, help="training steps (default 20000)")

@@ -37,6 +37,7 @@ class FitConfig:
     cam: str | None = None  # CAM on the field's MLPs: "auto" (the task's coordinate), "plane", "direction", "triplane"
     cam_resolution: int | None = None  # CAM grid side (None: the paper's, 32 / 10 x 3 / 512)
     cam_bits: int | None = None  # quantise CAM's gamma and beta to this many bits (the paper's 8-bit variant)
+    cam_norm: bool | None = None  # CAM's per-point layer norm (None: the paper's variant's, on for images and directions)
     steps: int = 20000  # training length in steps (progress = step / steps) ...
     max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
     preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)

@@ -102,7 +102,7 @@ def cam_options(cfg: FitConfig, task: type[Task]) -> dict[str, Any] | None:
         return None
     kind = task.cam_coordinate if cfg.cam == "auto" else cfg.cam
     resolution = cfg.cam_resolution or (task.cam_resolution if kind == task.cam_coordinate else None)
-    return {"kind": kind, "resolution": resolution, "bits": cfg.cam_bits}
+    return {"kind": kind, "resolution": resolution, "bits": cfg.cam_bits, "normalize": cfg.cam_norm}
 
 
 def coordinate_pipeline(cfg: FitConfig, box: Tensor, task: type[Task], device: torch.device) -> Pipeline:

@@ -9,6 +9,7 @@ import trimesh
 
 from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
+from recon.app.tasks import ImageTask, cam_options
 from recon.app.trainer import Trainer
 from recon.data.targets import load_image, load_mesh
 from recon.fields import build_field
@@ -110,6 +111,14 @@ def test_cam_grids_never_outpace_the_grid_encodings():
     assert rates["mlp"] == pytest.approx(1e-2) and rates["mlp-cam"] == pytest.approx(1e-2)
 
 
+def test_cam_norm_is_the_papers_unless_chosen():
+    for chosen, expected in ((None, None), (False, False), (True, True)):
+        cfg = FitConfig(scene="photo.png", out="", cam="auto", cam_norm=chosen)
+        assert cam_options(cfg, ImageTask)["normalize"] is expected
+    assert Modulation("plane", 2).normalize and not Modulation("plane", 2, normalize=False).normalize
+    assert not Modulation("triplane", 2, resolution=4).normalize
+
+
 def test_eight_bit_quantiser_is_min_max_straight_through():
     w = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0], requires_grad=True)
     q = quantize_straight_through(w, 8)
@@ -128,10 +137,11 @@ def test_direction_coordinates():
 
 def test_cam_reloads_with_its_grids():
     pipeline = Pipeline.build("hashgrid", RADIANCE["hashgrid"], BOX, 1.0, 0.0, 0.0, 8, 64,
-                              cam={"kind": "triplane", "resolution": 8, "bits": 8})
+                              cam={"kind": "triplane", "resolution": 8, "bits": 8, "normalize": True})
     perturb(pipeline.field)
     reloaded = Pipeline.from_state(pipeline.state_dict()).field
     assert reloaded.cam == pipeline.field.cam
+    assert all(m.normalize for m in reloaded.modules() if isinstance(m, Modulation))  # not the variant's default
     x, d = queries(200)
     assert torch.equal(reloaded(x, d)["rgb"], pipeline.field(x, d)["rgb"])
 
