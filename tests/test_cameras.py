@@ -29,7 +29,8 @@ def project_numpy(c2w, point, fx, fy, cx, cy, dist=(0.0,) * 6, fisheye=False):
         r = math.hypot(X, Y)
         th = math.atan2(r, Z)
         thd = th * (1 + k1 * th**2 + k2 * th**4 + k3 * th**6 + k4 * th**8)
-        x, y = thd * X / r, thd * Y / r
+        scale = thd / r if r > 0 else 1 / Z  # on the axis: theta / r -> 1 / Z (a numpy build may give r = 0 exactly)
+        x, y = scale * X, scale * Y
     else:
         x, y = X / Z, Y / Z
         r2 = x * x + y * y
