@@ -88,8 +88,8 @@ Target = Scene | ImageTarget | MeshTarget
 def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
     try:
         return Trainer(cfg, target)
-    except TypeError as error:  # an -o KEY the backend does not take
-        raise UserError(f"--field {cfg.field} -o ...: {error}") from None
+    except (TypeError, ValueError, RuntimeError) as error:  # an -o KEY the backend does not take, or a bad value
+        raise UserError(f"--field {cfg.field} -o ...: {str(error).splitlines()[0]}") from None
 
 
 def viewer_wanted(args: argparse.Namespace) -> bool:

@@ -54,7 +54,8 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
     for bad in (["export", "mesh", str(run), "--format", "xyz"], ["export", "mesh", str(run), "--method", "poisson"],
                 ["export", "sdf", str(run), "--resolution", "2"], ["export", "pointcloud", str(run), "--points", "0"],
                 ["export", "video", str(run), "--path", "nowhere"],
-                ["fit", str(tiny_scene), "--quantize", "-1", "--out", str(tmp_path / "never")], ["export", "mesh", str(run), "--resolution", "4"],
+                ["fit", str(tiny_scene), "--quantize", "-1", "--out", str(tmp_path / "never")],
+                ["fit", str(tiny_scene), "-o", "levels=-3", "--out", str(tmp_path / "never")], ["export", "mesh", str(run), "--resolution", "4"],
                 ["export", "mesh", str(run), "--crop", "10", "10", "10", "11", "11", "11"],
                 ["render", str(run), "--downscale", "0"]):
         with pytest.raises(SystemExit) as exit_info:
