@@ -5,6 +5,12 @@ reads each run's metrics.json, and writes one JSON file plus the Markdown rows o
 
     python bench/backends.py ../shared/data/meshes/armadillo.obj --params 1000000 --steps 1500 \
         --out bench/results/backends-armadillo.json [more recon fit options, e.g. --downscale 2]
+
+With `--ground-truth MESH` each run is also meshed (`recon export mesh --resolution 256`) and scored
+against MESH (`recon eval-mesh`: Chamfer, F-score), as for surfaces fitted from posed images:
+
+    python bench/backends.py runs/armadillo-scene --ground-truth runs/armadillo-scene/mesh.ply \
+        --max-time 600 --out bench/results/surface-armadillo.json --model sdf
 """
 
 from __future__ import annotations
@@ -34,9 +40,23 @@ def run_one(args: argparse.Namespace, field: str, quantize: float) -> dict:
         return {"field": field, "quantize": quantize, "error": result.stderr.strip().splitlines()[-1:]}
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    return {"field": field, "quantize": quantize, "label": args.label, "parameters": metrics["parameters"],
-            "field_options": config["field_options"], "train": metrics["train"], "mean": metrics["mean"],
-            "wall_seconds": round(time.perf_counter() - started, 1), "command": " ".join(command[2:])}
+    row = {"field": field, "quantize": quantize, "label": args.label, "parameters": metrics["parameters"],
+           "field_options": config["field_options"], "train": metrics["train"], "mean": metrics["mean"],
+           "wall_seconds": round(time.perf_counter() - started, 1), "command": " ".join(command[2:])}
+    if args.ground_truth:
+        row["mesh"] = score_mesh(run, args.ground_truth)
+    return row
+
+
+def score_mesh(run: Path, ground_truth: str, resolution: int = 256) -> dict:
+    """Export the run's mesh and score it against the ground truth (recon eval-mesh's JSON)."""
+    mesh, scores = run / "export" / f"mesh-{resolution}.ply", run / "mesh-eval.json"
+    cli = [sys.executable, "-m", "recon.app.cli"]
+    started = time.perf_counter()
+    subprocess.run([*cli, "export", "mesh", str(run), "--resolution", str(resolution)], check=True, capture_output=True)
+    export_seconds = round(time.perf_counter() - started, 1)
+    subprocess.run([*cli, "eval-mesh", str(mesh), ground_truth, "--output", str(scores)], check=True, capture_output=True)
+    return {**json.loads(scores.read_text()), "resolution": resolution, "export_seconds": export_seconds}
 
 
 def markdown_row(row: dict) -> str:
@@ -46,6 +66,8 @@ def markdown_row(row: dict) -> str:
     mean, train = row["mean"], row["train"]
     scores = (f"{mean['iou']:.5f} | {mean['normal_angle_deg']:.2f}" if "iou" in mean
               else f"{mean['psnr']:.2f} | {mean['ssim']:.4f}")
+    if "mesh" in row:
+        scores += f" | {row['mesh']['chamfer']:.4f} | {row['mesh']['fscore']:.3f}"
     return (f"| `{field}` | {row['quantize']:g} | {row['parameters'] / 1e6:.3f} M | {train['steps']} | "
             f"{train['seconds']:.0f} | {scores} |")
 
@@ -60,6 +82,7 @@ def main() -> None:
     parser.add_argument("--fields", nargs="+", default=list(BACKENDS))
     parser.add_argument("--runs", default="runs/bench", help="where the run folders go")
     parser.add_argument("--label", default="", help="names a variant (e.g. cam) in run folders and rows")
+    parser.add_argument("--ground-truth", help="a mesh to score each run's exported mesh against")
     parser.add_argument("--out", required=True, help="JSON results file")
     args, args.extra = parser.parse_known_args()  # anything else goes to recon fit as it is
     rows = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else []
