@@ -86,10 +86,13 @@ class TriPlaneField(EncodedRadianceField):
 
     @classmethod
     def coordinate_encoding(cls, extent: list[float], finest: float, resolution: int | None = None,
-                            scales: tuple[int, ...] = (1, 2, 4), features: int = 32, combine: str = "product",
+                            scales: tuple[int, ...] = (1, 2, 4), features: int = 32, combine: str | None = None,
                             tv: float = 1e-4) -> Encoding:
-        """By default K-Planes' 128 in 3D; in 2D the finest plane at half the finest cells (pixels)."""
+        """By default K-Planes' 128 in 3D; in 2D the finest plane at half the finest cells (pixels). In 3D the
+        planes are summed by default: on the armadillo SDF the sum reached 0.990 IoU / 8.8 deg against the
+        product's 0.949 / 10.5 at equal size and steps (BENCHMARKS.md)."""
         default = 128 if len(extent) == 3 else max(2, round(finest / 2 / max(scales)))
+        combine = combine or ("sum" if len(extent) == 3 else "product")
         return PlaneEncoding(len(extent), resolution or default, scales, features, combine, tv)
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
