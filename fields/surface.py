@@ -18,6 +18,9 @@ backend.
   snapped point: autograd through the straight-through snap, differences with a step of at least a cell.
 - Coarse to fine (NeuS2, Neuralangelo): a hash grid starts with its 4 coarsest levels and opens one more
   every 5% of progress; the difference step follows its finest open level.
+- A data-adaptive encoding (NeuRBF) has no distances to place its kernels by, as it has when fitting a mesh:
+  at 10% of progress they are placed once by 1 / |SDF| of the field learnt so far, at uniform points of the
+  box (the radiance setting's pre-training, with the SDF setting's weights), then frozen.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ GEO_FEATURES = 15
 VARIANCE_INIT = 0.3  # NeuS: s = exp(10 * 0.3) ~ 20 at the start
 COS_ANNEAL_END = 1 / 6  # NeuS: 50k of 300k iterations
 FIRST_LEVELS, LEVEL_EVERY = 4, 0.05
+PLACE_KERNELS_AT, PLACEMENT_POINTS = 0.1, 2**18
 
 
 class SurfaceField(Field):
@@ -61,6 +65,8 @@ class SurfaceField(Field):
         self._config = {"task": "surface", **sdf_options, "color_hidden": color_hidden, "color_layers": color_layers,
                         "gradient": self.gradient_mode}
         self.register_buffer("progress", torch.zeros(()))
+        if hasattr(self.encoding, "adapt"):  # saved, so a resumed or reloaded run keeps its placement
+            self.register_buffer("kernels_placed", torch.zeros((), dtype=torch.bool))
         self.bounded = self.geometry.bounded_backend
 
     # Quantization and contraction live on the geometry, which reads the positions.
@@ -153,7 +159,21 @@ class SurfaceField(Field):
 
     def update(self, progress: float) -> bool:
         self.progress.fill_(progress)
-        return self.geometry.grow(progress)
+        changed = self.geometry.grow(progress)
+        if hasattr(self, "kernels_placed") and not bool(self.kernels_placed) and progress >= PLACE_KERNELS_AT:
+            self.place_kernels()
+            changed = True  # the kernel features were reset: a fresh optimiser state for them
+        return changed
+
+    @torch.no_grad()
+    def place_kernels(self) -> None:
+        """NeuRBF's SDF initialisation, weights 1 / |SDF|, with the SDF learnt so far in place of the exact one."""
+        generator = torch.Generator().manual_seed(0)  # a function of the model, so a resumed run agrees
+        lo, hi = self.aabb[0], self.aabb[1]
+        x = lo + torch.rand(PLACEMENT_POINTS, 3, generator=generator).to(lo.device) * (hi - lo)
+        sdf = torch.cat([self.sdf(chunk) for chunk in x.split(2**16)])
+        self.geometry.adapt(x, 1 / (sdf.abs() + 1e-9), generator)
+        self.kernels_placed.fill_(True)
 
     def grow(self, progress: float) -> bool:
         return self.geometry.grow(progress)

@@ -84,6 +84,20 @@ def test_an_untrained_field_renders_a_sphere(backend, options):
     assert radii.std() < 0.06 and 0.35 < radii.mean() < 0.8, (radii.mean(), radii.std())
 
 
+def test_neurbf_places_its_kernels_on_the_learnt_surface():
+    field = build_field("neurbf", BOX, task="surface", kernels=300)
+    field.geometry.sdf = lambda x: x.norm(dim=-1) - RADIUS  # the SDF "learnt so far": a sphere
+    rbf = field.encoding.rbf
+    assert not field.update(0.05) and not bool(field.kernels_placed)
+    assert field.update(0.1) and bool(field.kernels_placed)  # placed; the trainer rebuilds its optimiser
+    centres = rbf.centres * 2 - 1  # isotropic [0, 1]^3 of this cube back to the box
+    # Where 1 / |SDF| is high: half the kernels lie within 0.05 of the sphere, against 2% of uniform points.
+    assert ((centres.norm(dim=-1) - RADIUS).abs() < 0.05).float().mean() > 0.4
+    placed = rbf.centres.clone()
+    assert not field.update(0.5) and torch.equal(rbf.centres, placed)  # once, then frozen
+    assert "kernels_placed" in field.state_dict()
+
+
 def test_a_short_fit_meshes_near_the_truth(tiny_scene, tmp_path):
     scene = load_scene(tiny_scene)
     trainer = Trainer(small_config(tiny_scene, model="sdf", steps=200, sample_budget=2**13), scene)
