@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -68,12 +69,17 @@ class FitConfig:
 
     def resolved(self, device: torch.device, task: str = "radiance") -> FitConfig:
         """A copy for `task` with the preset chosen (by device unless given) and every option it sets filled
-        in; a backend's own presets are for its radiance field, so they apply to that task only."""
+        in; a backend's own presets are for its radiance field, so they apply to that task only (and to an
+        SDF from images, `--model sdf`, those of them its coordinate encoding shares, e.g. a grid's size)."""
         preset = self.preset or ("gpu" if device.type == "cuda" else "cpu")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         unset = {key: value for key, value in PRESETS[preset].items() if getattr(self, key) is None}
-        field_defaults = getattr(REGISTRY.get(self.field), "presets", {}).get(preset, {}) if task == "radiance" else {}
+        backend = REGISTRY.get(self.field)
+        field_defaults = getattr(backend, "presets", {}).get(preset, {}) if task == "radiance" else {}
+        if field_defaults and self.model == "sdf":
+            shared = inspect.signature(backend.coordinate_encoding).parameters
+            field_defaults = {key: value for key, value in field_defaults.items() if key in shared}
         return dataclasses.replace(self, preset=preset, task=task, field_options={**field_defaults, **self.field_options},
                                    **unset)
 

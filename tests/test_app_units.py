@@ -11,7 +11,9 @@ from recon.app.checkpoint import latest_checkpoint, load_checkpoint, load_resizi
 from recon.app.config import PRESETS, FitConfig
 from recon.app.evaluate import orbit_cameras
 from recon.app.metrics import ground_truth_on_white, psnr, ssim
+from recon.app.pipeline import Pipeline
 from recon.app.schedules import FINAL_LEARNING_RATE_FACTOR, Progress, learning_rate_factor
+from recon.fields import REGISTRY
 
 
 def test_learning_rate_schedule_shape():
@@ -98,6 +100,16 @@ def test_presets_fill_only_what_the_user_left_unset():
     assert gpu.preset == "gpu" and gpu.field_options == {} and gpu.samples_per_diagonal == 1024
     with pytest.raises(ValueError, match="unknown preset"):
         FitConfig(scene="s", out="o", preset="tpu").resolved(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", sorted(REGISTRY))
+def test_every_backend_builds_an_sdf_from_images_at_its_cpu_preset(backend):
+    cfg = FitConfig(scene="s", out="o", field=backend, model="sdf").resolved(torch.device("cpu"))
+    box = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    pipeline = Pipeline.build(backend, cfg.field_options, box, 1.0, 0.0, 0.0, 16, 256, model="sdf")
+    assert pipeline.is_surface
+    if backend == "hashgrid":  # the radiance field's CPU size, which the SDF's encoding shares
+        assert cfg.field_options == {"levels": 8, "log2_table": 17}
 
 
 def cameras_at(azimuths_deg, distance=4.0, height=1.0):
