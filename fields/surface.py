@@ -18,6 +18,10 @@ backend.
   snapped point: autograd through the straight-through snap, differences with a step of at least a cell.
 - Coarse to fine (NeuS2, Neuralangelo): a hash grid starts with its 4 coarsest levels and opens one more
   every 5% of progress; the difference step follows its finest open level.
+- Learning rates: the encoding trains at most at the base rate, as NeuS2's and Neuralangelo's grids do.
+  DVGO's 10x rate for a dense grid, right for its radiance, collapsed the SDF from images to one sign
+  everywhere (a fog, and no surface to mesh; at the base rate it trains: BENCHMARKS.md); TensoRF's
+  factors (2x) come down with it.
 - A data-adaptive encoding (NeuRBF) has no distances to place its kernels by, as it has when fitting a mesh:
   at 10% of progress they are placed once by 1 / |SDF| of the field learnt so far, at uniform points of the
   box (the radiance setting's pre-training, with the SDF setting's weights), then frozen.
@@ -183,6 +187,9 @@ class SurfaceField(Field):
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         groups = self.geometry.param_groups(lr)
+        for group in groups:  # NeuS2 and Neuralangelo train grid and MLP at one rate
+            if group["name"] == "encoding":
+                group["lr"] = min(group["lr"], lr)
         mlp = next(g for g in groups if g["name"] == "mlp")
         mlp["params"] = mlp["params"] + list(self.color_net.parameters())
         return groups + [{"name": "sharpness", "params": [self.variance], "lr": lr, "weight_decay": 0.0}]

@@ -84,6 +84,15 @@ def test_an_untrained_field_renders_a_sphere(backend, options):
     assert radii.std() < 0.06 and 0.35 < radii.mean() < 0.8, (radii.mean(), radii.std())
 
 
+@pytest.mark.parametrize("backend, options", [("voxel", {"num_voxels": 16**3}), ("vm", {"num_voxels": 16**3})])
+def test_a_surface_trains_its_encoding_at_most_at_the_base_rate(backend, options):
+    # Their radiance rates (DVGO's grid 10x, TensoRF's factors 2x) stay; a NeuS SDF collapsed at DVGO's.
+    radiance = {g["name"]: g["lr"] for g in build_field(backend, BOX, **options).param_groups(0.01)}
+    assert max(radiance.values()) > 0.01
+    surface = {g["name"]: g["lr"] for g in build_field(backend, BOX, task="surface", **options).param_groups(0.01)}
+    assert surface["encoding"] == 0.01
+
+
 def test_neurbf_places_its_kernels_on_the_learnt_surface():
     field = build_field("neurbf", BOX, task="surface", kernels=300)
     field.geometry.sdf = lambda x: x.norm(dim=-1) - RADIUS  # the SDF "learnt so far": a sphere
