@@ -53,7 +53,9 @@ def score_mesh(run: Path, ground_truth: str, resolution: int = 256) -> dict:
     mesh, scores = run / "export" / f"mesh-{resolution}.ply", run / "mesh-eval.json"
     cli = [sys.executable, "-m", "recon.app.cli"]
     started = time.perf_counter()
-    subprocess.run([*cli, "export", "mesh", str(run), "--resolution", str(resolution)], check=True, capture_output=True)
+    export = subprocess.run([*cli, "export", "mesh", str(run), "--resolution", str(resolution)], capture_output=True, text=True)
+    if export.returncode != 0:  # e.g. no surface: the row says so and the other runs go on
+        return {"error": export.stderr.strip().splitlines()[-1:]}
     export_seconds = round(time.perf_counter() - started, 1)
     subprocess.run([*cli, "eval-mesh", str(mesh), ground_truth, "--output", str(scores)], check=True, capture_output=True)
     return {**json.loads(scores.read_text()), "resolution": resolution, "export_seconds": export_seconds}
@@ -67,7 +69,8 @@ def markdown_row(row: dict) -> str:
     scores = (f"{mean['iou']:.5f} | {mean['normal_angle_deg']:.2f}" if "iou" in mean
               else f"{mean['psnr']:.2f} | {mean['ssim']:.4f}")
     if "mesh" in row:
-        scores += f" | {row['mesh']['chamfer']:.4f} | {row['mesh']['fscore']:.3f}"
+        mesh = row["mesh"]
+        scores += " | no mesh | " if "error" in mesh else f" | {mesh['chamfer']:.4f} | {mesh['fscore']:.3f}"
     return (f"| `{field}` | {row['quantize']:g} | {row['parameters'] / 1e6:.3f} M | {train['steps']} | "
             f"{train['seconds']:.0f} | {scores} |")
 

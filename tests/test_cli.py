@@ -57,10 +57,12 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
                 ["fit", str(tiny_scene), "--quantize", "-1", "--out", str(tmp_path / "never")],
                 ["fit", str(tiny_scene), "-o", "levels=-3", "--out", str(tmp_path / "never")], ["export", "mesh", str(run), "--resolution", "4"],
                 ["export", "mesh", str(run), "--crop", "10", "10", "10", "11", "11", "11"],
+                ["export", "mesh", str(run), "--resolution", "16", "--level", "2"],  # no opacity reaches 2: no surface
                 ["render", str(run), "--downscale", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2, bad
+    assert not (run / "export" / "mesh-16.ply").exists()
 
     main(["fit", "--resume", str(run), "--steps", "40"])
     assert (run / "checkpoints" / "step-0000040.pt").exists()
