@@ -415,9 +415,9 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
     mesh, info = extract_mesh(pipeline, cameras, to_unit, args.resolution, args.level, crop, clean=args.clean,
                               method=args.method, simplify_to=args.simplify)
     if not info["faces"]:  # e.g. an SDF that collapsed to one sign: an empty file would pass for a result
-        level = "" if info["level"] is None else f" {info['level']:g}"
-        raise UserError(f"{run.path}: no surface: the field's {info['level_meaning']} never crosses{level} inside "
-                        "the export box; nothing written")
+        level = "" if info["level"] is None else f" = {info['level']:g}"
+        raise UserError(f"{run.path}: no surface inside the export box (level: {info['level_meaning']}{level}); "
+                        "nothing written")
     store_crop(run, args.crop)
     suffix = "" if args.method == "marching" else f"-{args.method}"
     output = export_output(run, args.output, f"mesh-{args.resolution}{suffix}.{args.format}")
