@@ -276,7 +276,7 @@ def pixel_budget(device: torch.device) -> float:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "model", "quantize", "params", "cam", "cam_resolution", "cam_bits", "cam_norm", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
+    for name in ("field", "model", "surface_box", "quantize", "params", "cam", "cam_resolution", "cam_bits", "cam_norm", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
                  "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
                  "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance", "depth_weight"):
         value = getattr(args, name)
@@ -284,6 +284,11 @@ def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
             setattr(cfg, name, value)
     if cfg.field not in REGISTRY:
         raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
+    if cfg.surface_box is not None:
+        if cfg.model != "sdf":
+            raise UserError("--surface-box: only for --model sdf (the box an SDF field covers)")
+        if any(low >= high for low, high in zip(cfg.surface_box[:3], cfg.surface_box[3:])):
+            raise UserError(f"--surface-box {cfg.surface_box}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
     if cfg.quantize < 0:
         raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
     for flag, rate in (("--lr", cfg.lr), ("--pose-lr", cfg.pose_lr)):
@@ -526,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
         p.add_argument("--model", choices=("radiance", "sdf"),
                        help="posed images: a density field (default) or an SDF field trained NeuS-style")
+        p.add_argument("--surface-box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                       help="--model sdf: the box the SDF covers, world frame (default: the inner cascade, "
+                            "instant-ngp's unit cube); a density field answers around it")
         p.add_argument("--quantize", type=float, metavar="CELL",
                        help="quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. 2e-4")
         p.add_argument("--cam", nargs="?", const="auto", choices=("auto", "plane", "direction", "triplane"),

@@ -33,6 +33,7 @@ class FitConfig:
     field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
     task: str = "radiance"  # what the input is: posed images ("radiance"), an image, or a mesh ("mesh-sdf")
     model: str = "radiance"  # posed images: a density field ("radiance") or a NeuS SDF field ("sdf")
+    surface_box: list[float] | None = None  # --model sdf: the SDF field's box, world frame x0 y0 z0 x1 y1 z1 (None: the inner cascade)
     quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
     params: int | None = None  # a parameter budget the backend's size option is set to fill (comparisons)
     cam: str | None = None  # CAM on the field's MLPs: "auto" (the task's coordinate), "plane", "direction", "triplane"

@@ -28,6 +28,7 @@ from recon.app.evaluate import to_uint8
 from recon.app.run import UserError
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
+from recon.data.scene import world_to_unit_box
 from recon.renderers.mesh import COARSE_STEP, extract_isosurface, lattice_shape, remove_small_components
 
 OPACITY_LEVEL = 0.5  # opacity of one export voxel at the surface
@@ -57,17 +58,11 @@ class Mesh:
         mesh.export(path, file_type=path.suffix[1:], **options)
 
 
-def world_to_unit_box(world_box: Tensor, to_unit: Tensor) -> Tensor:
-    """The unit-frame box [2, 3] around a world-frame box's eight corners."""
-    corners = torch.cartesian_prod(*world_box.T.double())
-    unit = corners @ to_unit[:3, :3].double().T + to_unit[:3, 3].double()
-    return torch.stack([unit.min(0).values, unit.max(0).values]).float()
-
-
 def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tensor:
-    """Where to mesh, in the unit frame: the inner box (the scene box for bounded scenes; the field's box
-    for a mesh's SDF), cut by the crop box."""
-    box = torch.tensor(pipeline.grid_config["aabb"]) if pipeline.grid_config else pipeline.field.aabb.cpu()
+    """Where to mesh, in the unit frame: a density field's inner box (the scene box for bounded scenes), an
+    SDF field's own box, cut by the crop box."""
+    surface = pipeline.is_surface or not pipeline.grid_config
+    box = pipeline.field.aabb.cpu() if surface else torch.tensor(pipeline.grid_config["aabb"])
     if crop is None:
         return box
     crop_unit = world_to_unit_box(crop, to_unit)

@@ -50,20 +50,22 @@ class Pipeline:
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
-              quantize: float = 0.0, cam: dict[str, Any] | None = None, model: str = "radiance") -> "Pipeline":
+              quantize: float = 0.0, cam: dict[str, Any] | None = None, model: str = "radiance",
+              surface_box: torch.Tensor | None = None) -> "Pipeline":
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
         (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off; model "sdf": a NeuS
         SDF field (fields.surface) instead of a density. In an
         unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction); an SDF
-        field covers the inner box only, and a density field (BACKGROUND) the space around it, as NeRF++ does,
-        so the background is not carved into the surface."""
+        field covers the inner box (or `surface_box`, unit frame, where the object is elsewhere) and a density
+        field (BACKGROUND) the space around it, as NeRF++ does, so the background is not carved into the surface."""
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
         background = None
         if model == "sdf":
-            field = build_field(field_name, inner, "surface", **field_options)
-            if levels > 1:
+            surface_box = inner if surface_box is None else surface_box
+            field = build_field(field_name, surface_box, "surface", **field_options)
+            if not torch.equal(surface_box, scene_aabb):
                 background = build_field(BACKGROUND[0], scene_aabb, "radiance", **BACKGROUND[1])
         else:
             field = build_field(field_name, scene_aabb, "radiance", **field_options)

@@ -26,8 +26,9 @@ from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate, to_uint8
 from recon.app.metrics import psnr, ssim
 from recon.app.pipeline import Pipeline
+from recon.app.run import UserError
 from recon.data.cameras import AppearanceCodes, PoseCorrection
-from recon.data.scene import Scene, visual_hull
+from recon.data.scene import Scene, visual_hull, world_to_unit_box
 from recon.data.targets import ImageTarget, MeshTarget, inside_mesh, sample_surface, sdf_samples
 from recon.fields import build_field
 from recon.renderers import distortion
@@ -105,6 +106,17 @@ def cam_options(cfg: FitConfig, task: type[Task]) -> dict[str, Any] | None:
     return {"kind": kind, "resolution": resolution, "bits": cfg.cam_bits, "normalize": cfg.cam_norm}
 
 
+def surface_box(cfg: FitConfig, scene: Scene) -> Tensor | None:
+    """--surface-box in the unit frame (None when not given); it must lie inside the scene box."""
+    if cfg.surface_box is None:
+        return None
+    box = world_to_unit_box(torch.tensor(cfg.surface_box, dtype=torch.float64).view(2, 3), scene.to_unit)
+    if (box[0] < scene.aabb[0] - 1e-4).any() or (box[1] > scene.aabb[1] + 1e-4).any():
+        world = world_to_unit_box(scene.aabb, torch.linalg.inv(scene.to_unit.double())).flatten()
+        raise UserError(f"--surface-box {cfg.surface_box}: not inside the scene box {[round(float(v), 3) for v in world]} (world frame)")
+    return box
+
+
 def coordinate_pipeline(cfg: FitConfig, box: Tensor, task: type[Task], device: torch.device) -> Pipeline:
     field = build_field(cfg.field, box, task=task.field_task, **cfg.field_options)
     field.set_quantization(cfg.quantize)
@@ -121,7 +133,8 @@ class RadianceTask(Task):
         options = dict(cfg.field_options, **({"tcnn": True} if cfg.tcnn else {}))
         self.pipeline = pipeline or Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near,
                                                    scene.cone_angle, cfg.occupancy_resolution, cfg.samples_per_diagonal,
-                                                   cfg.quantize, cam_options(cfg, type(self)), cfg.model).to(device)
+                                                   cfg.quantize, cam_options(cfg, type(self)), cfg.model,
+                                                   surface_box(cfg, scene)).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
         if cfg.appearance and self.pipeline.appearance is None:

@@ -28,6 +28,7 @@ from recon.app.evaluate import colorize_depth, to_uint8
 from recon.app.pipeline import Pipeline
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
+from recon.data.scene import world_to_unit_box
 
 log = logging.getLogger("recon.viewer")
 
@@ -347,7 +348,7 @@ def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int,
 
     import trimesh
 
-    from recon.app.export import extract_mesh, world_from_unit, world_to_unit_box
+    from recon.app.export import extract_mesh, world_from_unit
 
     cameras, to_unit = scene.splits["train"].cameras, scene.to_unit
     crop_file = run.path / "crop.json"

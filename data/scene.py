@@ -159,6 +159,13 @@ class Scene:
         }
 
 
+def world_to_unit_box(world_box: Tensor, to_unit: Tensor) -> Tensor:
+    """The unit-frame box [2, 3] around a world-frame box's eight corners."""
+    corners = torch.cartesian_prod(*world_box.T.double())
+    unit = corners @ to_unit[:3, :3].double().T + to_unit[:3, 3].double()
+    return torch.stack([unit.min(0).values, unit.max(0).values]).float()
+
+
 def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None) -> Scene:
     """Load a scene (a folder or its camera file, in any layout `read_capture` knows) into the unit
     frame; raises SceneError. downscale AUTO (0) picks the smallest factor whose pixels fit `budget` bytes."""

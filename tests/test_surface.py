@@ -1,12 +1,15 @@
 """SDF fields from posed images (NeuS): the renderer against a sphere's closed form, the eikonal term of an
 exact SDF, the untrained field as a sphere, both gradient modes, a short fit meshed near the truth, and
-the split of an unbounded scene between the SDF and a background field."""
+the split of space between the SDF (the inner box or a box given) and a background field."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 import trimesh
 
-from recon.app.export import extract_mesh
+from recon.app.export import export_box, extract_mesh
 from recon.app.metrics import mesh_distances
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
@@ -177,3 +180,30 @@ def test_an_sdf_with_a_background_reloads_identically():
     dt = torch.full((256,), 0.01)
     for got, want in zip(reloaded.field_fn(x, d, dt), pipeline.field_fn(x, d, dt)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_surface_box_is_the_sdf_fields_box_and_what_export_meshes():
+    """--surface-box: where the object is not in the inner cascade (the fox's head reaches out of instant-ngp's
+    unit cube towards the cameras), the SDF covers the box given, the background the rest, even in a bounded
+    scene; the mesh is extracted over the SDF's own box."""
+    box = torch.tensor([[-0.5, -2.0, -1.0], [2.0, 0.5, 1.5]])
+    for aabb_scale in (1.0, 4.0):
+        pipeline = Pipeline.build("hashgrid", {"levels": 2, "log2_table": 10, "max_resolution": 16}, BOX * aabb_scale,
+                                  aabb_scale, 0.0, 0.0, 16, 512, model="sdf", surface_box=box)
+        assert torch.equal(pipeline.field.aabb, box) and pipeline.background is not None
+        assert torch.equal(export_box(pipeline, torch.eye(4), None), box)
+        assert Pipeline.from_state(pipeline.state_dict()).field.aabb.equal(box)
+
+
+@pytest.mark.parametrize("box, model, expected", [
+    (["0", "0", "0", "1", "-1", "1"], "sdf", "empty box"),
+    (["-9", "0", "0", "1", "1", "1"], "sdf", "not inside the scene box"),
+    (["0", "0", "0", "1", "1", "1"], "radiance", "only for --model sdf"),
+])
+def test_a_bad_surface_box_is_one_line_exit_2(tiny_scene, tmp_path, box, model, expected):
+    result = subprocess.run([sys.executable, "-m", "recon.app.cli", "fit", str(tiny_scene), "--model", model,
+                             "--surface-box", *box, "--steps", "5", "--out", str(tmp_path / "run"), "--device", "cpu"],
+                            capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
