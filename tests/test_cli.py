@@ -96,8 +96,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path, make_bad, expected):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_a_signal_writes_a_checkpoint_and_resume_continues(tiny_scene, tmp_path, signum, code):
     run = tmp_path / "run"
+    # SIGINT as a terminal delivers it: a test runner started in the background (`pytest &`) inherits
+    # SIGINT ignored from the shell, and Python then installs no KeyboardInterrupt handler.
     process = subprocess.Popen([sys.executable, "-m", "recon.app.cli", "fit", str(tiny_scene), "--steps", "100000",
-                                "--out", str(run), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--out", str(run), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
