@@ -287,8 +287,7 @@ def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
     if cfg.surface_box is not None:
         if cfg.model != "sdf":
             raise UserError("--surface-box: only for --model sdf (the box an SDF field covers)")
-        if any(low >= high for low, high in zip(cfg.surface_box[:3], cfg.surface_box[3:])):
-            raise UserError(f"--surface-box {cfg.surface_box}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
+        world_box("--surface-box", cfg.surface_box)
     if cfg.quantize < 0:
         raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
     for flag, rate in (("--lr", cfg.lr), ("--pose-lr", cfg.pose_lr)):
@@ -366,14 +365,19 @@ def cmd_render(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
 
 
+def world_box(flag: str, given: list[float]) -> torch.Tensor:
+    """[2, 3] from a flag's X0 Y0 Z0 X1 Y1 Z1 (world frame); an empty box is the user's error."""
+    box = torch.tensor(given, dtype=torch.float32).view(2, 3)
+    if (box[1] <= box[0]).any():
+        raise UserError(f"{flag} {given}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
+    return box
+
+
 def export_crop(run: RunDir, given: list[float] | None) -> torch.Tensor | None:
     """The run's crop box (world frame): --crop when given (then stored for later exports), else the stored one."""
     crop_file = run.path / "crop.json"
     if given is not None:
-        crop = torch.tensor(given, dtype=torch.float32).view(2, 3)
-        if (crop[1] <= crop[0]).any():
-            raise UserError(f"--crop {given}: empty box (need x0 < x1, y0 < y1, z0 < z1)")
-        return crop
+        return world_box("--crop", given)
     if crop_file.exists():
         return torch.tensor(json.loads(crop_file.read_text())["world_box"])
     return None
