@@ -171,14 +171,13 @@ class Pipeline:
         return out
 
     @torch.no_grad()
-    def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, early_stop_eps: float = 1e-4,
-                            near: float | None = None, aabb: torch.Tensor | None = None,
-                            max_samples: int = 1024) -> dict[str, torch.Tensor]:
+    def render_rays_chunked(self, rays: Rays, background: torch.Tensor | None, chunk: int, near: float | None = None,
+                            aabb: torch.Tensor | None = None, max_samples: int = 1024) -> dict[str, torch.Tensor]:
         """rgb, depth, opacity of many rays without grad; `near` and `aabb` override the tracer's (rays starting
         at a surface, a crop box), `max_samples` caps the samples per ray (the viewer)."""
         args = self._trace_args() | ({} if near is None else {"near": near}) | ({} if aabb is None else {"aabb": aabb})
-        return render_chunked(rays, self.field_fn, background=background, chunk=chunk, early_stop_eps=early_stop_eps,
-                              max_samples_per_ray=max_samples, **args)
+        return render_chunked(rays, self.field_fn, background=background, chunk=chunk, max_samples_per_ray=max_samples,
+                              **args)
 
     @torch.no_grad()
     def render_view(self, cameras: Cameras, index: int, chunk: int = 16384, background: float = 1.0) -> dict[str, torch.Tensor]:

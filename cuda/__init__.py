@@ -11,6 +11,11 @@ how long the build took; without a GPU, a compiler or a successful build it says
 returns None, and every op stays on its twin. `extension("cpu")` builds the same sources for the CPU, which
 is how the tests check the kernel bodies against the twins on machines without a GPU. Nothing compiles at
 `pip install`.
+
+`kernels_for(tensor)` is the one place that picks a path, by the tensor's device and `RECON_KERNELS`:
+"auto" (default: the CUDA build for GPU tensors, the twins for CPU ones), "off" (the twins everywhere: the
+baseline the GPU benchmarks compare with) or "cpu" (the CPU build for CPU tensors too: the tests run whole
+fits through the kernel bodies that way).
 """
 
 from __future__ import annotations
@@ -26,6 +31,25 @@ import torch
 
 log = logging.getLogger("recon.cuda")
 SOURCES = Path(__file__).parent
+MODES = ("auto", "off", "cpu")
+
+
+def kernels_mode() -> str:
+    """RECON_KERNELS, checked: a bad value is a one-line ValueError naming the variable."""
+    mode = os.environ.get("RECON_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"RECON_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def kernels_for(tensor: torch.Tensor) -> ModuleType | None:
+    """The compiled kernels for `tensor`'s device under RECON_KERNELS, or None: use the torch twin."""
+    mode = kernels_mode()
+    if mode == "off":
+        return None
+    if tensor.is_cuda:
+        return extension("cuda")
+    return extension("cpu") if mode == "cpu" else None
 
 
 def build_folder(kind: str) -> Path:

@@ -1,4 +1,4 @@
-// CUDA launchers for ops.cpp: one thread per ray (compositing) or per (point, level) (hash grid), each running
+// CUDA launchers for ops.cpp: one thread per ray (compositing, marching) or per (point, level) (hash grid), each running
 // the shared body from kernels.h. Only torch's core headers are included (no ATen/cuda: the slim toolkit
 // lacks the cuBLAS headers they pull in), so launches go to the default stream.
 #include <torch/types.h>
@@ -13,20 +13,27 @@ constexpr int THREADS = 256;
 
 int blocks(int64_t n) { return static_cast<int>((n + THREADS - 1) / THREADS); }
 
-__global__ void weights_forward_kernel(const float* tau, const int64_t* starts, int64_t rays, float* weights,
-                                       float* transmittance) {
+__global__ void integrate_forward_kernel(const float* tau, const float* rgb, const float* t, const int64_t* starts,
+                                         const float* tau_before, int64_t rays, int channels, float stop_eps,
+                                         float* weights, float* transmittance, float* color, float* opacity,
+                                         float* weighted_t) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r < rays) recon::ray_weights_forward(tau, starts[r], starts[r + 1], weights, transmittance);
+  if (r >= rays) return;
+  recon::ray_integrate_forward(tau, rgb, t, channels, starts[r], starts[r + 1], tau_before[r], stop_eps, weights,
+                               transmittance, color + r * channels, opacity + r, weighted_t + r);
 }
 
-__global__ void weights_backward_kernel(const float* tau, const float* weights, const float* transmittance,
-                                        const float* grad_weights, const float* grad_transmittance,
-                                        const int64_t* starts, int64_t rays, float* grad_tau) {
+__global__ void integrate_backward_kernel(const float* tau, const float* rgb, const float* t, const float* weights,
+                                          const float* transmittance, const int64_t* starts, int64_t rays,
+                                          int channels, float stop_eps, const float* grad_weights,
+                                          const float* grad_color, const float* grad_opacity,
+                                          const float* grad_weighted_t, float* grad_tau, float* grad_rgb,
+                                          float* grad_tau_before) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r < rays) {
-    recon::ray_weights_backward(tau, weights, transmittance, grad_weights, grad_transmittance, starts[r], starts[r + 1],
-                                grad_tau);
-  }
+  if (r >= rays) return;
+  grad_tau_before[r] = static_cast<float>(recon::ray_integrate_backward(
+      tau, rgb, t, weights, transmittance, channels, starts[r], starts[r + 1], stop_eps, grad_weights,
+      grad_color + r * channels, grad_opacity[r], grad_weighted_t[r], grad_tau, grad_rgb));
 }
 
 struct LevelTable {
@@ -78,22 +85,33 @@ LevelTable pack(const std::vector<recon::Level>& levels) {
 
 }  // namespace
 
-void weights_forward_cuda(const torch::Tensor& tau, const torch::Tensor& starts, torch::Tensor& weights,
-                          torch::Tensor& transmittance) {
+void integrate_forward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                            const torch::Tensor& starts, const torch::Tensor& tau_before, double stop_eps,
+                            torch::Tensor& weights, torch::Tensor& transmittance, torch::Tensor& color,
+                            torch::Tensor& opacity, torch::Tensor& weighted_t) {
   const int64_t rays = starts.numel() - 1;
   if (rays <= 0) return;
-  weights_forward_kernel<<<blocks(rays), THREADS>>>(tau.data_ptr<float>(), starts.data_ptr<int64_t>(), rays,
-                                                    weights.data_ptr<float>(), transmittance.data_ptr<float>());
+  integrate_forward_kernel<<<blocks(rays), THREADS>>>(
+      tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), starts.data_ptr<int64_t>(),
+      tau_before.data_ptr<float>(), rays, static_cast<int>(rgb.size(1)), static_cast<float>(stop_eps),
+      weights.data_ptr<float>(), transmittance.data_ptr<float>(), color.data_ptr<float>(), opacity.data_ptr<float>(),
+      weighted_t.data_ptr<float>());
 }
 
-void weights_backward_cuda(const torch::Tensor& tau, const torch::Tensor& weights, const torch::Tensor& transmittance,
-                           const torch::Tensor& grad_weights, const torch::Tensor& grad_transmittance,
-                           const torch::Tensor& starts, torch::Tensor& grad_tau) {
+void integrate_backward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                             const torch::Tensor& weights, const torch::Tensor& transmittance,
+                             const torch::Tensor& starts, double stop_eps, const torch::Tensor& grad_weights,
+                             const torch::Tensor& grad_color, const torch::Tensor& grad_opacity,
+                             const torch::Tensor& grad_weighted_t, torch::Tensor& grad_tau, torch::Tensor& grad_rgb,
+                             torch::Tensor& grad_tau_before) {
   const int64_t rays = starts.numel() - 1;
   if (rays <= 0) return;
-  weights_backward_kernel<<<blocks(rays), THREADS>>>(
-      tau.data_ptr<float>(), weights.data_ptr<float>(), transmittance.data_ptr<float>(), grad_weights.data_ptr<float>(),
-      grad_transmittance.data_ptr<float>(), starts.data_ptr<int64_t>(), rays, grad_tau.data_ptr<float>());
+  integrate_backward_kernel<<<blocks(rays), THREADS>>>(
+      tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), weights.data_ptr<float>(),
+      transmittance.data_ptr<float>(), starts.data_ptr<int64_t>(), rays, static_cast<int>(rgb.size(1)),
+      static_cast<float>(stop_eps), grad_weights.data_ptr<float>(), grad_color.data_ptr<float>(),
+      grad_opacity.data_ptr<float>(), grad_weighted_t.data_ptr<float>(), grad_tau.data_ptr<float>(),
+      grad_rgb.data_ptr<float>(), grad_tau_before.data_ptr<float>());
 }
 
 void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,

@@ -15,32 +15,64 @@
 
 namespace recon {
 
-// One ray's samples [begin, end): T_i = exp(-sum_{j<i} tau_j) (accumulated in double, as the twin) and
-// w_i = T_i (1 - exp(-tau_i)).
-template <typename scalar_t>
-RECON_HD inline void ray_weights_forward(const scalar_t* tau, int64_t begin, int64_t end, scalar_t* weights,
-                                         scalar_t* transmittance) {
-  double before = 0.0;
+// Compositing one ray's samples [begin, end), as renderers/compositing.py's `integrate`: with optical depths tau,
+// T_i = exp(-(tau_before + sum_{j<i} tau_j)) (summed in double, as the twin) and w_i = T_i (1 - exp(-tau_i)),
+// zero once T_i < stop_eps (early termination: the ray is opaque, later samples neither add nor learn);
+// the sums of w c_i (C channels), of w, and of w t_i. Outputs per ray: color [C], opacity, weighted_t.
+constexpr int MAX_CHANNELS = 8;
+
+RECON_HD inline void ray_integrate_forward(const float* tau, const float* rgb, const float* t, int channels,
+                                           int64_t begin, int64_t end, double tau_before, float stop_eps,
+                                           float* weights, float* transmittance, float* color, float* opacity,
+                                           float* weighted_t) {
+  float sum_c[MAX_CHANNELS] = {0.0f};
+  float sum_w = 0.0f, sum_wt = 0.0f;
+  double before = tau_before;
   for (int64_t i = begin; i < end; ++i) {
-    const double t = exp(-before);
-    transmittance[i] = static_cast<scalar_t>(t);
-    weights[i] = static_cast<scalar_t>(t * -expm1(-static_cast<double>(tau[i])));
+    const float T = static_cast<float>(exp(-before));
+    transmittance[i] = T;
+    if (T < stop_eps) {
+      weights[i] = 0.0f;
+      continue;
+    }
+    const float w = static_cast<float>(exp(-before) * -expm1(-static_cast<double>(tau[i])));
+    weights[i] = w;
+    for (int c = 0; c < channels; ++c) sum_c[c] += w * rgb[i * channels + c];
+    sum_w += w;
+    sum_wt += w * t[i];
     before += static_cast<double>(tau[i]);
   }
+  for (int c = 0; c < channels; ++c) color[c] = sum_c[c];
+  *opacity = sum_w;
+  *weighted_t = sum_wt;
 }
 
-// Its backward: with w_i = T_i - T_{i+1} and dT_i/dtau_k = -T_i for k < i,
-// dL/dtau_k = gw_k T_{k+1} - sum_{i > k} (gw_i w_i + gT_i T_i), one pass from the back.
-template <typename scalar_t>
-RECON_HD inline void ray_weights_backward(const scalar_t* tau, const scalar_t* weights, const scalar_t* transmittance,
-                                          const scalar_t* grad_weights, const scalar_t* grad_transmittance,
-                                          int64_t begin, int64_t end, scalar_t* grad_tau) {
+// Its backward, one pass from the back. Every output is linear in the weights: with g_i = dL/dw_i (directly and
+// through the sums), and since w_i = T_i - T_{i+1} with dT_i/dtau_k = -T_i for k < i,
+// dL/dtau_k = g_k T_k exp(-tau_k) - sum_{i > k} g_i w_i; dL/dc_k = w_k dL/dcolor; dL/dtau_before = -sum_i g_i w_i.
+// Terminated samples (T < stop_eps, saved as the forward saw it) have w = 0 and no gradient.
+RECON_HD inline double ray_integrate_backward(const float* tau, const float* rgb, const float* t,
+                                              const float* weights, const float* transmittance, int channels,
+                                              int64_t begin, int64_t end, float stop_eps, const float* grad_weights,
+                                              const float* grad_color, float grad_opacity, float grad_weighted_t,
+                                              float* grad_tau, float* grad_rgb) {
   double behind = 0.0;
   for (int64_t k = end - 1; k >= begin; --k) {
+    if (transmittance[k] < stop_eps) {
+      grad_tau[k] = 0.0f;
+      for (int c = 0; c < channels; ++c) grad_rgb[k * channels + c] = 0.0f;
+      continue;
+    }
+    double g = static_cast<double>(grad_weights[k]) + grad_opacity + static_cast<double>(grad_weighted_t) * t[k];
+    for (int c = 0; c < channels; ++c) {
+      g += static_cast<double>(grad_color[c]) * rgb[k * channels + c];
+      grad_rgb[k * channels + c] = weights[k] * grad_color[c];
+    }
     const double t_next = static_cast<double>(transmittance[k]) * exp(-static_cast<double>(tau[k]));
-    grad_tau[k] = static_cast<scalar_t>(static_cast<double>(grad_weights[k]) * t_next - behind);
-    behind += static_cast<double>(grad_weights[k]) * weights[k] + static_cast<double>(grad_transmittance[k]) * transmittance[k];
+    grad_tau[k] = static_cast<float>(g * t_next - behind);
+    behind += g * weights[k];
   }
+  return -behind;
 }
 
 // One level of the 3D multiresolution hash encoding (tiny-cuda-nn's conventions, as HashGridEncoding): a point

@@ -27,53 +27,81 @@ std::vector<recon::Level> levels_of(const torch::Tensor& scale, const torch::Ten
 }  // namespace
 
 #ifdef RECON_CUDA
-void weights_forward_cuda(const torch::Tensor& tau, const torch::Tensor& starts, torch::Tensor& weights,
-                          torch::Tensor& transmittance);
-void weights_backward_cuda(const torch::Tensor& tau, const torch::Tensor& weights, const torch::Tensor& transmittance,
-                           const torch::Tensor& grad_weights, const torch::Tensor& grad_transmittance,
-                           const torch::Tensor& starts, torch::Tensor& grad_tau);
+void integrate_forward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                            const torch::Tensor& starts, const torch::Tensor& tau_before, double stop_eps,
+                            torch::Tensor& weights, torch::Tensor& transmittance, torch::Tensor& color,
+                            torch::Tensor& opacity, torch::Tensor& weighted_t);
+void integrate_backward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                             const torch::Tensor& weights, const torch::Tensor& transmittance,
+                             const torch::Tensor& starts, double stop_eps, const torch::Tensor& grad_weights,
+                             const torch::Tensor& grad_color, const torch::Tensor& grad_opacity,
+                             const torch::Tensor& grad_weighted_t, torch::Tensor& grad_tau, torch::Tensor& grad_rgb,
+                             torch::Tensor& grad_tau_before);
 void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                        torch::Tensor& out);
 void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                         const torch::Tensor& grad_out, torch::Tensor& grad_table);
 #endif
 
-// starts [R + 1]: ray r owns samples [starts[r], starts[r + 1]) of the packed tau [S] (float32).
-std::vector<torch::Tensor> weights_forward(const torch::Tensor& tau, const torch::Tensor& starts) {
-  check(tau, "tau", torch::kFloat32);
+// Packed samples of R rays, ray r owning [starts[r], starts[r + 1]): tau [S], rgb [S, C], t [S] (float32), tau_before
+// [R] -> weights [S], transmittance [S], color [R, C], opacity [R], weighted_t [R] (renderers.compositing.integrate).
+std::vector<torch::Tensor> integrate_forward(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                                             const torch::Tensor& starts, const torch::Tensor& tau_before,
+                                             double stop_eps) {
+  for (auto* x : {&tau, &rgb, &t, &tau_before}) check(*x, "compositing input", torch::kFloat32);
   check(starts, "starts", torch::kInt64);
+  TORCH_CHECK(rgb.dim() == 2 && rgb.size(0) == tau.numel() && rgb.size(1) <= recon::MAX_CHANNELS, "rgb must be [S, C <= 8]");
+  const int64_t rays = starts.numel() - 1, channels = rgb.size(1);
   auto weights = torch::empty_like(tau), transmittance = torch::empty_like(tau);
+  auto color = torch::empty({rays, channels}, tau.options()), opacity = torch::empty({rays}, tau.options());
+  auto weighted_t = torch::empty({rays}, tau.options());
 #ifdef RECON_CUDA
   if (tau.is_cuda()) {
-    weights_forward_cuda(tau, starts, weights, transmittance);
-    return {weights, transmittance};
+    integrate_forward_cuda(tau, rgb, t, starts, tau_before, stop_eps, weights, transmittance, color, opacity, weighted_t);
+    return {weights, transmittance, color, opacity, weighted_t};
   }
 #endif
   const int64_t* s = starts.data_ptr<int64_t>();
-  for (int64_t r = 0; r + 1 < starts.numel(); ++r) {
-    recon::ray_weights_forward(tau.data_ptr<float>(), s[r], s[r + 1], weights.data_ptr<float>(), transmittance.data_ptr<float>());
-  }
-  return {weights, transmittance};
+  at::parallel_for(0, rays, 256, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      recon::ray_integrate_forward(tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(),
+                                   static_cast<int>(channels), s[r], s[r + 1], tau_before.data_ptr<float>()[r],
+                                   static_cast<float>(stop_eps), weights.data_ptr<float>(), transmittance.data_ptr<float>(),
+                                   color.data_ptr<float>() + r * channels, opacity.data_ptr<float>() + r,
+                                   weighted_t.data_ptr<float>() + r);
+    }
+  });
+  return {weights, transmittance, color, opacity, weighted_t};
 }
 
-torch::Tensor weights_backward(const torch::Tensor& tau, const torch::Tensor& weights, const torch::Tensor& transmittance,
-                               const torch::Tensor& grad_weights, const torch::Tensor& grad_transmittance,
-                               const torch::Tensor& starts) {
-  for (auto* t : {&tau, &weights, &transmittance, &grad_weights, &grad_transmittance}) check(*t, "input", torch::kFloat32);
-  auto grad_tau = torch::empty_like(tau);
+// Its backward: (grad_tau [S], grad_rgb [S, C], grad_tau_before [R]).
+std::vector<torch::Tensor> integrate_backward(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
+                                              const torch::Tensor& weights, const torch::Tensor& transmittance,
+                                              const torch::Tensor& starts, double stop_eps,
+                                              const torch::Tensor& grad_weights, const torch::Tensor& grad_color,
+                                              const torch::Tensor& grad_opacity, const torch::Tensor& grad_weighted_t) {
+  for (auto* x : {&grad_weights, &grad_color, &grad_opacity, &grad_weighted_t}) check(*x, "gradient", torch::kFloat32);
+  const int64_t rays = starts.numel() - 1, channels = rgb.size(1);
+  auto grad_tau = torch::empty_like(tau), grad_rgb = torch::empty_like(rgb);
+  auto grad_tau_before = torch::empty({rays}, tau.options());
 #ifdef RECON_CUDA
   if (tau.is_cuda()) {
-    weights_backward_cuda(tau, weights, transmittance, grad_weights, grad_transmittance, starts, grad_tau);
-    return grad_tau;
+    integrate_backward_cuda(tau, rgb, t, weights, transmittance, starts, stop_eps, grad_weights, grad_color, grad_opacity,
+                            grad_weighted_t, grad_tau, grad_rgb, grad_tau_before);
+    return {grad_tau, grad_rgb, grad_tau_before};
   }
 #endif
   const int64_t* s = starts.data_ptr<int64_t>();
-  for (int64_t r = 0; r + 1 < starts.numel(); ++r) {
-    recon::ray_weights_backward(tau.data_ptr<float>(), weights.data_ptr<float>(), transmittance.data_ptr<float>(),
-                                grad_weights.data_ptr<float>(), grad_transmittance.data_ptr<float>(), s[r], s[r + 1],
-                                grad_tau.data_ptr<float>());
-  }
-  return grad_tau;
+  at::parallel_for(0, rays, 256, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      grad_tau_before.data_ptr<float>()[r] = static_cast<float>(recon::ray_integrate_backward(
+          tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), weights.data_ptr<float>(),
+          transmittance.data_ptr<float>(), static_cast<int>(channels), s[r], s[r + 1], static_cast<float>(stop_eps),
+          grad_weights.data_ptr<float>(), grad_color.data_ptr<float>() + r * channels, grad_opacity.data_ptr<float>()[r],
+          grad_weighted_t.data_ptr<float>()[r], grad_tau.data_ptr<float>(), grad_rgb.data_ptr<float>()));
+    }
+  });
+  return {grad_tau, grad_rgb, grad_tau_before};
 }
 
 // x [N, 3] float32 in [0, 1]^3, table [rows, F] float32; per level: scale (float32), vertices, offset, mask (int64).
@@ -93,14 +121,16 @@ torch::Tensor hash_forward(const torch::Tensor& x, const torch::Tensor& table, c
   const float* px = x.data_ptr<float>();
   const float* pt = table.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t l = 0; l < count; ++l) {
-      const recon::Corners c = recon::level_corners(px + 3 * i, levels[l]);
-      for (int k = 0; k < 8; ++k) {
-        for (int64_t f = 0; f < features; ++f) po[(i * count + l) * features + f] += c.weight[k] * pt[c.row[k] * features + f];
+  at::parallel_for(0, n, 1024, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t l = 0; l < count; ++l) {
+        const recon::Corners c = recon::level_corners(px + 3 * i, levels[l]);
+        for (int k = 0; k < 8; ++k) {
+          for (int64_t f = 0; f < features; ++f) po[(i * count + l) * features + f] += c.weight[k] * pt[c.row[k] * features + f];
+        }
       }
     }
-  }
+  });
   return out;
 }
 
@@ -175,11 +205,13 @@ torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dir
     return counts;
   }
 #endif
-  for (int64_t r = 0; r < t_start.numel(); ++r) {
-    counts.data_ptr<int64_t>()[r] = recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r,
-                                                     dirs.data_ptr<float>() + 3 * r, t_start.data_ptr<float>()[r],
-                                                     t_far.data_ptr<float>()[r], max_samples, nullptr, nullptr);
-  }
+  at::parallel_for(0, t_start.numel(), 256, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      counts.data_ptr<int64_t>()[r] = recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r,
+                                                       dirs.data_ptr<float>() + 3 * r, t_start.data_ptr<float>()[r],
+                                                       t_far.data_ptr<float>()[r], max_samples, nullptr, nullptr);
+    }
+  });
   return counts;
 }
 
@@ -199,19 +231,21 @@ std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch:
   }
 #endif
   const int64_t* o = offsets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < t_start.numel(); ++r) {
-    recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r, dirs.data_ptr<float>() + 3 * r,
-                     t_start.data_ptr<float>()[r], t_far.data_ptr<float>()[r], max_samples,
-                     t0.data_ptr<float>() + o[r], t1.data_ptr<float>() + o[r]);
-  }
+  at::parallel_for(0, t_start.numel(), 256, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r, dirs.data_ptr<float>() + 3 * r,
+                       t_start.data_ptr<float>()[r], t_far.data_ptr<float>()[r], max_samples,
+                       t0.data_ptr<float>() + o[r], t1.data_ptr<float>() + o[r]);
+    }
+  });
   return {t0, t1};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("march_count", &march_count, "samples per ray of occupancy-grid marching");
   m.def("march_fill", &march_fill, "the marched samples");
-  m.def("weights_forward", &weights_forward, "packed weights and transmittance");
-  m.def("weights_backward", &weights_backward, "their backward");
+  m.def("integrate_forward", &integrate_forward, "compositing over packed samples");
+  m.def("integrate_backward", &integrate_backward, "its backward");
   m.def("hash_forward", &hash_forward, "3D hash-grid encoding");
   m.def("hash_backward", &hash_backward, "its backward (the table)");
 }

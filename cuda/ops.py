@@ -1,9 +1,11 @@
 """The kernels as differentiable torch ops, each named after the torch twin it replaces:
 
-- `render_weights(tau, ray_idx, n_rays, ext)`: renderers.compositing.render_weights (weights, transmittance);
+- `integrate(rgb, tau, t, ray_idx, n_rays, tau_before, stop_eps, ext)`: renderers.compositing.integrate (the
+  weights and their sums per ray: colour, opacity, weighted distance);
 - `hash_encode(encoding, x, ext)`: fields.encodings.HashGridEncoding's 3D interpolation.
 
-`ext` is a module from `recon.cuda.extension` ("cuda" for GPU tensors, "cpu" in the tests).
+`ext` is a module from `recon.cuda.kernels_for` (the CUDA build for GPU tensors, the CPU build where asked).
+Marching needs no autograd and calls the module directly (renderers/marching.py).
 """
 
 from __future__ import annotations
@@ -22,26 +24,39 @@ def ray_starts(ray_idx: Tensor, n_rays: int) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-class _RenderWeights(torch.autograd.Function):
+class _Integrate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, ext: ModuleType, tau: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
-        tau = tau.contiguous().float()
-        weights, transmittance = ext.weights_forward(tau, starts)
-        ctx.ext = ext
-        ctx.save_for_backward(tau, weights, transmittance, starts)
-        return weights, transmittance
+    def forward(ctx: Any, ext: ModuleType, rgb: Tensor, tau: Tensor, t: Tensor, starts: Tensor, tau_before: Tensor,
+                stop_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rgb, tau, t, tau_before = (x.contiguous().float() for x in (rgb, tau, t, tau_before))
+        weights, transmittance, color, opacity, weighted_t = ext.integrate_forward(tau, rgb, t, starts, tau_before,
+                                                                                   stop_eps)
+        ctx.ext, ctx.stop_eps = ext, stop_eps
+        ctx.save_for_backward(rgb, tau, t, weights, transmittance, starts)
+        return weights, color, opacity, weighted_t
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_weights: Tensor, grad_transmittance: Tensor):
-        tau, weights, transmittance, starts = ctx.saved_tensors
-        grad_weights = torch.zeros_like(tau) if grad_weights is None else grad_weights.contiguous().float()
-        grad_transmittance = torch.zeros_like(tau) if grad_transmittance is None else grad_transmittance.contiguous().float()
-        return None, ctx.ext.weights_backward(tau, weights, transmittance, grad_weights, grad_transmittance, starts), None
+    def backward(ctx: Any, grad_weights: Tensor | None, grad_color: Tensor | None, grad_opacity: Tensor | None,
+                 grad_weighted_t: Tensor | None):
+        rgb, tau, t, weights, transmittance, starts = ctx.saved_tensors
+        rays = len(starts) - 1
+
+        def dense(grad: Tensor | None, shape: tuple[int, ...]) -> Tensor:  # an unused output's gradient is None
+            return tau.new_zeros(shape) if grad is None else grad.contiguous().float()
+
+        grad_tau, grad_rgb, grad_tau_before = ctx.ext.integrate_backward(
+            tau, rgb, t, weights, transmittance, starts, ctx.stop_eps, dense(grad_weights, tau.shape),
+            dense(grad_color, (rays, rgb.shape[1])), dense(grad_opacity, (rays,)), dense(grad_weighted_t, (rays,)))
+        return None, grad_rgb, grad_tau, None, None, grad_tau_before, None
 
 
-def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int, ext: ModuleType) -> tuple[Tensor, Tensor]:
-    return _RenderWeights.apply(ext, tau, ray_starts(ray_idx, n_rays))
+def integrate(rgb: Tensor, tau: Tensor, t: Tensor, ray_idx: Tensor, n_rays: int, tau_before: Tensor | None,
+              stop_eps: float, ext: ModuleType) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(weights [S], color [R, C], opacity [R], weighted_t [R]): renderers.compositing.integrate's sums, one
+    thread per ray forward and backward."""
+    tau_before = tau.new_zeros(n_rays) if tau_before is None else tau_before
+    return _Integrate.apply(ext, rgb, tau, t, ray_starts(ray_idx, n_rays), tau_before, stop_eps)
 
 
 def level_parameters(encoding) -> tuple[Tensor, Tensor, Tensor, Tensor]:

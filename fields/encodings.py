@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon.cuda import extension
+from recon.cuda import kernels_for
 from recon.cuda import ops as cuda_ops
+
 
 class Encoding(nn.Module):
     """Coordinates u [N, D] in [0, 1]^D -> features [N, out_dim].
@@ -222,8 +223,8 @@ class HashGridEncoding(Encoding):
         if self._tcnn is not None:
             self._tcnn.params = self.table.view(-1)
             return self._tcnn(x).view(*batch, self.out_dim)
-        if x.is_cuda and dims == 3 and not (x.requires_grad and torch.is_grad_enabled()):
-            kernels = extension("cuda")  # the CUDA kernel (recon.cuda); this method is its twin
+        if dims == 3 and not (x.requires_grad and torch.is_grad_enabled()):
+            kernels = kernels_for(x)  # the kernel (recon.cuda); this method is its twin
             if kernels is not None:
                 return self._mask_levels(cuda_ops.hash_encode(self, x, kernels).view(*batch, self.out_dim))
         n, levels, ld = x.shape[0], self.levels, self.dense_levels

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from recon.cuda import extension
+from recon.cuda import kernels_for
 from recon.cuda import ops as cuda_ops
 
 if TYPE_CHECKING:
@@ -35,10 +35,7 @@ def first_of_ray(ray_idx: Tensor, n_rays: int) -> Tensor:
 
 
 def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:
-    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray).
-    GPU tensors go to the CUDA kernel (recon.cuda) when it built; this is its twin."""
-    if tau.is_cuda and (kernels := extension("cuda")) is not None:
-        return cuda_ops.render_weights(tau, ray_idx, n_rays, kernels)
+    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray)."""
     # One cumulative sum over the whole batch, minus its value at each ray's start: in float64, as this
     # difference of two large sums would cancel the small ones in float32.
     tau64 = tau.double()
@@ -72,16 +69,29 @@ def accumulate(values: Tensor | None, weights: Tensor, ray_idx: Tensor, n_rays: 
     return src.new_zeros((n_rays, *src.shape[1:])).index_add(0, ray_idx, src)
 
 
-def integrate(rgb: Tensor, tau: Tensor, samples: Samples, tau_before: Tensor | None = None) -> dict[str, Tensor]:
-    """The weighted sums along each ray: colour [R, 3], opacity [R], w*t [R], and weights [S].
+# instant-ngp's early termination: once a ray's transmittance is below this, its later samples neither add
+# colour nor receive gradient (training and rendering alike).
+STOP_EPS = 1e-4
 
-    tau_before [R]: optical depth each ray has already crossed (rendering front to back in
-    segments), which scales its weights by exp(-tau_before).
+
+def integrate(rgb: Tensor, tau: Tensor, samples: Samples, tau_before: Tensor | None = None,
+              stop_eps: float = STOP_EPS) -> dict[str, Tensor]:
+    """The weighted sums along each ray: colour [R, C], opacity [R], w*t [R], and weights [S].
+
+    tau_before [R]: optical depth each ray has already crossed (rendering front to back in segments), which
+    scales its weights by exp(-tau_before). A sample whose transmittance (tau_before included) is below
+    stop_eps gets weight 0. Tensors on the GPU go to the fused kernel (recon.cuda); this is its twin.
     """
     ray_idx, n_rays = samples.ray_idx, samples.n_rays
-    weights, _ = render_weights(tau, ray_idx, n_rays)
+    if (kernels := kernels_for(tau)) is not None:
+        weights, color, opacity, weighted_t = cuda_ops.integrate(rgb, tau, samples.t_mid, ray_idx, n_rays, tau_before,
+                                                                 stop_eps, kernels)
+        return {"color": color, "opacity": opacity, "weighted_t": weighted_t, "weights": weights}
+    weights, transmittance = render_weights(tau, ray_idx, n_rays)
     if tau_before is not None:
-        weights = weights * torch.exp(-tau_before)[ray_idx]
+        scale = torch.exp(-tau_before)[ray_idx]
+        weights, transmittance = weights * scale, transmittance * scale
+    weights = torch.where(transmittance >= stop_eps, weights, 0.0)
     return {
         "color": accumulate(rgb, weights, ray_idx, n_rays),
         "opacity": accumulate(None, weights, ray_idx, n_rays),

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from recon.cuda import extension
+from recon.cuda import kernels_for
 from recon.data.rays import Rays
 from recon.renderers.compositing import first_of_ray
 from recon.renderers.occupancy import OccupancyGrid, rand
@@ -130,7 +130,7 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
 
     Candidates are tested in blocks of the next K steps of the rays still inside the box (K * rays ~ chunk),
     which broadcasts per-ray values instead of gathering them per sample. `kernels` (recon.cuda's module;
-    "auto": the CUDA build for GPU rays) march each ray in one thread instead, two passes: count, then fill.
+    "auto": `recon.cuda.kernels_for` the rays) march each ray in one thread instead, two passes: count, then fill.
     """
     origins, dirs, device = rays.origins, rays.dirs, rays.origins.device
     rule = StepRule(step_size, cone_angle, max(step_size, grid.cell_diagonal * 2 ** (grid.levels - 1)))
@@ -139,7 +139,7 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
     if generator is not None:
         t_start = t_start + rand(t_start.shape, generator, device) * rule.dt(t_start)
     if kernels == "auto":
-        kernels = extension("cuda") if origins.is_cuda else None
+        kernels = kernels_for(origins)
     if kernels is not None:
         return _march_kernel(kernels, rays, grid, rule, t_start, t_far, max_samples_per_ray)
 

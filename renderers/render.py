@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from recon.data.rays import Rays
-from recon.renderers.compositing import accumulate, composite, finish, first_of_ray, integrate
+from recon.renderers.compositing import STOP_EPS, accumulate, composite, finish, first_of_ray, integrate
 from recon.renderers.marching import Samples, march
 from recon.renderers.occupancy import OccupancyGrid
 
@@ -37,7 +37,7 @@ def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor
 @torch.no_grad()
 def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor,
                    step_size: float, cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                   chunk: int = 8192, early_stop_eps: float = 1e-4, samples_per_round: int = 8,
+                   chunk: int = 8192, early_stop_eps: float = STOP_EPS, samples_per_round: int = 8,
                    max_samples_per_ray: int = 1024) -> dict[str, Tensor]:
     """Render many rays (images, the viewer) `chunk` at a time, without grad: rgb [R, 3], depth [R], opacity [R].
 
@@ -69,7 +69,7 @@ def _front_to_back(rays: Rays, samples: Samples, field_fn: FieldFn, eps: float, 
             break
         part = samples[in_round]
         tau, rgb = field_fn(part.positions(rays), part.dirs(rays), part.dt)
-        for key, value in integrate(rgb, tau, part, tau_before).items():
+        for key, value in integrate(rgb, tau, part, tau_before, eps).items():
             if key in sums:
                 sums[key] += value
         tau_before += accumulate(None, tau, part.ray_idx, n)

@@ -1,4 +1,4 @@
-"""recon's kernels against their torch twins (compositing weights, the hash grid, occupancy-grid marching): the
+"""recon's kernels against their torch twins (compositing, the hash grid, occupancy-grid marching): the
 CPU build of the same bodies everywhere, the CUDA build where there is a GPU. Values and gradients must agree
 within float tolerance."""
 
@@ -7,14 +7,16 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+from unittest import mock
+
 import pytest
 import torch
 
-from recon.cuda import extension, ops
+from recon.cuda import extension, kernels_for, ops
 from recon.data.rays import Rays
 from recon.fields.encodings import HashGridEncoding
-from recon.renderers import OccupancyGrid, march
-from recon.renderers.compositing import render_weights
+from recon.renderers import OccupancyGrid, Samples, march
+from recon.renderers.compositing import integrate
 
 
 def builds() -> list:
@@ -31,29 +33,42 @@ def kernels(request):
     return request.param, ext
 
 
-def packed_rays(device: str, seed: int = 0):
+def packed_samples(device: str, seed: int = 0) -> Samples:
     g = torch.Generator().manual_seed(seed)
     ray_idx = torch.sort(torch.randint(0, 80, (4000,), generator=g)).values  # rays 80..99 and some below: empty
-    tau = torch.rand(4000, generator=g) * 0.4
-    tau[::97] = 12.0  # a few opaque samples
-    return tau.to(device).requires_grad_(), ray_idx.to(device), 100
+    t0 = torch.rand(4000, generator=g) * 4
+    return Samples(ray_idx.to(device), t0.to(device), (t0 + 0.01).to(device), 100)
 
 
-def test_weights_and_transmittance_match_the_twin(kernels):
+@pytest.mark.parametrize("stop_eps, ahead", [(0.0, False), (1e-4, False), (1e-2, True)], ids=["no-stop", "ngp", "ahead"])
+def test_compositing_matches_the_twin(kernels, stop_eps, ahead):
+    """Colour, opacity, weighted distance and weights, and the gradients of all four, with early termination
+    (some rays turn opaque part way) and optical depth already crossed (front-to-back rendering)."""
     device, ext = kernels
-    tau, ray_idx, n_rays = packed_rays(device)
-    weights, transmittance = ops.render_weights(tau, ray_idx, n_rays, ext)
-    twin_weights, twin_transmittance = render_weights(tau.cpu(), ray_idx.cpu(), n_rays)
-    assert torch.allclose(weights.cpu(), twin_weights, atol=1e-6)
-    assert torch.allclose(transmittance.cpu(), twin_transmittance, atol=1e-6)
-
+    samples = packed_samples(device)
     g = torch.Generator().manual_seed(1)
-    grad_w, grad_t = torch.randn(len(tau), generator=g), torch.randn(len(tau), generator=g)
-    (ours,) = torch.autograd.grad((weights * grad_w.to(device)).sum() + (transmittance * grad_t.to(device)).sum(), tau)
-    twin_tau = tau.detach().cpu().requires_grad_()
-    w, t = render_weights(twin_tau, ray_idx.cpu(), n_rays)
-    (theirs,) = torch.autograd.grad((w * grad_w).sum() + (t * grad_t).sum(), twin_tau)
-    assert torch.allclose(ours.cpu(), theirs, atol=1e-5)
+    tau = torch.rand(len(samples), generator=g) * 0.4
+    tau[::97] = 12.0  # a few opaque samples: the rest of their ray is terminated
+    rgb = torch.rand(len(samples), 3, generator=g)
+    before = torch.rand(samples.n_rays, generator=g) * 3 if ahead else None
+    grads = {"color": torch.randn(100, 3, generator=g), "opacity": torch.randn(100, generator=g),
+             "weighted_t": torch.randn(100, generator=g), "weights": torch.randn(len(samples), generator=g)}
+
+    def run(device: str, kernels) -> tuple[dict, tuple]:
+        inputs = [x.to(device).requires_grad_() for x in (tau, rgb) + ((before,) if ahead else ())]
+        on = Samples(*(x.to(device) for x in (samples.ray_idx, samples.t0, samples.t1)), samples.n_rays)
+        with mock.patch("recon.renderers.compositing.kernels_for", lambda _: kernels):
+            out = integrate(inputs[1], inputs[0], on, inputs[2] if ahead else None, stop_eps)
+        loss = sum((out[key] * grad.to(device)).sum() for key, grad in grads.items())
+        return {k: v.detach().cpu() for k, v in out.items()}, tuple(x.cpu() for x in torch.autograd.grad(loss, inputs))
+
+    ours, our_grads = run(device, ext)
+    twin, twin_grads = run("cpu", None)
+    assert (twin["weights"] == 0).sum() > (100 if stop_eps else -1)  # termination took effect where asked
+    for key in twin:
+        assert torch.allclose(ours[key], twin[key], atol=1e-5), key
+    for a, b in zip(our_grads, twin_grads):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["small", "default"])
@@ -77,11 +92,17 @@ def test_hash_encoding_matches_the_twin(kernels, layout):
     assert torch.allclose(ours_table.cpu(), twin_table.cpu(), atol=1e-4)
 
 
-def test_cpu_tensors_stay_on_the_twins():
+def test_cpu_tensors_stay_on_the_twins_unless_asked(monkeypatch):
     assert extension("cuda") is None or torch.cuda.is_available()
-    tau, ray_idx, n_rays = packed_rays("cpu")
-    weights, _ = render_weights(tau, ray_idx, n_rays)
-    assert weights.grad_fn is not None and "RenderWeights" not in type(weights.grad_fn).__name__
+    monkeypatch.delenv("RECON_KERNELS", raising=False)
+    assert kernels_for(torch.zeros(1)) is None
+    monkeypatch.setenv("RECON_KERNELS", "cpu")
+    assert kernels_for(torch.zeros(1)) is extension("cpu")
+    monkeypatch.setenv("RECON_KERNELS", "off")
+    assert kernels_for(torch.zeros(1)) is None
+    monkeypatch.setenv("RECON_KERNELS", "fast")
+    with pytest.raises(ValueError, match="^RECON_KERNELS='fast' is not one of auto, off, cpu$"):
+        kernels_for(torch.zeros(1))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
