@@ -27,6 +27,7 @@ from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task, task_class
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
+from recon.cuda import kernels_mode
 from recon.data.scene import Scene, SceneError, load_scene
 from recon.data.sfm import CAMERA_MODELS, MATCHERS, VIDEO_FRAMES, SfmOptions
 from recon.data.targets import ImageTarget, MeshTarget, load_input
@@ -226,6 +227,14 @@ def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any],
     return metrics
 
 
+def check_kernels_mode() -> None:
+    """A bad RECON_KERNELS is one line and exit 2 before any work."""
+    try:
+        kernels_mode()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
     run = RunDir(path)
     run.require()
@@ -234,7 +243,11 @@ def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
     if checkpoint is None:
         raise UserError(f"{run.checkpoints}: no checkpoint to load")
     state = load_checkpoint(checkpoint)
-    pipeline = Pipeline.from_state(state["pipeline"]).to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # runs move between machines and paths
+        print(f"recon: {run.path} was trained with --device {cfg.device}; no GPU here, so it runs on the CPU")
+        device = torch.device("cpu")
+    pipeline = Pipeline.from_state(state["pipeline"]).to(device)
     return run, cfg, pipeline, state
 
 
@@ -699,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        check_kernels_mode()
         args.func(args)
     except (SceneError, UserError, CheckpointError) as error:
         print(f"recon: error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The command line end to end: fit, eval, render, resume, Ctrl-C / SIGTERM and bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import imageio.v3 as iio
 import pytest
+import torch
 import trimesh
 
 from recon.app.cli import main
@@ -90,6 +92,24 @@ def test_bad_input_is_one_line_exit_2(tmp_path, make_bad, expected):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr and expected in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_run_trained_on_a_gpu_loads_on_a_machine_without_one(tiny_scene, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["fit", str(tiny_scene), "--steps", "5", "--out", str(run), "--eval-stride", "4", *TINY])
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"device": "cuda"}))  # as `--device cuda` records it
+    capsys.readouterr()
+    main(["eval", str(run), "--stride", "4"])
+    assert "no GPU here, so it runs on the CPU" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["eval"]["views_evaluated"] == 1
+
+
+def test_a_bad_kernels_setting_is_one_line_exit_2(tiny_scene, tmp_path):
+    result = recon("fit", str(tiny_scene), "--out", str(tmp_path / "run"), env=os.environ | {"RECON_KERNELS": "gpu"})
+    assert result.returncode == 2 and result.stderr.strip() == "recon: error: RECON_KERNELS='gpu' is not one of auto, off, cpu"
     assert not (tmp_path / "run").exists()
 
 

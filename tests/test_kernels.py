@@ -12,7 +12,10 @@ from unittest import mock
 import pytest
 import torch
 
+from recon.app.cli import load_run, main, run_frame
+from recon.app.export import extract_mesh
 from recon.cuda import extension, kernels_for, ops
+from recon.data.scene import load_scene
 from recon.data.rays import Rays
 from recon.fields.encodings import HashGridEncoding
 from recon.renderers import OccupancyGrid, Samples, march
@@ -144,3 +147,32 @@ def test_marching_keeps_the_twins_intervals(kernels, levels, cone, near, cap):
     if len(ours) == len(twin):
         assert torch.equal(ours.ray_idx, twin.ray_idx)
         assert torch.allclose(ours.t0, twin.t0, atol=1e-5) and torch.allclose(ours.t1, twin.t1, atol=1e-5)
+
+
+def test_a_run_trained_through_the_kernels_renders_and_exports_the_same_on_the_twins(kernels, tiny_scene, tmp_path,
+                                                                                     monkeypatch):
+    """Runs move between paths: trained through the kernels (the CPU build, or CUDA on a GPU), then loaded on the
+    CPU's torch twins, the run renders the same test view and exports the same coloured mesh."""
+    device, _ = kernels
+    monkeypatch.setenv("RECON_KERNELS", "cpu" if device == "cpu" else "auto")
+    run = tmp_path / "run"
+    main(["fit", str(tiny_scene), "--steps", "60", "--out", str(run), "--device", device, "--eval-stride", "4",
+          "-o", "levels=8", "-o", "log2_table=14", "-o", "max_resolution=128", "--grid-resolution", "32"])
+    run_dir, cfg, pipeline, _ = load_run(str(run))
+    train_cameras, to_unit = run_frame(run_dir, cfg, "export mesh")
+    test_cameras = load_scene(tiny_scene).splits["test"].cameras
+
+    def outputs() -> tuple[torch.Tensor, ...]:
+        view = pipeline.render_view(test_cameras, 0)
+        mesh, _ = extract_mesh(pipeline, train_cameras, to_unit, resolution=48)
+        return view["rgb"].cpu(), view["depth"].cpu(), torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.colors)
+
+    on_kernels = outputs()
+    monkeypatch.setenv("RECON_KERNELS", "off")
+    pipeline.to("cpu")
+    on_twins = outputs()
+    rgb, depth, vertices, colors = on_kernels
+    assert rgb.std() > 0.05 and len(vertices) > 100  # a trained field, not a blank one
+    assert torch.allclose(rgb, on_twins[0], atol=1e-4) and torch.allclose(depth, on_twins[1], atol=1e-4)
+    assert vertices.shape == on_twins[2].shape and torch.allclose(vertices, on_twins[2], atol=1e-5)
+    assert (colors.int() - on_twins[3].int()).abs().max() <= 1  # 8-bit colours: at most one level of rounding
