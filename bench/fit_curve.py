@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
 
+from machine import describe
 from recon.app.cli import parse_field_options
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
@@ -67,7 +66,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "scene": args.scene, "config": cfg.to_json(), "load_seconds": round(load_seconds, 2),
         "parameters": trainer.pipeline.field.num_parameters(), "device": str(trainer.device),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe(trainer.device),
         "date": time.strftime("%Y-%m-%d"), "eval_stride": stride, "curve": rows}, indent=2) + "\n")
 
 

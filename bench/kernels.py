@@ -1,27 +1,37 @@
-"""Renderer throughput, the torch twins against recon's kernels (and nerfacc where it imports): marching plus
-compositing, forward and backward, on identical rays and an identical occupancy grid from a trained run.
+"""Renderer throughput: marching plus compositing, forward and backward, on identical rays and an identical
+occupancy grid, for recon's torch twins, recon's kernels and (on a GPU, where it imports and builds) nerfacc.
 
-    python bench/kernels.py RUN [--rays 65536] [--repeats 20] --out bench/results/kernels-GPU.json
+    python bench/kernels.py SCENE|RUN [--warmup 500] [--rays 65536] [--repeats 20] --out bench/results/kernels-GPU.json
 
-On a CPU only the twins run (and the CPU build of the kernels, for reference); the figures that matter come
-from a GPU. The field is replaced by a fixed random density and colour per sample, so only the renderer is timed.
+The occupancy grid comes from RUN, or from `--warmup` training steps on SCENE. The field is replaced by a fixed
+random optical depth and colour per sample, so only the renderer is timed. On a CPU the kernels' row is their
+CPU build (the tests' oracle); the figures that matter come from a GPU. nerfacc marches with its own
+traversal (voxel by voxel), so its sample count is given beside its time; its compositing is also checked
+against recon's on recon's samples (`nerfacc_parity`: the largest colour difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from machine import describe
 from recon.app.cli import load_run
-from recon.cuda import extension
-from recon.renderers import composite, march
+from recon.app.config import FitConfig
+from recon.app.trainer import Trainer
+from recon.data.scene import load_scene
+from recon.renderers import composite, march, ray_aabb
+from recon.renderers.compositing import finish, integrate
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
+def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
     fn()  # warm-up (and the kernels' build)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -33,45 +43,116 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+@contextlib.contextmanager
+def using_kernels(mode: str):
+    """RECON_KERNELS for the duration: "off" (the twins), "auto" (CUDA on a GPU) or "cpu" (the CPU build)."""
+    before = os.environ.get("RECON_KERNELS")
+    os.environ["RECON_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("RECON_KERNELS") if before is None else os.environ.__setitem__("RECON_KERNELS", before)
+
+
+def pipeline_and_scene(source: str, warmup: int):
+    if (Path(source) / "config.json").exists():
+        _, cfg, pipeline, _ = load_run(source)
+        return pipeline, load_scene(cfg.scene, downscale=cfg.downscale)
+    scene = load_scene(source)
+    trainer = Trainer(FitConfig(scene=source, out="", steps=max(warmup, 1) * 10), scene)
+    trainer.run(stop_at=warmup)  # the grid pruned as a tenth of the way into a run
+    return trainer.pipeline, scene
+
+
+def random_field(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(1)
+    tau = torch.rand(n, device=device, generator=g) * 0.2
+    return tau.requires_grad_(), torch.rand(n, 3, device=device, generator=g).requires_grad_()
+
+
+def nerfacc_path(pipeline, rays, t_start: torch.Tensor, t_far: torch.Tensor) -> tuple[Callable[[], int] | None, str | float]:
+    """nerfacc's step and the parity of its compositing with recon's on recon's samples, or None and the reason."""
+    try:
+        import nerfacc
+
+        grid, t, device = pipeline.grid, pipeline.tracer, rays.origins.device
+        estimator = nerfacc.OccGridEstimator(grid.aabb.reshape(-1).tolist(), grid.resolution, grid.levels).to(device)
+        res = grid.resolution
+        estimator.binaries.copy_(grid.occupied.view(grid.levels, res, res, res))  # both [level, x, y, z]
+        white = torch.ones(3, device=device)
+
+        def render(ray_indices, t_starts, t_ends, tau, rgb):
+            field = lambda t0, t1, idx: (rgb, tau / (t1 - t0))  # noqa: E731
+            return nerfacc.rendering(t_starts, t_ends, ray_indices, n_rays=len(rays), rgb_sigma_fn=field,
+                                     render_bkgd=white)[0]
+
+        def step() -> int:
+            ray_indices, t_starts, t_ends = estimator.sampling(
+                rays.origins, rays.dirs, t_min=t_start, t_max=t_far, near_plane=t.near, render_step_size=t.step_size,
+                cone_angle=t.cone_angle)
+            tau, rgb = random_field(len(t_starts), device)
+            render(ray_indices, t_starts, t_ends, tau, rgb).sum().backward()
+            return len(t_starts)
+
+        samples = march(rays, grid, t.aabb, t.step_size, t.cone_angle, t.near)
+        tau, rgb = random_field(len(samples), device)
+        ours = finish(integrate(rgb, tau, samples, stop_eps=0.0), white)["rgb"]  # nerfacc's rendering never stops early
+        return step, float((ours - render(samples.ray_idx, samples.t0, samples.t1, tau, rgb)).abs().max())
+    except Exception as error:  # no nerfacc, or its JIT build failed: recorded, the other rows still run
+        detail = str(error).strip().splitlines()
+        return None, f"nerfacc unavailable: {type(error).__name__}: {detail[-1] if detail else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
+    parser.add_argument("source", help="a run folder, or a scene to train --warmup steps on")
+    parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rays", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    run, cfg, pipeline, _ = load_run(args.run)
+    pipeline, scene = pipeline_and_scene(args.source, args.warmup)
     device = pipeline.device
-    from recon.data.scene import load_scene
-
-    train = load_scene(cfg.scene, downscale=cfg.downscale).splits["train"].to(device)
+    train = scene.splits["train"].to(device)
     rays = train.sample(args.rays, torch.Generator(device=device).manual_seed(0)).rays
     t = pipeline.tracer
+    t_near, t_far = ray_aabb(rays.origins, rays.dirs, t.aabb)
+    white = torch.ones(3, device=device)
+
+    def recon_step() -> int:
+        samples = march(rays, pipeline.grid, t.aabb, t.step_size, t.cone_angle, t.near)
+        tau, rgb = random_field(len(samples), device)
+        composite(rgb, tau, samples, white)["rgb"].sum().backward()
+        return len(samples)
+
+    paths: dict[str, tuple[str | None, Callable[[], int]]] = {"torch": ("off", recon_step)}
+    paths["recon-cuda" if device.type == "cuda" else "recon-cpu-build"] = ("auto" if device.type == "cuda" else "cpu",
+                                                                          recon_step)
+    notes: dict[str, str | float] = {}
+    if device.type == "cuda":  # nerfacc is never imported on a CPU: it would try to compile there
+        step, outcome = nerfacc_path(pipeline, rays, t_near.clamp(min=t.near), t_far)
+        notes["nerfacc_parity" if step else "nerfacc"] = outcome
+        if step:
+            paths["nerfacc"] = (None, step)
     results = {}
-    kernels = {"torch": None, "recon-cuda": extension("cuda") if device.type == "cuda" else None}
-    if device.type == "cpu":
-        kernels["recon-cpu-build"] = extension("cpu")
-    for name, ext in kernels.items():
-        if name != "torch" and ext is None:
-            continue
-
-        def step() -> None:
-            samples = march(rays, pipeline.grid, t.aabb, t.step_size, t.cone_angle, t.near, kernels=ext)
-            g = torch.Generator(device=device).manual_seed(1)
-            tau = torch.rand(len(samples), device=device, generator=g).requires_grad_()
-            rgb = torch.rand(len(samples), 3, device=device, generator=g).requires_grad_()
-            out = composite(rgb, tau, samples, torch.ones(3, device=device))
-            out["rgb"].sum().backward()
-
-        seconds = timed(step, args.repeats, device)
-        samples = len(march(rays, pipeline.grid, t.aabb, t.step_size, t.cone_angle, t.near, kernels=ext))
+    for name, (mode, step) in paths.items():
+        with using_kernels(mode) if mode else contextlib.nullcontext():
+            seconds = timed(step, args.repeats, device)
+            samples = step()
         results[name] = {"seconds_per_batch": seconds, "rays_per_second": args.rays / seconds,
                          "samples_per_second": samples / seconds, "samples": samples}
         print(name, results[name], flush=True)
-    report = {"run": args.run, "device": str(device), "rays": args.rays, "results": results,
-              "note": "compositing dispatches to the CUDA kernel for GPU tensors whenever it built; the torch row "
-                      "on a GPU therefore marches with the twin and composites with the kernel",
-              "torch": torch.__version__}
+    if "torch" in results:
+        for name, row in results.items():
+            row["speedup_over_torch"] = results["torch"]["seconds_per_batch"] / row["seconds_per_batch"]
+    if "nerfacc" in results and "recon-cuda" in results:
+        notes["recon_over_nerfacc"] = results["nerfacc"]["seconds_per_batch"] / results["recon-cuda"]["seconds_per_batch"]
+    report = {"source": args.source, "device": str(device),
+              "machine": describe(device),
+              "date": time.strftime("%Y-%m-%d"), "rays": args.rays, "occupancy": pipeline.grid.occupancy_fraction,
+              "results": results, "notes": notes}
+    print(json.dumps(notes), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -4,23 +4,26 @@ Trains `--warmup` steps (so the occupancy grid has pruned as in a real run), the
 `--steps` more with torch.profiler, using the phase labels the trainer and renderer put on
 their work (record_function), and times the render of one full test view.
 
-    python bench/profile_step.py ../shared/data/lego --warmup 200 --steps 64 [--preset cpu] [-o levels=8 ...]
+    python bench/profile_step.py ../shared/data/lego --warmup 200 --steps 64 [--render-side 800] [--preset cpu] [-o levels=8 ...]
+
+RECON_KERNELS=off profiles the torch twins on a GPU (the baseline of the kernels' end-to-end speed-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from machine import describe
 from recon.app.cli import parse_field_options
 from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
+from recon.cuda import kernels_mode
 from recon.data.scene import load_scene
 
 PHASES = ("occupancy_update", "sample_rays", "march", "field", "composite", "backward", "optimizer")
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("--preset", help="cpu or gpu (default: by device)")
     parser.add_argument("-o", "--field-option", action="append", default=[])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    parser.add_argument("--render-side", type=int, help="time the test view rendered this many pixels wide (default: its own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -71,22 +75,24 @@ def main() -> None:
     print(f"| **step (wall, profiled)** | {step_ms:.1f} | |")
     print(f"rays/s {rays / wall:.0f}, samples/s {samples / wall:.0f}")
 
-    test = scene.splits["test"]
-    trainer.pipeline.render_view(test.cameras, 0, chunk=cfg.eval_chunk)  # warm caches
+    test = scene.splits["test"].cameras
+    if args.render_side:
+        test = test.downscaled(float(test.width[0]) / args.render_side)
+    trainer.pipeline.render_view(test, 0, chunk=cfg.eval_chunk)  # warm caches
     started = time.perf_counter()
-    trainer.pipeline.render_view(test.cameras, 0, chunk=cfg.eval_chunk)
+    trainer.pipeline.render_view(test, 0, chunk=cfg.eval_chunk)
     if cuda:
         torch.cuda.synchronize()
     render_s = time.perf_counter() - started
-    size = f"{int(test.cameras.width[0])}x{int(test.cameras.height[0])}"
-    print(f"render of one {size} test view: {render_s:.2f} s")
+    size = f"{int(test.width[0])}x{int(test.height[0])}"
+    print(f"render of one {size} test view: {render_s:.3f} s")
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "scene": args.scene, "config": cfg.to_json(), "device": str(trainer.device),
-            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d"), "warmup_steps": args.warmup, "profiled_steps": args.steps,
+            "machine": describe(trainer.device),
+            "date": time.strftime("%Y-%m-%d"), "kernels": kernels_mode(), "warmup_steps": args.warmup, "profiled_steps": args.steps,
             "ms_per_step": round(step_ms, 2), "phases_ms": rows, "rays_per_step": rays / args.steps,
             "samples_per_step": samples / args.steps, "rays_per_second": rays / wall,
             "samples_per_second": samples / wall, "render_seconds": render_s, "render_size": size}, indent=2) + "\n")

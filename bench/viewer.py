@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import threading
 import time
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import viser
 from websockets.sync.client import connect
 

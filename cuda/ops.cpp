@@ -165,12 +165,14 @@ torch::Tensor hash_backward(const torch::Tensor& x, const torch::Tensor& table, 
 
 namespace {
 
-recon::Grid grid_of(const torch::Tensor& occupied, const torch::Tensor& box, int64_t levels, int64_t resolution) {
+// box: the level-0 box as x0, y0, z0, x1, y1, z1.
+recon::Grid grid_of(const torch::Tensor& occupied, const std::vector<double>& box, int64_t levels,
+                    int64_t resolution) {
   check(occupied, "occupied", torch::kBool);
-  auto b = box.cpu();  // [2, 3]: the level-0 box
+  TORCH_CHECK(box.size() == 6, "box must be 6 numbers");
   recon::Grid grid{occupied.data_ptr<bool>(), static_cast<int>(levels), static_cast<int>(resolution), {}, {}};
   for (int a = 0; a < 3; ++a) {
-    const float lo = b[0][a].item<float>(), hi = b[1][a].item<float>();
+    const float lo = static_cast<float>(box[a]), hi = static_cast<float>(box[a + 3]);
     grid.centre[a] = (lo + hi) / 2;
     grid.half[a] = (hi - lo) / 2;
   }
@@ -192,7 +194,7 @@ void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torc
 
 // Samples per ray (int64 [R]) of the occupancy grid's marching (renderers/marching.py's march).
 torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dirs, const torch::Tensor& t_start,
-                          const torch::Tensor& t_far, const torch::Tensor& occupied, const torch::Tensor& box,
+                          const torch::Tensor& t_far, const torch::Tensor& occupied, const std::vector<double>& box,
                           int64_t levels, int64_t resolution, double step, double cone, double max_step,
                           int64_t max_samples) {
   for (auto* t : {&origins, &dirs, &t_start, &t_far}) check(*t, "ray tensor", torch::kFloat32);
@@ -217,7 +219,7 @@ torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dir
 
 // The samples themselves, ray r's written from offsets[r]: (t0 [S], t1 [S]), S = offsets[R].
 std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch::Tensor& dirs, const torch::Tensor& t_start,
-                                      const torch::Tensor& t_far, const torch::Tensor& occupied, const torch::Tensor& box,
+                                      const torch::Tensor& t_far, const torch::Tensor& occupied, const std::vector<double>& box,
                                       int64_t levels, int64_t resolution, double step, double cone, double max_step,
                                       int64_t max_samples, const torch::Tensor& offsets, int64_t total) {
   const auto grid = grid_of(occupied, box, levels, resolution);

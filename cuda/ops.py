@@ -59,15 +59,6 @@ def integrate(rgb: Tensor, tau: Tensor, t: Tensor, ray_idx: Tensor, n_rays: int,
     return _Integrate.apply(ext, rgb, tau, t, ray_starts(ray_idx, n_rays), tau_before, stop_eps)
 
 
-def level_parameters(encoding) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per level (CPU tensors): fp32 scale, vertices per axis, first table row, and the hash mask (-1: dense)."""
-    scale = encoding._scale.view(-1).float().cpu()
-    vertices = (encoding._pos_max.view(-1) + 1).long().cpu()
-    offset = encoding._offset.view(-1).long().cpu()
-    mask = encoding._mask.view(-1).long().cpu()
-    return scale, vertices, offset, mask
-
-
 class _HashEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ext: ModuleType, x: Tensor, table: Tensor, levels: tuple[Tensor, ...]) -> Tensor:
@@ -85,4 +76,4 @@ class _HashEncode(torch.autograd.Function):
 
 def hash_encode(encoding, x: Tensor, ext: ModuleType) -> Tensor:
     """[N, L * F] features of x [N, 3] (in [0, 1]^3, no gradient with respect to x) from `encoding`'s table."""
-    return _HashEncode.apply(ext, x, encoding.table, level_parameters(encoding))
+    return _HashEncode.apply(ext, x, encoding.table, encoding.kernel_levels)

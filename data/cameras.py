@@ -41,10 +41,10 @@ class Cameras:
     def to(self, device: torch.device | str) -> Cameras:
         return Cameras(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def downscaled(self, n: int) -> Cameras:
-        """The same views with images n times smaller (as the loader's --downscale: x' = x / n)."""
+    def downscaled(self, n: float) -> Cameras:
+        """The same views with images n times smaller (as the loader's --downscale: x' = x / n; n < 1 enlarges)."""
         return replace(self, fx=self.fx / n, fy=self.fy / n, cx=self.cx / n, cy=self.cy / n,
-                       width=self.width // n, height=self.height // n)
+                       width=(self.width / n).long(), height=(self.height / n).long())
 
     def transformed(self, to_unit: Tensor) -> Cameras:
         """Apply a similarity x' = s R x + t (4x4) to the poses; camera axes stay unit length."""

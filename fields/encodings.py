@@ -186,6 +186,9 @@ class HashGridEncoding(Encoding):
         self.register_buffer("_mult", torch.tensor(multipliers)[:, :, None], persistent=False)
         self.register_buffer("_mask", torch.tensor([-1 if d else table_size - 1 for d in dense])[:, None, None], persistent=False)
         self.register_buffer("_offset", torch.tensor(offsets, dtype=torch.int32).view(-1, *[1] * (dims + 1)), persistent=False)
+        # The same per level for recon.cuda's kernel, as CPU tensors (a plain attribute: it stays on the CPU, so a
+        # GPU step reads no buffer back): scale, vertices per axis, first row, hash mask (-1: dense).
+        self.kernel_levels = (scales, v.view(-1).long(), torch.tensor(offsets), self._mask.view(-1).clone())
         self._tcnn = self._make_tcnn() if tcnn else None
 
     @property

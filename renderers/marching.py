@@ -169,7 +169,7 @@ def march(rays: Rays, grid: OccupancyGrid, aabb: Tensor, step_size: float, cone_
 def _march_kernel(kernels: ModuleType, rays: Rays, grid: OccupancyGrid, rule: StepRule, t_start: Tensor, t_far: Tensor,
                   max_samples: int) -> Samples:
     args = (rays.origins.contiguous(), rays.dirs.contiguous(), t_start.contiguous(), t_far.contiguous(),
-            grid.occupied.view(-1).contiguous(), grid.aabb, grid.levels, grid.resolution, rule.step, rule.cone_angle,
+            grid.occupied.view(-1).contiguous(), grid.bounds, grid.levels, grid.resolution, rule.step, rule.cone_angle,
             rule.max_step, max_samples)
     counts = kernels.march_count(*args)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])

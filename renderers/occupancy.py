@@ -37,6 +37,7 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3)
         self.register_buffer("aabb", aabb.clone(), persistent=False)  # a constructor argument, not state
+        self.bounds = aabb.view(-1).tolist()  # the same as floats, for the marching kernel (no device read-back)
         self.resolution, self.levels = resolution, levels
         self.step_size = step_size if step_size is not None else float((aabb[1] - aabb[0]).norm()) / 1024
         self.register_buffer("values", torch.zeros(levels, resolution**3))

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Every GPU check of the CUDA renderer in one device call (about 8 minutes; results under $OUT).
+#
+#   bash bench/gpu_session.sh prepare     here: the wheels the GPU machine lacks into .whl/, lego (train + every
+#                                         8th test view) and the commit into .data/, both git-ignored locally
+#   bash bench/gpu_session.sh run         there (device tool: carry [".whl", ".data"]); QUICK=1 PY=python runs
+#                                         the same stages tiny on a CPU, to check the script itself
+#
+# Stages, each under its own time limit so one slow stage leaves the others their time: the CUDA kernels against
+# their twins (tests/test_kernels.py), renderer throughput against nerfacc and the twins (bench/kernels.py),
+# training rays/s and an 800x800 render with the kernels and without (bench/profile_step.py), and test PSNR
+# against training time on lego (bench/fit_curve.py). nerfacc's JIT build runs in the background from the start.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+
+prepare() {
+  local lego=${LEGO:-../shared/data/lego}
+  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || printf '/.whl/\n/.data/\n' >>.git/info/exclude
+  rm -rf .whl .data && mkdir -p .whl .data/lego
+  cp ../shared/wheels/py312/{nerfacc,trimesh,PyMCubes}-*.whl .whl/  # the rest recon imports is on the GPU image
+  cp -r "$lego/train" "$lego/transforms_train.json" .data/lego/
+  python - "$lego" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+lego, out = Path(sys.argv[1]), Path(".data/lego")
+for split, stride in (("test", 8), ("val", 50)):  # a subset of the held-out views keeps the carry small
+    meta = json.loads((lego / f"transforms_{split}.json").read_text())
+    meta["frames"] = meta["frames"][::stride]
+    for frame in meta["frames"]:
+        path = Path(frame["file_path"] + ".png")
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lego / path, out / path)
+    (out / f"transforms_{split}.json").write_text(json.dumps(meta))
+EOF
+  git rev-parse HEAD >.data/commit.txt
+  git diff --quiet HEAD || echo "note: uncommitted changes travel too; .data/commit.txt names HEAD only"
+  du -sh .whl .data
+}
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run it under a time limit, its output into the session log
+  local name=$1 limit=$2 started=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit} s) at $(date +%T)"
+  timeout "$limit" "$@" 2>&1
+  echo "== $name: exit $? after $((SECONDS - started)) s"
+}
+
+run() {
+  OUT=${OUT:-/tmp/recon-gpu}
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/session.log") 2>&1
+  local quick=${QUICK:-0} scene=${SCENE:-.data/lego}
+  export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export RECON_EXTENSIONS_DIR=/tmp/recon-extensions TORCH_EXTENSIONS_DIR=/tmp/torch-extensions
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
+  mkdir -p /tmp/pkgs && ln -sfn "$PWD" /tmp/pkgs/recon  # the repository root is the package `recon`
+  export PYTHONPATH=/tmp/pkgs:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # nerfacc's build includes ATen's CUDA headers, which want cuBLAS's: the nvidia wheels carry them.
+  CPATH=$($PY -c "import glob, os, torch; print(':'.join(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'include'))))")
+  export CPATH
+  echo "commit $(cat .data/commit.txt 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+
+  local gpu
+  gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+  if [ "$gpu" = 1 ]; then  # in the background while the first stages run
+    (timeout 420 $PY -c "from nerfacc.cuda._backend import _C; print('nerfacc built')" >"$OUT/nerfacc-build.log" 2>&1 &)
+  fi
+  local rays=65536 warmup=500 steps=64 curve_time=60 marks="10 20 30 45 60" side=800 tests="cuda and not compile"
+  if [ "$quick" = 1 ]; then rays=2048 warmup=20 steps=8 curve_time=6 marks="3 6" side=96 tests="run_trained"; fi
+
+  stage kernel-parity 180 $PY -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -k "$tests"
+  stage renderer-throughput 120 $PY bench/kernels.py "$scene" --warmup "$warmup" --rays "$rays" --out "$OUT/kernels.json"
+  for mode in off auto; do
+    stage "training-kernels-$mode" 90 env RECON_KERNELS=$mode $PY bench/profile_step.py "$scene" --warmup 100 \
+      --steps "$steps" --render-side "$side" --out "$OUT/profile-$mode.json"
+  done
+  stage psnr-against-time 150 $PY bench/fit_curve.py "$scene" --max-time "$curve_time" --marks $marks --eval-views 5 \
+    --out "$OUT/lego-curve.json"
+  if [ "$gpu" = 1 ]; then echo "== nerfacc build log (tail)"; tail -n 20 "$OUT/nerfacc-build.log"; fi
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: bash bench/gpu_session.sh prepare|run" >&2; exit 2 ;;
+esac
