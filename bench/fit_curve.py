@@ -56,7 +56,7 @@ def main() -> None:
             trainer.run(stop_at=trainer.step + 10)
         result = evaluate(trainer.pipeline, test, stride, cfg.eval_chunk)
         row = {"train_seconds": round(trainer.progress.seconds, 1), "steps": trainer.step,
-               "rays_per_second": round(trainer.rays_seen / trainer.progress.seconds),
+               "rays_per_second": round(trainer.items_seen / trainer.progress.seconds),
                "samples_per_second": round(trainer.samples_seen / trainer.progress.seconds),
                "psnr": round(result["mean"]["psnr"], 3), "ssim": round(result["mean"]["ssim"], 4),
                "eval_seconds": result["seconds"], "views": result["views_evaluated"]}

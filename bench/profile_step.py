@@ -51,14 +51,14 @@ def main() -> None:
     trainer.run(stop_at=args.warmup)
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    rays0, samples0 = trainer.rays_seen, trainer.samples_seen
+    rays0, samples0 = trainer.items_seen, trainer.samples_seen
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         trainer.run(stop_at=args.warmup + args.steps)
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    rays, samples = trainer.rays_seen - rays0, trainer.samples_seen - samples0
+    rays, samples = trainer.items_seen - rays0, trainer.samples_seen - samples0
 
     attr = "device_time_total" if cuda else "cpu_time_total"
     totals = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages() if e.key in PHASES}
