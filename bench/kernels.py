@@ -7,7 +7,8 @@ The occupancy grid comes from RUN, or from `--warmup` training steps on SCENE. T
 random optical depth and colour per sample, so only the renderer is timed. On a CPU the kernels' row is their
 CPU build (the tests' oracle); the figures that matter come from a GPU. nerfacc marches with its own
 traversal (voxel by voxel), so its sample count is given beside its time; its compositing is also checked
-against recon's on recon's samples (`nerfacc_parity`: the largest colour difference).
+against recon's on recon's samples (`nerfacc_parity`: the largest colour difference). Then NeuRBF's
+nearest-kernel lookup, the twin against the kernel (and scipy's KD-tree on a CPU), as many points as rays.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from recon.app.cli import load_run
 from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene
+from recon.fields.rbf import NearestKernels
 from recon.renderers import composite, march, ray_aabb
 from recon.renderers.compositing import finish, integrate
 
@@ -103,12 +105,32 @@ def nerfacc_path(pipeline, rays, t_start: torch.Tensor, t_far: torch.Tensor) -> 
         return None, f"nerfacc unavailable: {type(error).__name__}: {detail[-1] if detail else ''}"
 
 
+def nearest_rows(points: int, kernels: int, repeats: int, device: torch.device, kernel_mode: str) -> dict:
+    """NeuRBF's lookup of the 5 nearest of `kernels` centres (half uniform, half clustered as k-means leaves
+    them; lego's NeuRBF at 2 M has 11,878) for `points` points: the twin's candidate lists, the kernel's,
+    and on a CPU scipy's KD-tree."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.cat([torch.rand(kernels // 2, 3, generator=g),
+                         0.5 + 0.05 * torch.randn(kernels - kernels // 2, 3, generator=g)]).clamp(0, 1).to(device)
+    x = torch.rand(points, 3, generator=g).to(device)
+    rows = {}
+    for name, mode, method in [("torch", "off", "grid"), ("kernel", kernel_mode, "grid")] + \
+            ([("kd-tree", "off", "tree")] if device.type == "cpu" else []):
+        with using_kernels(mode):
+            index = NearestKernels(centres, 5, method)
+            seconds = timed(lambda: index.query(x), repeats, device)
+        rows[name] = {"seconds": seconds, "points_per_second": points / seconds}
+        print("nearest", name, rows[name], flush=True)
+    return {"points": points, "kernels": kernels, "neighbours": 5, "results": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a run folder, or a scene to train --warmup steps on")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rays", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--nearest-kernels", type=int, default=11878, help="NeuRBF centres for the lookup's timing")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     pipeline, scene = pipeline_and_scene(args.source, args.warmup)
@@ -147,10 +169,12 @@ def main() -> None:
             row["speedup_over_torch"] = results["torch"]["seconds_per_batch"] / row["seconds_per_batch"]
     if "nerfacc" in results and "recon-cuda" in results:
         notes["recon_over_nerfacc"] = results["nerfacc"]["seconds_per_batch"] / results["recon-cuda"]["seconds_per_batch"]
+    kernel_mode = "auto" if device.type == "cuda" else "cpu"
+    nearest = nearest_rows(args.rays, args.nearest_kernels, max(1, args.repeats // 4), device, kernel_mode)
     report = {"source": args.source, "device": str(device),
               "machine": describe(device),
               "date": time.strftime("%Y-%m-%d"), "rays": args.rays, "occupancy": pipeline.grid.occupancy_fraction,
-              "results": results, "notes": notes}
+              "results": results, "notes": notes, "nearest_kernels": nearest}
     print(json.dumps(notes), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

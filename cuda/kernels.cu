@@ -1,4 +1,4 @@
-// CUDA launchers for ops.cpp: one thread per ray (compositing, marching) or per (point, level) (hash grid), each running
+// CUDA launchers for ops.cpp: one thread per ray (compositing, marching) or point (nearest kernels) or per (point, level) (hash grid), each running
 // the shared body from kernels.h. Only torch's core headers are included (no ATen/cuda: the slim toolkit
 // lacks the cuBLAS headers they pull in), so launches go to the default stream.
 #include <torch/types.h>
@@ -76,6 +76,12 @@ __global__ void march_kernel(recon::Grid grid, recon::StepRule rule, const float
   if (!fill) counts[r] = n;
 }
 
+__global__ void nearest_kernel(const float* points, const float* centres, const int64_t* candidates, int64_t n,
+                               int dims, int64_t width, int64_t resolution, int k, int64_t* index, float* d2) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) recon::nearest_in_cell(points + i * dims, dims, centres, candidates, width, resolution, k, index + i * k, d2 + i * k);
+}
+
 LevelTable pack(const std::vector<recon::Level>& levels) {
   TORCH_CHECK(levels.size() <= 32, "at most 32 hash-grid levels");
   LevelTable packed;
@@ -140,4 +146,14 @@ void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torc
                                           offsets ? nullptr : counts.data_ptr<int64_t>(),
                                           offsets ? offsets->data_ptr<int64_t>() : nullptr,
                                           t0 ? t0->data_ptr<float>() : nullptr, t1 ? t1->data_ptr<float>() : nullptr);
+}
+
+void nearest_cuda(const torch::Tensor& points, const torch::Tensor& centres, const torch::Tensor& candidates,
+                  int64_t resolution, int64_t k, torch::Tensor& index, torch::Tensor& d2) {
+  const int64_t n = points.size(0);
+  if (n == 0) return;
+  nearest_kernel<<<blocks(n), THREADS>>>(points.data_ptr<float>(), centres.data_ptr<float>(),
+                                         candidates.data_ptr<int64_t>(), n, static_cast<int>(points.size(1)),
+                                         candidates.size(1), resolution, static_cast<int>(k),
+                                         index.data_ptr<int64_t>(), d2.data_ptr<float>());
 }

@@ -213,4 +213,44 @@ RECON_HD inline int64_t march_ray(const Grid& grid, const StepRule& rule, const 
   return kept;
 }
 
+// NeuRBF's nearest kernels (fields/rbf.py, CellLists): a point in [0, 1]^D (D = 2 or 3) falls in one cell of a
+// uniform grid of `resolution` cells per axis, whose candidate list (ascending centre indices, -1 padding at the
+// end) holds every centre that can be among its k nearest. The k nearest are kept sorted while the list is
+// scanned, in registers, so no [points, candidates] distance table is ever made (the twin's).
+constexpr int MAX_NEIGHBOURS = 8;
+
+RECON_HD inline void nearest_in_cell(const float* point, int dims, const float* centres, const int64_t* candidates,
+                                     int64_t width, int64_t resolution, int k, int64_t* out_index, float* out_d2) {
+  int64_t cell = 0;
+  for (int a = 0; a < dims; ++a) {  // as the twin: truncate x * r, clamp into the grid
+    int64_t i = static_cast<int64_t>(point[a] * static_cast<float>(resolution));
+    i = i < 0 ? 0 : (i > resolution - 1 ? resolution - 1 : i);
+    cell = cell * resolution + i;
+  }
+  const int64_t* list = candidates + cell * width;
+  float best[MAX_NEIGHBOURS];
+  int64_t index[MAX_NEIGHBOURS];
+  int found = 0;
+  for (int64_t j = 0; j < width && list[j] >= 0; ++j) {
+    const int64_t c = list[j];
+    float d2 = 0.0f;
+    for (int a = 0; a < dims; ++a) {
+      const float diff = point[a] - centres[c * dims + a];
+      d2 += diff * diff;
+    }
+    if (found == k && !(d2 < best[k - 1])) continue;
+    int at = found < k ? found++ : k - 1;
+    for (; at > 0 && best[at - 1] > d2; --at) {
+      best[at] = best[at - 1];
+      index[at] = index[at - 1];
+    }
+    best[at] = d2;
+    index[at] = c;
+  }
+  for (int i = 0; i < k; ++i) {  // a list shorter than k cannot happen (each holds at least the k nearest)
+    out_index[i] = i < found ? index[i] : -1;
+    out_d2[i] = i < found ? best[i] : INFINITY;
+  }
+}
+
 }  // namespace recon

@@ -243,6 +243,38 @@ std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch:
   return {t0, t1};
 }
 
+#ifdef RECON_CUDA
+void nearest_cuda(const torch::Tensor& points, const torch::Tensor& centres, const torch::Tensor& candidates,
+                  int64_t resolution, int64_t k, torch::Tensor& index, torch::Tensor& d2);
+#endif
+
+// NeuRBF's k nearest centres [K, D] of points [N, D] through candidate lists [cells, width] (fields/rbf.py's
+// CellLists): (index [N, k] int64, squared distance [N, k] float32), nearest first.
+std::vector<torch::Tensor> nearest_kernels(const torch::Tensor& points, const torch::Tensor& centres,
+                                           const torch::Tensor& candidates, int64_t resolution, int64_t k) {
+  check(points, "points", torch::kFloat32);
+  check(centres, "centres", torch::kFloat32);
+  check(candidates, "candidates", torch::kInt64);
+  TORCH_CHECK(k >= 1 && k <= recon::MAX_NEIGHBOURS, "at most ", recon::MAX_NEIGHBOURS, " neighbours");
+  TORCH_CHECK(points.size(1) == centres.size(1) && points.size(1) <= 3, "points and centres: the same D <= 3");
+  const int64_t n = points.size(0), dims = points.size(1), width = candidates.size(1);
+  auto index = torch::empty({n, k}, points.options().dtype(torch::kInt64)), d2 = torch::empty({n, k}, points.options());
+#ifdef RECON_CUDA
+  if (points.is_cuda()) {
+    nearest_cuda(points, centres, candidates, resolution, k, index, d2);
+    return {index, d2};
+  }
+#endif
+  at::parallel_for(0, n, 1024, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      recon::nearest_in_cell(points.data_ptr<float>() + i * dims, static_cast<int>(dims), centres.data_ptr<float>(),
+                             candidates.data_ptr<int64_t>(), width, resolution, static_cast<int>(k),
+                             index.data_ptr<int64_t>() + i * k, d2.data_ptr<float>() + i * k);
+    }
+  });
+  return {index, d2};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("march_count", &march_count, "samples per ray of occupancy-grid marching");
   m.def("march_fill", &march_fill, "the marched samples");
@@ -250,4 +282,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("integrate_backward", &integrate_backward, "its backward");
   m.def("hash_forward", &hash_forward, "3D hash-grid encoding");
   m.def("hash_backward", &hash_backward, "its backward (the table)");
+  m.def("nearest_kernels", &nearest_kernels, "NeuRBF's k nearest kernels through candidate lists");
 }

@@ -7,7 +7,8 @@ candidate lists in torch: a cell C (centre c, half-diagonal h) lists every centr
 c, where d_k(c) is the distance from c to its k-th nearest centre. For x in C, d_k(x) <= d_k(c) + h
 (the k-th nearest distance is 1-Lipschitz), so each of x's k nearest lies within d_k(x) + h <= d_k(c) +
 2h of c: the list holds them all and the answer is exact. Clustered centres make long lists, which a GPU
-absorbs and a CPU would not. `nearest_brute_force` is the test oracle of both.
+absorbs and a CPU would not; recon.cuda's kernel scans a point's list in one thread. `nearest_brute_force` is
+the test oracle of all three.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import math
 import torch
 from torch import Tensor
 
+from recon.cuda import kernels_for
+
 CHUNK = 2**24  # distances computed at once (bounds memory)
+MAX_NEIGHBOURS = 8  # the kernel keeps at most this many in registers (NeuRBF asks for 4, 5 or 8)
 
 
 def nearest_brute_force(points: Tensor, centres: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -95,7 +99,12 @@ class CellLists:
         return flat
 
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """(indices [N, k] int64, squared distances [N, k]), nearest first: equal to `nearest_brute_force`."""
+        """(indices [N, k] int64, squared distances [N, k]), nearest first: equal to `nearest_brute_force`.
+        On the GPU the kernel (recon.cuda) scans each list keeping the k nearest; this is its twin."""
+        kernels = kernels_for(points)
+        if kernels is not None and self.k <= MAX_NEIGHBOURS and points.shape[1] <= 3:
+            return kernels.nearest_kernels(points.detach().float().contiguous(), self.centres.float().contiguous(),
+                                           self.candidates, self.resolution, self.k)
         index, distance = [], []
         for part in points.split(max(1, CHUNK // max(self.width, 1))):
             candidates = self.candidates[self.cell_of(part)]  # [n, width]

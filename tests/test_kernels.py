@@ -1,6 +1,6 @@
-"""recon's kernels against their torch twins (compositing, the hash grid, occupancy-grid marching): the
-CPU build of the same bodies everywhere, the CUDA build where there is a GPU. Values and gradients must agree
-within float tolerance."""
+"""recon's kernels against their torch twins (compositing, the hash grid, occupancy-grid marching, NeuRBF's
+nearest kernels): the CPU build of the same bodies everywhere, the CUDA build where there is a GPU. Values and
+gradients must agree within float tolerance."""
 
 import shutil
 import subprocess
@@ -16,6 +16,7 @@ from recon.app.cli import load_run, main, run_frame
 from recon.app.export import extract_mesh
 from recon.cuda import extension, kernels_for, ops
 from recon.data.scene import load_scene
+from recon.fields.rbf import NearestKernels, nearest_brute_force
 from recon.data.rays import Rays
 from recon.fields.encodings import HashGridEncoding
 from recon.renderers import OccupancyGrid, Samples, march
@@ -106,6 +107,21 @@ def test_cpu_tensors_stay_on_the_twins_unless_asked(monkeypatch):
     monkeypatch.setenv("RECON_KERNELS", "fast")
     with pytest.raises(ValueError, match="^RECON_KERNELS='fast' is not one of auto, off, cpu$"):
         kernels_for(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dims, k", [(2, 4), (3, 8), (3, 1)])
+def test_nearest_kernels_match_brute_force(kernels, monkeypatch, dims, k):
+    """NeuRBF's lookup through candidate lists, one thread a point, against the brute force (clustered centres,
+    points on the box's faces)."""
+    device, _ = kernels
+    monkeypatch.setenv("RECON_KERNELS", "cpu" if device == "cpu" else "auto")
+    g = torch.Generator().manual_seed(dims)
+    centres = torch.cat([torch.rand(300, dims, generator=g), 0.5 + 0.03 * torch.randn(300, dims, generator=g)]).clamp(0, 1)
+    points = torch.cat([torch.rand(5000, dims, generator=g), torch.tensor([[0.0] * dims, [1.0] * dims])])
+    index, distance = NearestKernels(centres.to(device), k, "grid").query(points.to(device))
+    expected_index, expected_distance = nearest_brute_force(points, centres, k)
+    assert torch.allclose(distance.cpu(), expected_distance, atol=1e-6)
+    assert (index.cpu() == expected_index).float().mean() > 0.999  # ties may swap
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
