@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -45,15 +46,9 @@ def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-@contextlib.contextmanager
-def using_kernels(mode: str):
+def using_kernels(mode: str) -> contextlib.AbstractContextManager:
     """RECON_KERNELS for the duration: "off" (the twins), "auto" (CUDA on a GPU) or "cpu" (the CPU build)."""
-    before = os.environ.get("RECON_KERNELS")
-    os.environ["RECON_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        os.environ.pop("RECON_KERNELS") if before is None else os.environ.__setitem__("RECON_KERNELS", before)
+    return mock.patch.dict(os.environ, {"RECON_KERNELS": mode})
 
 
 def pipeline_and_scene(source: str, warmup: int):
@@ -147,29 +142,25 @@ def main() -> None:
         composite(rgb, tau, samples, white)["rgb"].sum().backward()
         return len(samples)
 
-    paths: dict[str, tuple[str | None, Callable[[], int]]] = {"torch": ("off", recon_step)}
-    paths["recon-cuda" if device.type == "cuda" else "recon-cpu-build"] = ("auto" if device.type == "cuda" else "cpu",
-                                                                          recon_step)
+    kernel_mode, kernel_row = ("auto", "recon-cuda") if device.type == "cuda" else ("cpu", "recon-cpu-build")
+    paths: dict[str, tuple[str, Callable[[], int]]] = {"torch": ("off", recon_step), kernel_row: (kernel_mode, recon_step)}
     notes: dict[str, str | float] = {}
     if device.type == "cuda":  # nerfacc is never imported on a CPU: it would try to compile there
         step, outcome = nerfacc_path(pipeline, rays, t_near.clamp(min=t.near), t_far)
         notes["nerfacc_parity" if step else "nerfacc"] = outcome
         if step:
-            paths["nerfacc"] = (None, step)
+            paths["nerfacc"] = ("off", step)  # recon's kernels play no part in it
     results = {}
     for name, (mode, step) in paths.items():
-        with using_kernels(mode) if mode else contextlib.nullcontext():
+        with using_kernels(mode):
             seconds = timed(step, args.repeats, device)
             samples = step()
         results[name] = {"seconds_per_batch": seconds, "rays_per_second": args.rays / seconds,
-                         "samples_per_second": samples / seconds, "samples": samples}
+                         "samples_per_second": samples / seconds, "samples": samples,
+                         "speedup_over_torch": results["torch"]["seconds_per_batch"] / seconds if results else 1.0}
         print(name, results[name], flush=True)
-    if "torch" in results:
-        for name, row in results.items():
-            row["speedup_over_torch"] = results["torch"]["seconds_per_batch"] / row["seconds_per_batch"]
-    if "nerfacc" in results and "recon-cuda" in results:
-        notes["recon_over_nerfacc"] = results["nerfacc"]["seconds_per_batch"] / results["recon-cuda"]["seconds_per_batch"]
-    kernel_mode = "auto" if device.type == "cuda" else "cpu"
+    if "nerfacc" in results:
+        notes["recon_over_nerfacc"] = results["nerfacc"]["seconds_per_batch"] / results[kernel_row]["seconds_per_batch"]
     nearest = nearest_rows(args.rays, args.nearest_kernels, max(1, args.repeats // 4), device, kernel_mode)
     report = {"source": args.source, "device": str(device),
               "machine": describe(device),

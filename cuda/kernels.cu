@@ -1,6 +1,7 @@
-// CUDA launchers for ops.cpp: one thread per ray (compositing, marching) or point (nearest kernels) or per (point, level) (hash grid), each running
-// the shared body from kernels.h. Only torch's core headers are included (no ATen/cuda: the slim toolkit
-// lacks the cuBLAS headers they pull in), so launches go to the default stream.
+// CUDA launchers for ops.cpp: one thread per ray (compositing, marching), per point (nearest kernels) or per
+// (point, level) (hash grid), each running the shared body from kernels.h. Only torch's core headers are
+// included (no ATen/cuda: the slim toolkit lacks the cuBLAS headers they pull in), so launches go to the default
+// stream.
 #include <torch/types.h>
 
 #include <vector>
@@ -79,7 +80,10 @@ __global__ void march_kernel(recon::Grid grid, recon::StepRule rule, const float
 __global__ void nearest_kernel(const float* points, const float* centres, const int64_t* candidates, int64_t n,
                                int dims, int64_t width, int64_t resolution, int k, int64_t* index, float* d2) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) recon::nearest_in_cell(points + i * dims, dims, centres, candidates, width, resolution, k, index + i * k, d2 + i * k);
+  if (i < n) {
+    recon::nearest_in_cell(points + i * dims, dims, centres, candidates, width, resolution, k, index + i * k,
+                           d2 + i * k);
+  }
 }
 
 LevelTable pack(const std::vector<recon::Level>& levels) {

@@ -29,13 +29,13 @@ RECON_HD inline void ray_integrate_forward(const float* tau, const float* rgb, c
   float sum_w = 0.0f, sum_wt = 0.0f;
   double before = tau_before;
   for (int64_t i = begin; i < end; ++i) {
-    const float T = static_cast<float>(exp(-before));
-    transmittance[i] = T;
-    if (T < stop_eps) {
+    const double T = exp(-before);
+    transmittance[i] = static_cast<float>(T);
+    if (transmittance[i] < stop_eps) {  // compared in float32, as the twin and the backward compare it
       weights[i] = 0.0f;
       continue;
     }
-    const float w = static_cast<float>(exp(-before) * -expm1(-static_cast<double>(tau[i])));
+    const float w = static_cast<float>(T * -expm1(-static_cast<double>(tau[i])));
     weights[i] = w;
     for (int c = 0; c < channels; ++c) sum_c[c] += w * rgb[i * channels + c];
     sum_w += w;

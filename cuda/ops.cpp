@@ -50,25 +50,28 @@ std::vector<torch::Tensor> integrate_forward(const torch::Tensor& tau, const tor
                                              double stop_eps) {
   for (auto* x : {&tau, &rgb, &t, &tau_before}) check(*x, "compositing input", torch::kFloat32);
   check(starts, "starts", torch::kInt64);
-  TORCH_CHECK(rgb.dim() == 2 && rgb.size(0) == tau.numel() && rgb.size(1) <= recon::MAX_CHANNELS, "rgb must be [S, C <= 8]");
+  TORCH_CHECK(rgb.dim() == 2 && rgb.size(0) == tau.numel() && rgb.size(1) <= recon::MAX_CHANNELS,
+              "rgb must be [S, C <= 8]");
   const int64_t rays = starts.numel() - 1, channels = rgb.size(1);
   auto weights = torch::empty_like(tau), transmittance = torch::empty_like(tau);
   auto color = torch::empty({rays, channels}, tau.options()), opacity = torch::empty({rays}, tau.options());
   auto weighted_t = torch::empty({rays}, tau.options());
 #ifdef RECON_CUDA
   if (tau.is_cuda()) {
-    integrate_forward_cuda(tau, rgb, t, starts, tau_before, stop_eps, weights, transmittance, color, opacity, weighted_t);
+    integrate_forward_cuda(tau, rgb, t, starts, tau_before, stop_eps, weights, transmittance, color, opacity,
+                           weighted_t);
     return {weights, transmittance, color, opacity, weighted_t};
   }
 #endif
   const int64_t* s = starts.data_ptr<int64_t>();
+  const float *pt = tau.data_ptr<float>(), *pc = rgb.data_ptr<float>(), *pd = t.data_ptr<float>();
+  const float* before = tau_before.data_ptr<float>();
+  float *pw = weights.data_ptr<float>(), *pT = transmittance.data_ptr<float>(), *out_c = color.data_ptr<float>();
+  float *out_o = opacity.data_ptr<float>(), *out_t = weighted_t.data_ptr<float>();
   at::parallel_for(0, rays, 256, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      recon::ray_integrate_forward(tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(),
-                                   static_cast<int>(channels), s[r], s[r + 1], tau_before.data_ptr<float>()[r],
-                                   static_cast<float>(stop_eps), weights.data_ptr<float>(), transmittance.data_ptr<float>(),
-                                   color.data_ptr<float>() + r * channels, opacity.data_ptr<float>() + r,
-                                   weighted_t.data_ptr<float>() + r);
+      recon::ray_integrate_forward(pt, pc, pd, static_cast<int>(channels), s[r], s[r + 1], before[r],
+                                   static_cast<float>(stop_eps), pw, pT, out_c + r * channels, out_o + r, out_t + r);
     }
   });
   return {weights, transmittance, color, opacity, weighted_t};
@@ -86,19 +89,23 @@ std::vector<torch::Tensor> integrate_backward(const torch::Tensor& tau, const to
   auto grad_tau_before = torch::empty({rays}, tau.options());
 #ifdef RECON_CUDA
   if (tau.is_cuda()) {
-    integrate_backward_cuda(tau, rgb, t, weights, transmittance, starts, stop_eps, grad_weights, grad_color, grad_opacity,
-                            grad_weighted_t, grad_tau, grad_rgb, grad_tau_before);
+    integrate_backward_cuda(tau, rgb, t, weights, transmittance, starts, stop_eps, grad_weights, grad_color,
+                            grad_opacity, grad_weighted_t, grad_tau, grad_rgb, grad_tau_before);
     return {grad_tau, grad_rgb, grad_tau_before};
   }
 #endif
   const int64_t* s = starts.data_ptr<int64_t>();
+  const float *pt = tau.data_ptr<float>(), *pc = rgb.data_ptr<float>(), *pd = t.data_ptr<float>();
+  const float *pw = weights.data_ptr<float>(), *pT = transmittance.data_ptr<float>();
+  const float *gw = grad_weights.data_ptr<float>(), *gc = grad_color.data_ptr<float>();
+  const float *go = grad_opacity.data_ptr<float>(), *gd = grad_weighted_t.data_ptr<float>();
+  float *out_t = grad_tau.data_ptr<float>(), *out_c = grad_rgb.data_ptr<float>();
+  float* out_b = grad_tau_before.data_ptr<float>();
   at::parallel_for(0, rays, 256, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      grad_tau_before.data_ptr<float>()[r] = static_cast<float>(recon::ray_integrate_backward(
-          tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), weights.data_ptr<float>(),
-          transmittance.data_ptr<float>(), static_cast<int>(channels), s[r], s[r + 1], static_cast<float>(stop_eps),
-          grad_weights.data_ptr<float>(), grad_color.data_ptr<float>() + r * channels, grad_opacity.data_ptr<float>()[r],
-          grad_weighted_t.data_ptr<float>()[r], grad_tau.data_ptr<float>(), grad_rgb.data_ptr<float>()));
+      out_b[r] = static_cast<float>(recon::ray_integrate_backward(
+          pt, pc, pd, pw, pT, static_cast<int>(channels), s[r], s[r + 1], static_cast<float>(stop_eps), gw,
+          gc + r * channels, go[r], gd[r], out_t, out_c));
     }
   });
   return {grad_tau, grad_rgb, grad_tau_before};
@@ -207,11 +214,12 @@ torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dir
     return counts;
   }
 #endif
+  const float *po = origins.data_ptr<float>(), *pd = dirs.data_ptr<float>();
+  const float *near = t_start.data_ptr<float>(), *far = t_far.data_ptr<float>();
+  int64_t* out = counts.data_ptr<int64_t>();
   at::parallel_for(0, t_start.numel(), 256, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      counts.data_ptr<int64_t>()[r] = recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r,
-                                                       dirs.data_ptr<float>() + 3 * r, t_start.data_ptr<float>()[r],
-                                                       t_far.data_ptr<float>()[r], max_samples, nullptr, nullptr);
+      out[r] = recon::march_ray(grid, rule, po + 3 * r, pd + 3 * r, near[r], far[r], max_samples, nullptr, nullptr);
     }
   });
   return counts;
@@ -233,11 +241,12 @@ std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch:
   }
 #endif
   const int64_t* o = offsets.data_ptr<int64_t>();
+  const float *po = origins.data_ptr<float>(), *pd = dirs.data_ptr<float>();
+  const float *near = t_start.data_ptr<float>(), *far = t_far.data_ptr<float>();
+  float *out0 = t0.data_ptr<float>(), *out1 = t1.data_ptr<float>();
   at::parallel_for(0, t_start.numel(), 256, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
-      recon::march_ray(grid, rule, origins.data_ptr<float>() + 3 * r, dirs.data_ptr<float>() + 3 * r,
-                       t_start.data_ptr<float>()[r], t_far.data_ptr<float>()[r], max_samples,
-                       t0.data_ptr<float>() + o[r], t1.data_ptr<float>() + o[r]);
+      recon::march_ray(grid, rule, po + 3 * r, pd + 3 * r, near[r], far[r], max_samples, out0 + o[r], out1 + o[r]);
     }
   });
   return {t0, t1};
@@ -265,11 +274,14 @@ std::vector<torch::Tensor> nearest_kernels(const torch::Tensor& points, const to
     return {index, d2};
   }
 #endif
+  const float *px = points.data_ptr<float>(), *pc = centres.data_ptr<float>();
+  const int64_t* lists = candidates.data_ptr<int64_t>();
+  int64_t* out_i = index.data_ptr<int64_t>();
+  float* out_d = d2.data_ptr<float>();
   at::parallel_for(0, n, 1024, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
-      recon::nearest_in_cell(points.data_ptr<float>() + i * dims, static_cast<int>(dims), centres.data_ptr<float>(),
-                             candidates.data_ptr<int64_t>(), width, resolution, static_cast<int>(k),
-                             index.data_ptr<int64_t>() + i * k, d2.data_ptr<float>() + i * k);
+      recon::nearest_in_cell(px + i * dims, static_cast<int>(dims), pc, lists, width, resolution, static_cast<int>(k),
+                             out_i + i * k, out_d + i * k);
     }
   });
   return {index, d2};
