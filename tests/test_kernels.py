@@ -68,7 +68,8 @@ def test_compositing_matches_the_twin(kernels, stop_eps, ahead):
 
     ours, our_grads = run(device, ext)
     twin, twin_grads = run("cpu", None)
-    assert (twin["weights"] == 0).sum() > (100 if stop_eps else -1)  # termination took effect where asked
+    if stop_eps:
+        assert (twin["weights"] == 0).sum() > 100  # termination took effect: some rays turned opaque part way
     for key in twin:
         assert torch.allclose(ours[key], twin[key], atol=1e-5), key
     for a, b in zip(our_grads, twin_grads):
