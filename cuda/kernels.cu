@@ -1,7 +1,7 @@
 // CUDA launchers for ops.cpp: one thread per ray (compositing, marching), per point (nearest kernels) or per
-// (point, level) (hash grid), each running the shared body from kernels.h. Only torch's core headers are
-// included (no ATen/cuda: the slim toolkit lacks the cuBLAS headers they pull in), so launches go to the default
-// stream.
+// (point, level) (hash grid), each running the shared body from kernels.h. Only torch's core headers and the CUDA
+// runtime are included: ATen/cuda pulls in cuBLAS headers the slim toolkit lacks, and c10/cuda needs a header
+// that only a CUDA build of torch ships (CI compiles these sources against the CPU build's).
 #include <torch/types.h>
 
 #include <vector>
@@ -13,6 +13,28 @@ namespace {
 constexpr int THREADS = 256;
 
 int blocks(int64_t n) { return static_cast<int>((n + THREADS - 1) / THREADS); }
+
+// A launch runs on the tensors' device (the caller's device is restored after), on that device's default stream:
+// torch's current stream unless a caller picks another, which recon never does. `done` reports a launch that
+// failed (no kernel image for this GPU, too many resources): its outputs were never written.
+class Launch {
+ public:
+  explicit Launch(const torch::Tensor& on) : device_(on.get_device()) {
+    cudaGetDevice(&caller_);
+    if (caller_ != device_) cudaSetDevice(device_);
+  }
+  ~Launch() {
+    if (caller_ != device_) cudaSetDevice(caller_);
+  }
+  void done(const char* kernel) const {
+    const cudaError_t error = cudaGetLastError();
+    TORCH_CHECK(error == cudaSuccess, "recon's ", kernel, " did not run on cuda:", device_, ": ",
+                cudaGetErrorString(error));
+  }
+
+ private:
+  int device_, caller_ = 0;
+};
 
 __global__ void integrate_forward_kernel(const float* tau, const float* rgb, const float* t, const int64_t* starts,
                                          const float* tau_before, int64_t rays, int channels, float stop_eps,
@@ -101,11 +123,13 @@ void integrate_forward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, 
                             torch::Tensor& opacity, torch::Tensor& weighted_t) {
   const int64_t rays = starts.numel() - 1;
   if (rays <= 0) return;
+  const Launch launch(tau);
   integrate_forward_kernel<<<blocks(rays), THREADS>>>(
       tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), starts.data_ptr<int64_t>(),
       tau_before.data_ptr<float>(), rays, static_cast<int>(rgb.size(1)), static_cast<float>(stop_eps),
       weights.data_ptr<float>(), transmittance.data_ptr<float>(), color.data_ptr<float>(), opacity.data_ptr<float>(),
       weighted_t.data_ptr<float>());
+  launch.done("integrate_forward");
 }
 
 void integrate_backward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
@@ -116,28 +140,35 @@ void integrate_backward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb,
                              torch::Tensor& grad_tau_before) {
   const int64_t rays = starts.numel() - 1;
   if (rays <= 0) return;
+  const Launch launch(tau);
   integrate_backward_kernel<<<blocks(rays), THREADS>>>(
       tau.data_ptr<float>(), rgb.data_ptr<float>(), t.data_ptr<float>(), weights.data_ptr<float>(),
       transmittance.data_ptr<float>(), starts.data_ptr<int64_t>(), rays, static_cast<int>(rgb.size(1)),
       static_cast<float>(stop_eps), grad_weights.data_ptr<float>(), grad_color.data_ptr<float>(),
       grad_opacity.data_ptr<float>(), grad_weighted_t.data_ptr<float>(), grad_tau.data_ptr<float>(),
       grad_rgb.data_ptr<float>(), grad_tau_before.data_ptr<float>());
+  launch.done("integrate_backward");
 }
 
 void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                        torch::Tensor& out) {
   const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
   if (n == 0) return;
-  hash_forward_kernel<<<blocks(n * count), THREADS>>>(x.data_ptr<float>(), table.data_ptr<float>(), pack(levels), n,
-                                                      count, table.size(1), out.data_ptr<float>());
+  const Launch launch(x);
+  hash_forward_kernel<<<blocks(n * count), THREADS>>>(
+      x.data_ptr<float>(), table.data_ptr<float>(), pack(levels), n, count, table.size(1), out.data_ptr<float>());
+  launch.done("hash_forward");
 }
 
 void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                         const torch::Tensor& grad_out, torch::Tensor& grad_table) {
   const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
   if (n == 0) return;
-  hash_backward_kernel<<<blocks(n * count), THREADS>>>(x.data_ptr<float>(), pack(levels), n, count, table.size(1),
-                                                       grad_out.data_ptr<float>(), grad_table.data_ptr<float>());
+  const Launch launch(x);
+  hash_backward_kernel<<<blocks(n * count), THREADS>>>(
+      x.data_ptr<float>(), pack(levels), n, count, table.size(1), grad_out.data_ptr<float>(),
+      grad_table.data_ptr<float>());
+  launch.done("hash_backward");
 }
 
 void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torch::Tensor& origins,
@@ -145,19 +176,23 @@ void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torc
                 torch::Tensor& counts, const torch::Tensor* offsets, torch::Tensor* t0, torch::Tensor* t1) {
   const int64_t rays = t_start.numel();
   if (rays == 0) return;
-  march_kernel<<<blocks(rays), THREADS>>>(grid, rule, origins.data_ptr<float>(), dirs.data_ptr<float>(),
-                                          t_start.data_ptr<float>(), t_far.data_ptr<float>(), rays, max_samples,
-                                          offsets ? nullptr : counts.data_ptr<int64_t>(),
-                                          offsets ? offsets->data_ptr<int64_t>() : nullptr,
-                                          t0 ? t0->data_ptr<float>() : nullptr, t1 ? t1->data_ptr<float>() : nullptr);
+  const Launch launch(origins);
+  march_kernel<<<blocks(rays), THREADS>>>(
+      grid, rule, origins.data_ptr<float>(), dirs.data_ptr<float>(), t_start.data_ptr<float>(),
+      t_far.data_ptr<float>(), rays, max_samples, offsets ? nullptr : counts.data_ptr<int64_t>(),
+      offsets ? offsets->data_ptr<int64_t>() : nullptr, t0 ? t0->data_ptr<float>() : nullptr,
+      t1 ? t1->data_ptr<float>() : nullptr);
+  launch.done("march");
 }
 
 void nearest_cuda(const torch::Tensor& points, const torch::Tensor& centres, const torch::Tensor& candidates,
                   int64_t resolution, int64_t k, torch::Tensor& index, torch::Tensor& d2) {
   const int64_t n = points.size(0);
   if (n == 0) return;
-  nearest_kernel<<<blocks(n), THREADS>>>(points.data_ptr<float>(), centres.data_ptr<float>(),
-                                         candidates.data_ptr<int64_t>(), n, static_cast<int>(points.size(1)),
-                                         candidates.size(1), resolution, static_cast<int>(k),
-                                         index.data_ptr<int64_t>(), d2.data_ptr<float>());
+  const Launch launch(points);
+  nearest_kernel<<<blocks(n), THREADS>>>(
+      points.data_ptr<float>(), centres.data_ptr<float>(), candidates.data_ptr<int64_t>(), n,
+      static_cast<int>(points.size(1)), candidates.size(1), resolution, static_cast<int>(k),
+      index.data_ptr<int64_t>(), d2.data_ptr<float>());
+  launch.done("nearest");
 }

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "kernels.h"
@@ -12,6 +13,14 @@ namespace {
 void check(const torch::Tensor& t, const char* name, torch::ScalarType type) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == type, name, " has the wrong dtype");
+}
+
+// One call's tensors on one device: a kernel handed another device's pointer faults far from the cause.
+void same_device(std::initializer_list<const torch::Tensor*> tensors) {
+  const auto device = (*tensors.begin())->device();
+  for (const auto* t : tensors) {
+    TORCH_CHECK(t->device() == device, "a kernel's tensors must share one device, got ", device, " and ", t->device());
+  }
 }
 
 std::vector<recon::Level> levels_of(const torch::Tensor& scale, const torch::Tensor& vertices,
@@ -50,6 +59,7 @@ std::vector<torch::Tensor> integrate_forward(const torch::Tensor& tau, const tor
                                              double stop_eps) {
   for (auto* x : {&tau, &rgb, &t, &tau_before}) check(*x, "compositing input", torch::kFloat32);
   check(starts, "starts", torch::kInt64);
+  same_device({&tau, &rgb, &t, &starts, &tau_before});
   TORCH_CHECK(rgb.dim() == 2 && rgb.size(0) == tau.numel() && rgb.size(1) <= recon::MAX_CHANNELS,
               "rgb must be [S, C <= 8]");
   const int64_t rays = starts.numel() - 1, channels = rgb.size(1);
@@ -84,6 +94,8 @@ std::vector<torch::Tensor> integrate_backward(const torch::Tensor& tau, const to
                                               const torch::Tensor& grad_weights, const torch::Tensor& grad_color,
                                               const torch::Tensor& grad_opacity, const torch::Tensor& grad_weighted_t) {
   for (auto* x : {&grad_weights, &grad_color, &grad_opacity, &grad_weighted_t}) check(*x, "gradient", torch::kFloat32);
+  same_device({&tau, &rgb, &t, &weights, &transmittance, &starts, &grad_weights, &grad_color, &grad_opacity,
+               &grad_weighted_t});
   const int64_t rays = starts.numel() - 1, channels = rgb.size(1);
   auto grad_tau = torch::empty_like(tau), grad_rgb = torch::empty_like(rgb);
   auto grad_tau_before = torch::empty({rays}, tau.options());
@@ -116,6 +128,7 @@ torch::Tensor hash_forward(const torch::Tensor& x, const torch::Tensor& table, c
                            const torch::Tensor& vertices, const torch::Tensor& offset, const torch::Tensor& mask) {
   check(x, "x", torch::kFloat32);
   check(table, "table", torch::kFloat32);
+  same_device({&x, &table});
   const auto levels = levels_of(scale, vertices, offset, mask);
   const int64_t n = x.size(0), features = table.size(1), count = static_cast<int64_t>(levels.size());
   auto out = torch::zeros({n, count * features}, x.options());
@@ -146,6 +159,7 @@ torch::Tensor hash_backward(const torch::Tensor& x, const torch::Tensor& table, 
                             const torch::Tensor& vertices, const torch::Tensor& offset, const torch::Tensor& mask,
                             const torch::Tensor& grad_out) {
   check(grad_out, "grad_out", torch::kFloat32);
+  same_device({&x, &table, &grad_out});
   const auto levels = levels_of(scale, vertices, offset, mask);
   const int64_t n = x.size(0), features = table.size(1), count = static_cast<int64_t>(levels.size());
   auto grad_table = torch::zeros_like(table);
@@ -205,6 +219,7 @@ torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dir
                           int64_t levels, int64_t resolution, double step, double cone, double max_step,
                           int64_t max_samples) {
   for (auto* t : {&origins, &dirs, &t_start, &t_far}) check(*t, "ray tensor", torch::kFloat32);
+  same_device({&origins, &dirs, &t_start, &t_far, &occupied});
   const auto grid = grid_of(occupied, box, levels, resolution);
   const auto rule = rule_of(step, cone, max_step);
   auto counts = torch::zeros({t_start.numel()}, t_start.options().dtype(torch::kInt64));
@@ -230,6 +245,7 @@ std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch:
                                       const torch::Tensor& t_far, const torch::Tensor& occupied, const std::vector<double>& box,
                                       int64_t levels, int64_t resolution, double step, double cone, double max_step,
                                       int64_t max_samples, const torch::Tensor& offsets, int64_t total) {
+  same_device({&origins, &dirs, &t_start, &t_far, &occupied, &offsets});
   const auto grid = grid_of(occupied, box, levels, resolution);
   const auto rule = rule_of(step, cone, max_step);
   auto t0 = torch::empty({total}, t_start.options()), t1 = torch::empty({total}, t_start.options());
@@ -264,6 +280,7 @@ std::vector<torch::Tensor> nearest_kernels(const torch::Tensor& points, const to
   check(points, "points", torch::kFloat32);
   check(centres, "centres", torch::kFloat32);
   check(candidates, "candidates", torch::kInt64);
+  same_device({&points, &centres, &candidates});
   TORCH_CHECK(k >= 1 && k <= recon::MAX_NEIGHBOURS, "at most ", recon::MAX_NEIGHBOURS, " neighbours");
   TORCH_CHECK(points.size(1) == centres.size(1) && points.size(1) <= 3, "points and centres: the same D <= 3");
   const int64_t n = points.size(0), dims = points.size(1), width = candidates.size(1);

@@ -110,6 +110,20 @@ def test_cpu_tensors_stay_on_the_twins_unless_asked(monkeypatch):
         kernels_for(torch.zeros(1))
 
 
+def test_a_kernel_refuses_tensors_on_two_devices(kernels):
+    """A pointer from another device would fault inside the kernel, far from the cause; the entry point says
+    which devices met instead (the meta device stands in for the other one on a machine with one device)."""
+    device, ext = kernels
+    tau, t, tau_before = torch.rand(4, device=device), torch.rand(4, device=device), torch.zeros(1, device=device)
+    starts = torch.tensor([0, 4], device=device)
+    with pytest.raises(RuntimeError, match=f"share one device, got {device}.* and meta"):
+        ext.integrate_forward(tau, torch.rand(4, 3, device="meta"), t, starts, tau_before, 0.0)
+    with pytest.raises(RuntimeError, match="share one device"):
+        ext.march_count(*[torch.rand(n, device=device) for n in ((1, 3), (1, 3), 1, 1)],
+                        torch.ones(1, 8, device="meta", dtype=torch.bool), [-1.0] * 3 + [1.0] * 3, 1, 2, 0.1, 0.0, 0.1,
+                        16)
+
+
 @pytest.mark.parametrize("dims, k", [(2, 4), (3, 8), (3, 1)])
 def test_nearest_kernels_match_brute_force(kernels, monkeypatch, dims, k):
     """NeuRBF's lookup through candidate lists, one thread a point, against the brute force (clustered centres,
