@@ -30,8 +30,7 @@ def alpha_to_tau(alpha: Tensor) -> Tensor:
 
 def first_of_ray(ray_idx: Tensor, n_rays: int) -> Tensor:
     """[S]: the packed index of the first sample of each sample's ray (ray_idx ascending)."""
-    counts = torch.bincount(ray_idx, minlength=n_rays)
-    return (counts.cumsum(0) - counts)[ray_idx]
+    return cuda_ops.ray_starts(ray_idx, n_rays)[ray_idx]
 
 
 def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:

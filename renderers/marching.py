@@ -175,7 +175,7 @@ def _march_kernel(kernels: ModuleType, rays: Rays, grid: OccupancyGrid, rule: St
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     total = int(offsets[-1])  # the one host sync of marching, as the twin's
     t0, t1 = kernels.march_fill(*args, offsets, total)
-    ray_idx = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    ray_idx = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
     return Samples(ray_idx, t0, t1, len(counts))
 
 
