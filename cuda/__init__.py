@@ -64,10 +64,19 @@ def build_folder(kind: str) -> Path:
 
 
 def _cuda_environment() -> list[str]:
-    """CUDA_HOME set where torch's guess would follow /usr/local/bin/nvcc's wrapper, and the nvidia wheels'
-    headers (cuBLAS and friends, missing from the slim toolkit) on the include path if they are there."""
-    if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    """The toolkit for torch's build, and extra include folders.
+
+    torch guesses the toolkit's root once, when cpp_extension is first imported, from nvcc on PATH; a wrapper
+    script at /usr/local/bin/nvcc makes that /usr/local, where there is no CUDA runtime to link. Unless the user
+    set CUDA_HOME, a guess without the runtime's headers gives way to /usr/local/cuda. The nvidia wheels'
+    headers (cuBLAS and friends, missing from the slim toolkit) go on the include path if they are there."""
+    from torch.utils import cpp_extension
+
+    def has_runtime(root: str | None) -> bool:
+        return root is not None and (Path(root) / "include" / "cuda_runtime.h").exists()
+
+    if "CUDA_HOME" not in os.environ and not has_runtime(cpp_extension.CUDA_HOME) and has_runtime("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = "/usr/local/cuda"
     wheel_headers = [p for p in (Path(torch.__file__).parents[1] / "nvidia").glob("cu*/include") if p.is_dir()]
     return [str(p) for p in wheel_headers]
 

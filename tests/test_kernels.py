@@ -2,6 +2,7 @@
 nearest kernels): the CPU build of the same bodies everywhere, the CUDA build where there is a GPU. Values and
 gradients must agree within float tolerance."""
 
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -14,7 +15,7 @@ import torch
 
 from recon.app.cli import load_run, main, run_frame
 from recon.app.export import extract_mesh
-from recon.cuda import extension, kernels_for, ops
+from recon.cuda import _cuda_environment, extension, kernels_for, ops
 from recon.data.scene import load_scene
 from recon.fields.rbf import NearestKernels, nearest_brute_force
 from recon.data.rays import Rays
@@ -156,6 +157,24 @@ def test_the_cuda_sources_compile_with_nvcc(tmp_path, standard):
     cxx = subprocess.run(["c++", "-c", str(sources / "ops.cpp"), "-o", str(tmp_path / "ops.o"), "-fPIC",
                           "-DTORCH_EXTENSION_NAME=recon_cuda", *common], capture_output=True, text=True)
     assert cxx.returncode == 0, cxx.stderr[-3000:]
+
+
+@pytest.mark.skipif(not Path("/usr/local/cuda/include/cuda_runtime.h").exists(), reason="no toolkit at /usr/local/cuda")
+def test_the_cuda_build_finds_the_toolkit_behind_an_nvcc_wrapper(monkeypatch, tmp_path):
+    """torch guesses the toolkit from nvcc on PATH, once, at import; a wrapper at /usr/local/bin/nvcc makes that
+    /usr/local, with no runtime to link (a build that failed at its last step on these machines). The loader
+    puts /usr/local/cuda in its place, but never overrides a CUDA_HOME the user set."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("CUDA_HOME", "")  # recorded, so the loader's own setting is undone after the test
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))  # a root without cuda_runtime.h
+    _cuda_environment()
+    assert cpp_extension.CUDA_HOME == "/usr/local/cuda" and os.environ["CUDA_HOME"] == "/usr/local/cuda"
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    _cuda_environment()
+    assert cpp_extension.CUDA_HOME == str(tmp_path)
 
 
 @pytest.mark.parametrize("levels, cone, near, cap", [(1, 0.0, 0.0, 1024), (3, 1 / 256, 0.2, 1024), (2, 1 / 128, 0.1, 7)])
