@@ -63,26 +63,27 @@ struct LevelTable {
   recon::Level level[32];
 };
 
+// One thread per (point, level), blocks of one level (blockIdx.y), as tiny-cuda-nn orders them: a warp's 32
+// points read one level's table, so only the levels in flight share the L2 cache, not all of them at once.
+// Outputs stay [N, L * F], as the twin's.
 __global__ void hash_forward_kernel(const float* x, const float* table, LevelTable levels, int64_t n, int64_t count,
                                     int64_t features, float* out) {
-  const int64_t job = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (job >= n * count) return;
-  const int64_t i = job / count, l = job % count;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, l = blockIdx.y;
+  if (i >= n) return;
   const recon::Corners c = recon::level_corners(x + 3 * i, levels.level[l]);
   for (int64_t f = 0; f < features; ++f) {
     float sum = 0.0f;
     for (int k = 0; k < 8; ++k) sum += c.weight[k] * table[c.row[k] * features + f];
-    out[job * features + f] = sum;
+    out[(i * count + l) * features + f] = sum;
   }
 }
 
 __global__ void hash_backward_kernel(const float* x, LevelTable levels, int64_t n, int64_t count, int64_t features,
                                      const float* grad_out, float* grad_table) {
-  const int64_t job = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (job >= n * count) return;
-  const int64_t i = job / count, l = job % count;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, l = blockIdx.y;
+  if (i >= n) return;
   const recon::Corners c = recon::level_corners(x + 3 * i, levels.level[l]);
-  const float* g = grad_out + job * features;
+  const float* g = grad_out + (i * count + l) * features;
   for (int k = 0; k < 8; ++k) {
     for (int64_t f = 0; f < features; ++f) atomicAdd(grad_table + c.row[k] * features + f, c.weight[k] * g[f]);
   }
@@ -153,9 +154,9 @@ void integrate_backward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb,
 void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                        torch::Tensor& out) {
   const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
-  if (n == 0) return;
+  if (n == 0 || count == 0) return;
   const Launch launch(x);
-  hash_forward_kernel<<<blocks(n * count), THREADS>>>(
+  hash_forward_kernel<<<dim3(blocks(n), static_cast<unsigned>(count)), THREADS>>>(
       x.data_ptr<float>(), table.data_ptr<float>(), pack(levels), n, count, table.size(1), out.data_ptr<float>());
   launch.done("hash_forward");
 }
@@ -163,9 +164,9 @@ void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const
 void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                         const torch::Tensor& grad_out, torch::Tensor& grad_table) {
   const int64_t n = x.size(0), count = static_cast<int64_t>(levels.size());
-  if (n == 0) return;
+  if (n == 0 || count == 0) return;
   const Launch launch(x);
-  hash_backward_kernel<<<blocks(n * count), THREADS>>>(
+  hash_backward_kernel<<<dim3(blocks(n), static_cast<unsigned>(count)), THREADS>>>(
       x.data_ptr<float>(), pack(levels), n, count, table.size(1), grad_out.data_ptr<float>(),
       grad_table.data_ptr<float>());
   launch.done("hash_backward");
