@@ -159,6 +159,30 @@ def test_the_cuda_sources_compile_with_nvcc(tmp_path, standard):
     assert cxx.returncode == 0, cxx.stderr[-3000:]
 
 
+BUILD_WITHOUT_A_GPU = """
+import torch
+torch.cuda.is_available = lambda: True  # a machine without a GPU: the build is told of an sm_90 one
+torch.cuda.get_device_capability = lambda *args: (9, 0)
+from recon.cuda import extension
+ext = extension("cuda")
+print(torch.__version__, "built:", " ".join(sorted(n for n in dir(ext) if not n.startswith("_"))) if ext else None)
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("RECON_CUDA_PYTHON"),
+                    reason="RECON_CUDA_PYTHON (a python with a CUDA build of torch, and recon) not set; .ci/run sets it")
+def test_the_cuda_extension_builds_against_a_cuda_torch(tmp_path):
+    """The whole first-use build on a GPU machine, done without one: recon's loader with a CUDA build of torch
+    compiles both sources, links them against torch's CUDA libraries and the CUDA runtime, and imports the
+    module, which offers what the CPU build offers."""
+    env = {**os.environ, "RECON_EXTENSIONS_DIR": str(tmp_path), "TORCH_CUDA_ARCH_LIST": "9.0"}
+    run = subprocess.run([os.environ["RECON_CUDA_PYTHON"], "-c", BUILD_WITHOUT_A_GPU], env=env, capture_output=True,
+                         text=True, timeout=1800)
+    cpu = " ".join(sorted(n for n in dir(extension("cpu")) if not n.startswith("_")))
+    assert run.returncode == 0 and "+cu" in run.stdout and run.stdout.strip().endswith(f"built: {cpu}"), \
+        run.stdout + run.stderr[-3000:]
+
+
 @pytest.mark.skipif(not Path("/usr/local/cuda/include/cuda_runtime.h").exists(), reason="no toolkit at /usr/local/cuda")
 def test_the_cuda_build_finds_the_toolkit_behind_an_nvcc_wrapper(monkeypatch, tmp_path):
     """torch guesses the toolkit from nvcc on PATH, once, at import; a wrapper at /usr/local/bin/nvcc makes that
