@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-
 from machine import describe
 from recon.app.cli import parse_field_options
 from recon.app.config import FitConfig

@@ -35,7 +35,7 @@ std::vector<recon::Level> levels_of(const torch::Tensor& scale, const torch::Ten
 
 }  // namespace
 
-#ifdef RECON_CUDA
+#ifdef RECON_CUDA  // the launchers, in kernels.cu
 void integrate_forward_cuda(const torch::Tensor& tau, const torch::Tensor& rgb, const torch::Tensor& t,
                             const torch::Tensor& starts, const torch::Tensor& tau_before, double stop_eps,
                             torch::Tensor& weights, torch::Tensor& transmittance, torch::Tensor& color,
@@ -50,6 +50,11 @@ void hash_forward_cuda(const torch::Tensor& x, const torch::Tensor& table, const
                        torch::Tensor& out);
 void hash_backward_cuda(const torch::Tensor& x, const torch::Tensor& table, const std::vector<recon::Level>& levels,
                         const torch::Tensor& grad_out, torch::Tensor& grad_table);
+void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torch::Tensor& origins,
+                const torch::Tensor& dirs, const torch::Tensor& t_start, const torch::Tensor& t_far, int64_t max_samples,
+                torch::Tensor& counts, const torch::Tensor* offsets, torch::Tensor* t0, torch::Tensor* t1);
+void nearest_cuda(const torch::Tensor& points, const torch::Tensor& centres, const torch::Tensor& candidates,
+                  int64_t resolution, int64_t k, torch::Tensor& index, torch::Tensor& d2);
 #endif
 
 // Packed samples of R rays, ray r owning [starts[r], starts[r + 1]): tau [S], rgb [S, C], t [S] (float32), tau_before
@@ -207,12 +212,6 @@ recon::StepRule rule_of(double step, double cone, double max_step) {
 
 }  // namespace
 
-#ifdef RECON_CUDA
-void march_cuda(const recon::Grid& grid, const recon::StepRule& rule, const torch::Tensor& origins,
-                const torch::Tensor& dirs, const torch::Tensor& t_start, const torch::Tensor& t_far, int64_t max_samples,
-                torch::Tensor& counts, const torch::Tensor* offsets, torch::Tensor* t0, torch::Tensor* t1);
-#endif
-
 // Samples per ray (int64 [R]) of the occupancy grid's marching (renderers/marching.py's march).
 torch::Tensor march_count(const torch::Tensor& origins, const torch::Tensor& dirs, const torch::Tensor& t_start,
                           const torch::Tensor& t_far, const torch::Tensor& occupied, const std::vector<double>& box,
@@ -267,11 +266,6 @@ std::vector<torch::Tensor> march_fill(const torch::Tensor& origins, const torch:
   });
   return {t0, t1};
 }
-
-#ifdef RECON_CUDA
-void nearest_cuda(const torch::Tensor& points, const torch::Tensor& centres, const torch::Tensor& candidates,
-                  int64_t resolution, int64_t k, torch::Tensor& index, torch::Tensor& d2);
-#endif
 
 // NeuRBF's k nearest centres [K, D] of points [N, D] through candidate lists [cells, width] (fields/rbf.py's
 // CellLists): (index [N, k] int64, squared distance [N, k] float32), nearest first.

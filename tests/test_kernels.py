@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
-
 from unittest import mock
 
 import pytest
@@ -16,10 +15,10 @@ import torch
 from recon.app.cli import load_run, main, run_frame
 from recon.app.export import extract_mesh
 from recon.cuda import _cuda_environment, extension, kernels_for, ops
-from recon.data.scene import load_scene
-from recon.fields.rbf import NearestKernels, nearest_brute_force
 from recon.data.rays import Rays
+from recon.data.scene import load_scene
 from recon.fields.encodings import HashGridEncoding
+from recon.fields.rbf import NearestKernels, nearest_brute_force
 from recon.renderers import OccupancyGrid, Samples, march
 from recon.renderers.compositing import integrate
 
