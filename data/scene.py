@@ -410,11 +410,13 @@ def _look_at_region(c2w: Tensor) -> tuple[Tensor, Tensor]:
 
 def _carve(train: Split, lo: Tensor, hi: Tensor, resolution: int) -> tuple[Tensor, Tensor, int, bool]:
     """Bounding box of the voxels of [lo, hi] seen by the most training views (all of them,
-    when the frustums intersect) and, with alpha, opaque in every view that sees them."""
+    when the frustums intersect) and, with alpha, not seen empty in every view: a voxel is carved
+    only when its whole footprint (the ball around it) is transparent, so a part thinner than a
+    voxel, lying between voxel centres, keeps its voxel."""
     step = (hi - lo) / resolution
     ticks = [lo[d] + step[d] * (torch.arange(resolution) + 0.5) for d in range(3)]
     grid = torch.stack(torch.meshgrid(*ticks, indexing="ij"), -1).reshape(-1, 3)
-    seen, opaque = visual_hull(train, grid)
+    seen, opaque = visual_hull(train, grid, radius=float(step.norm()) / 2)
     keep = seen == seen.max()
     hull = keep & opaque  # = keep without alpha
     use_hull = train.has_alpha and bool(hull.any())  # an all-transparent alpha falls back to frustums
