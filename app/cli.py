@@ -21,22 +21,23 @@ import torch
 from tqdm import tqdm
 
 from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from recon.app.config import FitConfig
+from recon.app.config import FitConfig, add_options, argument_type, command_line_fields
 from recon.app.evaluate import default_stride, metrics_document, orbit_cameras, render_cameras
 from recon.app.pipeline import Pipeline
-from recon.app.run import RunDir, UserError
+from recon.app.run import RUN_ENTRIES, RunDir, UserError, write_json
 from recon.app.tasks import RadianceTask, Task, task_class
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.cuda import kernels_mode
+from recon.data.checks import FINITE, FRACTION, POSITIVE, POSITIVE_INT, Number, contains
 from recon.data.scene import Scene, SceneError, load_scene
 from recon.data.sfm import CAMERA_MODELS, MATCHERS, VIDEO_FRAMES, SfmOptions
 from recon.data.targets import ImageTarget, MeshTarget, load_input
-from recon.fields import REGISTRY
 
 # The built-in example: small enough to fit in a few minutes on a 2-core CPU.
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
 DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
 VIEWER_ROWS = {"cpu": 192, "gpu": 800}  # the viewer's resting frame height by machine preset
+RESOLUTION = Number(int, 8, 4096)  # voxels along an export box's longest side
 
 
 class ProgressBar:
@@ -109,7 +110,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
     trainer = build_trainer(cfg, target)
     cfg = trainer.cfg  # every option resolved, the preset's included
     if not resume:
-        run.create(overwrite)
+        run.create(overwrite, Path(cfg.scene))
+        cfg.scene_from_run = os.path.relpath(cfg.scene, run.path.absolute())
         cfg.save(run.config)
         run.write_json(run.scene, target.to_json())
     checkpoint = latest_checkpoint(run.checkpoints) if resume else None
@@ -221,6 +223,8 @@ def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any],
         summary = (f"image: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}, {run.renders / 'reconstruction.png'}"
                    if task.kind == "image" else
                    f"held-out points: IoU {mean['iou']:.5f}  normal error {mean['normal_angle_deg']:.2f} degrees")
+    if not all(math.isfinite(value) for value in mean.values() if value is not None):
+        raise UserError(f"{run.path}: the evaluation gave {mean} (not finite); {run.metrics} left as it was", 3)
     metrics = metrics_document(task.kind, run.path.name, cfg.scene, task.pipeline, train, split, result)
     run.write_json(run.metrics, metrics)
     print(f"{summary}  ->  {run.metrics}")
@@ -235,10 +239,23 @@ def check_kernels_mode() -> None:
         raise UserError(str(error)) from None
 
 
-def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
+def open_run(path: str) -> tuple[RunDir, FitConfig]:
+    """A run folder and its config, with the scene found wherever the run is opened from (a note when it is
+    found beside the run instead of where it was)."""
     run = RunDir(path)
     run.require()
-    cfg = FitConfig.load(run.config)
+    try:
+        cfg = FitConfig.load(run.config)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    cfg.scene, note = run.scene_path(cfg.scene, cfg.scene_from_run)
+    if note:
+        print(f"recon: {note}")
+    return run, cfg
+
+
+def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
+    run, cfg = open_run(path)
     checkpoint = latest_checkpoint(run.checkpoints)
     if checkpoint is None:
         raise UserError(f"{run.checkpoints}: no checkpoint to load")
@@ -253,22 +270,45 @@ def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
 
 # ---- commands ----------------------------------------------------------------------------------
 
+# What `fit --resume` takes: the run's length and the viewer's options; anything else would change the run.
+RESUME_OPTIONS = ("steps", "max_time", "viewer", "keep_viewer", "host", "port", "viewer_share")
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
     if args.resume:
-        run = RunDir(args.resume)
-        run.require()
-        cfg = FitConfig.load(run.config)
-        cfg.steps = args.steps if args.steps is not None else cfg.steps
-        cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
-        fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
-        return
+        return resume_fit(args)
     if args.scene is None:
         return cmd_demo(args)
-    cfg = FitConfig(scene=args.scene, out="")
+    cfg = FitConfig(scene=str(Path(args.scene).expanduser().absolute()), out="")
     apply_fit_args(cfg, args)
-    cfg.out = str(args.out or default_run_name(Path(args.scene), cfg.field))
-    target = load_fit_input(cfg)  # bad input fails before any folder is touched
-    fit(cfg, RunDir(cfg.out), target, resume=False, overwrite=args.overwrite, args=args)
+    start_fit(cfg, args, args.out or default_run_name(Path(args.scene), cfg.field))
+
+
+def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> None:
+    """A new run: its folder and its input are checked before any work, and the folder is made only once
+    the field is built, so a bad option leaves nothing behind."""
+    run = RunDir(out)
+    cfg.out = str(run.path)
+    run.check_new(args.overwrite, Path(cfg.scene))
+    fit(cfg, run, load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
+
+
+def resume_fit(args: argparse.Namespace) -> None:
+    given = [name for name in vars(args) if name not in RESUME_OPTIONS and typed(args, name)]
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise UserError(f"--resume {args.resume}: {flags} would change the run; a resume takes only --steps, "
+                        "--max-time and the viewer's options (start a new run with --out to change others)")
+    run, cfg = open_run(args.resume)
+    cfg.steps = args.steps if args.steps is not None else cfg.steps
+    cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
+    fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
+
+
+def typed(args: argparse.Namespace, name: str) -> bool:
+    """Whether the user gave this fit option (fit options default to None, lists to empty, flags to False)."""
+    value = getattr(args, name)
+    return name not in ("resume", "command", "func", "viewer_share", "host", "port") and value not in (None, False, [])
 
 
 def load_fit_input(cfg: FitConfig) -> Target:
@@ -289,27 +329,20 @@ def pixel_budget(device: torch.device) -> float:
 
 
 def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
-    for name in ("field", "model", "surface_box", "quantize", "params", "cam", "cam_resolution", "cam_bits", "cam_norm", "steps", "max_time", "preset", "batch_rays", "sample_budget", "batch_points",
-                 "sdf_pool", "lr", "downscale", "occupancy_resolution", "samples_per_diagonal", "eval_stride", "seed",
-                 "device", "checkpoint_every", "distortion", "refine_poses", "pose_lr", "appearance", "depth_weight"):
-        value = getattr(args, name)
+    """The options typed (each already checked by its type) onto `cfg`, then the checks across options."""
+    for spec in command_line_fields():
+        value = getattr(args, spec.name)
         if value is not None:
-            setattr(cfg, name, value)
-    if cfg.field not in REGISTRY:
-        raise UserError(f"--field {cfg.field}: unknown field (known: {', '.join(sorted(REGISTRY))})")
+            setattr(cfg, spec.name, value)
+    try:
+        cfg.checked()
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if cfg.surface_box is not None:
         if cfg.model != "sdf":
             raise UserError("--surface-box: only for --model sdf (the box an SDF field covers)")
         world_box("--surface-box", cfg.surface_box)
-    if cfg.quantize < 0:
-        raise UserError(f"--quantize {cfg.quantize}: the cell size must be positive (or 0 for off)")
-    for flag, rate in (("--lr", cfg.lr), ("--pose-lr", cfg.pose_lr)):
-        if not (math.isfinite(rate) and rate > 0):
-            raise UserError(f"{flag} {rate}: a learning rate must be a positive number")
-    if cfg.checkpoint_every < 1:
-        raise UserError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1")
     cfg.field_options.update(parse_field_options(args.field_option))
-    cfg.tcnn = args.tcnn
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -319,10 +352,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if not (scene_dir / "transforms_train.json").exists():
         print(f"generating the example scene in {scene_dir}")
         make_scene(scene_dir, **DEMO_SCENE)
-    cfg = FitConfig(scene=str(scene_dir), out="", **copy.deepcopy(DEMO_FIT))
+    cfg = FitConfig(scene=str(scene_dir.absolute()), out="", **copy.deepcopy(DEMO_FIT))
     apply_fit_args(cfg, args)
-    cfg.out = str(args.out or default_run_name(Path("demo"), cfg.field))
-    fit(cfg, RunDir(cfg.out), load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
+    start_fit(cfg, args, args.out or default_run_name(Path("demo"), cfg.field))
 
 
 def load_split(cfg: FitConfig, split: str):
@@ -363,10 +395,11 @@ def require_task(cfg: FitConfig, command: str, *tasks: str) -> None:
 def path_cameras(cfg: FitConfig, path: str, frames: int, downscale: int):
     """The cameras of a render path: a split's, or an orbit around the training cameras."""
     require_task(cfg, "rendering a camera path", "radiance")
-    if downscale < 1:
-        raise UserError(f"--downscale {downscale}: must be a positive integer")
     scene = load_split(cfg, "train" if path == "orbit" else path)
     cameras = orbit_cameras(scene.splits["train"].cameras, frames) if path == "orbit" else scene.splits[path].cameras
+    smallest = int(torch.minimum(cameras.width, cameras.height).min())
+    if downscale > smallest:
+        raise UserError(f"--downscale {downscale}: larger than the images ({smallest} pixels on their shortest side)")
     return cameras.downscaled(downscale)
 
 
@@ -403,15 +436,32 @@ def store_crop(run: RunDir, given: list[float] | None) -> None:
                                                 "frame": "input cameras (world)"})
 
 
-def export_output(run: RunDir, given: str | None, default_name: str) -> Path:
-    output = Path(given) if given else run.path / "export" / default_name
-    output.parent.mkdir(parents=True, exist_ok=True)
+def output_file(given: str | None, default: Path, overwrite: bool, protected: tuple[Path, ...] = (),
+                suffixes: tuple[str, ...] = ()) -> Path:
+    """Where a command writes (and its sidecars, the same path with `suffixes`), checked before the work: not a
+    folder, not a file of `protected` (a run's records, the input scene's files), and an existing file the user
+    named replaced only with --overwrite; recon's own default names are replaced. Its folder is made."""
+    output = Path(given) if given else default
+    for path in (output, *(output.with_suffix(suffix) for suffix in suffixes)):
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; --output names a file")
+        if path.exists() and any(contains(folder, path) for folder in protected):
+            raise UserError(f"{path}: belongs to the run or its input; choose another --output")
+        if path.exists() and given and not overwrite:
+            raise UserError(f"{path}: exists (pass --overwrite to replace it)")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{output.parent}: cannot be created ({error.strerror or error})") from None
     return output
 
 
-def check_resolution(resolution: int) -> None:
-    if resolution < 8:
-        raise UserError(f"--resolution {resolution}: need at least 8 voxels along the box")
+def export_output(run: RunDir, cfg: FitConfig, args: argparse.Namespace, default_name: str,
+                  suffixes: tuple[str, ...] = ()) -> Path:
+    """An export's file: RUN/export/NAME unless --output names one; never the run's records or the scene's files."""
+    records = tuple(run.path / name for name in RUN_ENTRIES if name not in ("export", "renders"))
+    return output_file(args.output, run.path / "export" / default_name, args.overwrite,
+                       records + (Path(cfg.scene),), suffixes)
 
 
 def run_frame(run: RunDir, cfg: FitConfig, command: str) -> tuple[Any, torch.Tensor]:
@@ -426,12 +476,11 @@ def run_frame(run: RunDir, cfg: FitConfig, command: str) -> tuple[Any, torch.Ten
 def cmd_export_mesh(args: argparse.Namespace) -> None:
     from recon.app.export import FORMATS, extract_mesh
 
-    check_resolution(args.resolution)
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: unknown mesh format (known: {', '.join(FORMATS)})")
-    if args.simplify is not None and args.simplify < 4:
-        raise UserError(f"--simplify {args.simplify}: need at least 4 faces")
     run, cfg, pipeline, _ = load_run(args.run)
+    suffix = "" if args.method == "marching" else f"-{args.method}"
+    output = export_output(run, cfg, args, f"mesh-{args.resolution}{suffix}.{args.format}", suffixes=(".json",))
     crop = export_crop(run, args.crop)
     cameras, to_unit = run_frame(run, cfg, "export mesh")
     mesh, info = extract_mesh(pipeline, cameras, to_unit, args.resolution, args.level, crop, clean=args.clean,
@@ -441,8 +490,6 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
         raise UserError(f"{run.path}: no surface inside the export box (level: {info['level_meaning']}{level}); "
                         "nothing written")
     store_crop(run, args.crop)
-    suffix = "" if args.method == "marching" else f"-{args.method}"
-    output = export_output(run, args.output, f"mesh-{args.resolution}{suffix}.{args.format}")
     mesh.save(output)
     run.write_json(output.with_suffix(".json"), {"mesh": output.name, "crop_world_box": None if crop is None else crop.tolist(), **info})
     print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s")
@@ -453,13 +500,12 @@ def cmd_export_sdf(args: argparse.Namespace) -> None:
 
     from recon.app.export import signed_distance_volume
 
-    check_resolution(args.resolution)
     run, cfg, pipeline, _ = load_run(args.run)
+    output = export_output(run, cfg, args, f"sdf-{args.resolution}.npz")
     crop = export_crop(run, args.crop)
     cameras, to_unit = run_frame(run, cfg, "export sdf")
     volume = signed_distance_volume(pipeline, cameras, to_unit, args.resolution, crop)
     store_crop(run, args.crop)
-    output = export_output(run, args.output, f"sdf-{args.resolution}.npz")
     np.savez_compressed(output, **volume)
     print(f"wrote {output}: {'x'.join(map(str, volume['sdf'].shape))} signed distances, voxel {volume['voxel_size']:.4g} "
           f"(world units), in {volume['seconds']} s")
@@ -468,16 +514,14 @@ def cmd_export_sdf(args: argparse.Namespace) -> None:
 def cmd_export_pointcloud(args: argparse.Namespace) -> None:
     from recon.app.export import point_cloud
 
-    if args.points < 1 or args.image_side < 8 or not 0 < args.min_opacity <= 1:
-        raise UserError("--points must be positive, --image-side at least 8, --min-opacity in (0, 1]")
     run, cfg, pipeline, _ = load_run(args.run)
     require_task(cfg, "export pointcloud", "radiance")
+    output = export_output(run, cfg, args, "pointcloud.ply", suffixes=(".json",))
     crop = export_crop(run, args.crop)
     scene = load_scene(cfg.scene, downscale=cfg.downscale)
     cloud, info = point_cloud(pipeline, scene.splits["train"].cameras, scene.to_unit, crop, args.points,
                               args.image_side, args.min_opacity)
     store_crop(run, args.crop)
-    output = export_output(run, args.output, "pointcloud.ply")
     cloud.save(output)
     run.write_json(output.with_suffix(".json"), {"pointcloud": output.name, **info})
     print(f"wrote {output}: {info['points']:,} points from {info['views']} views in {info['seconds']} s")
@@ -486,7 +530,7 @@ def cmd_export_pointcloud(args: argparse.Namespace) -> None:
 def cmd_export_video(args: argparse.Namespace) -> None:
     run, cfg, pipeline, _ = load_run(args.run)
     cameras = path_cameras(cfg, args.path, args.frames, args.downscale)
-    output = export_output(run, args.output, f"video-{args.path}.mp4")
+    output = export_output(run, cfg, args, f"video-{args.path}.mp4")
     frames = output.parent / f"{output.stem}-frames"
     render_cameras(pipeline, cameras, frames, cfg.eval_chunk, video=output, fps=args.fps, with_depth=True)
     print(f"wrote {output} ({len(cameras)} frames, colour and depth side by side; PNGs in {frames})")
@@ -531,67 +575,36 @@ def cmd_process(args: argparse.Namespace) -> None:
 def cmd_eval_mesh(args: argparse.Namespace) -> None:
     from recon.app.metrics import mesh_distances
 
-    result = mesh_distances(Path(args.pred), Path(args.gt), samples=args.samples, tau_fraction=args.tau)
+    pred, truth = Path(args.pred), Path(args.gt)
+    output = output_file(args.output, pred.with_suffix(".eval.json"), args.overwrite, protected=(pred, truth))
+    result = mesh_distances(pred, truth, samples=args.samples, tau_fraction=args.tau)
     print(f"Chamfer {result['chamfer']:.6g}  F-score {result['fscore']:.4f} at tau {result['tau']:.4g} "
           f"({args.tau:g} of the ground truth's diagonal), {args.samples:,} samples per mesh")
-    output = Path(args.output) if args.output else Path(args.pred).with_suffix(".eval.json")
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output, result)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (its usage block runs to dozens for `fit`), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"recon: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def checked(spec: Number, default: Any = None, help: str = "", **keywords: Any) -> dict[str, Any]:
+    """add_argument's keywords for a number option: its type checks the range, its help shows the default."""
+    shown = f" (default {default:,})" if isinstance(default, int) and default is not None else (
+        "" if default is None else f" (default {default:g})")
+    return {"type": argument_type(spec), "default": default, "help": f"{help}{shown}; {spec.describe()}", **keywords}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recon", description="Neural-field 3D reconstruction from posed images.")
+    parser = Parser(prog="recon", description="Neural-field 3D reconstruction from posed images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def fit_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--field", help="field backend (default hashgrid)")
+    def fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+        add_options(p, defaults)
         p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="backend option, e.g. -o levels=8 -o log2_table=17")
-        p.add_argument("--model", choices=("radiance", "sdf"),
-                       help="posed images: a density field (default) or an SDF field trained NeuS-style")
-        p.add_argument("--surface-box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                       help="--model sdf: the box the SDF covers, world frame (default: the inner cascade, "
-                            "instant-ngp's unit cube); a density field answers around it")
-        p.add_argument("--quantize", type=float, metavar="CELL",
-                       help="quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. 2e-4")
-        p.add_argument("--cam", nargs="?", const="auto", choices=("auto", "plane", "direction", "triplane"),
-                       help="coordinate-aware modulation of the field's MLPs (CAM); auto: the view direction for "
-                            "radiance, a 2D grid for images, tri-planes for SDFs")
-        p.add_argument("--cam-resolution", type=int, metavar="N", help="CAM grid side (default the paper's)")
-        p.add_argument("--cam-bits", type=int, metavar="B", help="quantise CAM's gamma and beta to B bits, e.g. 8")
-        p.add_argument("--cam-norm", action=argparse.BooleanOptionalAction,
-                       help="CAM's per-point layer norm (default the paper's: on for images and directions)")
-        p.add_argument("--params", type=int, metavar="N",
-                       help="size the backend to about N parameters (its size option, e.g. log2_table, num_voxels)")
-        p.add_argument("--steps", type=int, help="training steps (default 20000)")
-        p.add_argument("--max-time", type=float, help="training time cap in seconds (schedules follow it)")
-        p.add_argument("--preset", choices=("cpu", "gpu"), help="machine defaults (default: by device)")
-        p.add_argument("--batch-rays", type=int, help="rays of the first step (preset: 1024 cpu, 4096 gpu)")
-        p.add_argument("--sample-budget", type=int,
-                       help="field samples per step; the ray batch adapts to it (preset: 2^15 cpu, 2^18 gpu)")
-        p.add_argument("--batch-points", type=int,
-                       help="image and mesh inputs: pixels or points per step (preset: 2^16 cpu, 2^18 gpu)")
-        p.add_argument("--sdf-pool", type=int, help="mesh inputs: training points with exact distances (default 2^20)")
-        p.add_argument("--lr", type=float, help="base learning rate (default 1e-2)")
-        p.add_argument("--downscale", type=int,
-                       help="divide image resolution by N (default 0: 1, or what fits a quarter of the memory)")
-        p.add_argument("--grid-resolution", dest="occupancy_resolution", type=int,
-                       help="occupancy grid cells per side (preset: 64 cpu, 128 gpu)")
-        p.add_argument("--samples-per-diagonal", type=int,
-                       help="marching step = box diagonal / this (preset: 256 cpu, 1024 gpu as instant-ngp)")
-        p.add_argument("--eval-stride", type=int, help="evaluate every k-th test view after the fit")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--distortion", type=float, metavar="WEIGHT",
-                       help="mip-NeRF 360's distortion loss against floaters (e.g. 0.01; default off)")
-        p.add_argument("--depth-weight", type=float, metavar="W",
-                       help="scenes with depth maps: weight of the L1 depth loss (default 1; 0 ignores them)")
-        p.add_argument("--refine-poses", action="store_true", default=None,
-                       help="learn an SE(3) correction per training camera (real captures with imperfect poses)")
-        p.add_argument("--pose-lr", type=float, help="learning rate of the pose corrections (default 1e-3)")
-        p.add_argument("--appearance", action="store_true", default=None,
-                       help="a colour transform per training image, for exposure changes (test views: the mean)")
-        p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (default 2000)")
-        p.add_argument("--device", help="auto, cpu or cuda")
-        p.add_argument("--tcnn", action="store_true", help="use tiny-cuda-nn if installed (untested)")
         p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
         viewer_options(p)
@@ -599,18 +612,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start the web viewer even without a terminal")
         p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
         p.add_argument("--keep-viewer", action="store_true", help="keep the viewer up after training, until Ctrl-C")
-        p.add_argument("--viewer-share", type=float, default=0.25,
-                       help="the most of the wall time the viewer's rendering takes while training (default 0.25)")
+        p.add_argument("--viewer-share", **checked(FRACTION, 0.25, "the most of the wall time the viewer's rendering "
+                                                                  "takes while training"))
 
     def viewer_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="viewer address to bind (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", type=int, default=8080, help="viewer port (taken: the next free one)")
+        p.add_argument("--port", **checked(Number(int, 1, 65535), 8080, "viewer port (taken: the next free one)"))
 
     def path_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--path", default="test", help="test, val, train or orbit")
-        p.add_argument("--frames", type=int, default=120, help="orbit frames")
-        p.add_argument("--fps", type=int, default=30)
-        p.add_argument("--downscale", type=int, default=1, help="render images N times smaller than the scene's")
+        p.add_argument("--path", default="test", choices=("test", "val", "train", "orbit"),
+                       help="a split's cameras or an orbit around the training cameras (default test)")
+        p.add_argument("--frames", **checked(POSITIVE_INT, 120, "orbit frames"))
+        p.add_argument("--fps", **checked(POSITIVE_INT, 30, "video frames per second"))
+        p.add_argument("--downscale", **checked(POSITIVE_INT, 1, "render images N times smaller than the scene's"))
+
+    def output_option(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--output", help=f"file to write (default {default}; an existing file outside the run is "
+                                        "replaced only with --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     def crop_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--crop", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
@@ -623,13 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("demo", help="generate the built-in example scene and fit it")
-    fit_options(p)
+    fit_options(p, DEMO_FIT)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="render a split of a trained run and write metrics.json")
     p.add_argument("run")
     p.add_argument("--split", default="test")
-    p.add_argument("--stride", type=int, help="every k-th view (default 1)")
+    p.add_argument("--stride", **checked(POSITIVE_INT, 1, "every k-th view"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("view", help="open a trained radiance run in the web viewer")
@@ -645,37 +664,37 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="what", required=True)
     p = export.add_parser("mesh", help="marching cubes over the field, in the input cameras' coordinates")
     p.add_argument("run")
-    p.add_argument("--resolution", type=int, default=512, help="voxels along the box's longest side")
+    p.add_argument("--resolution", **checked(RESOLUTION, 512, "voxels along the box's longest side"))
     p.add_argument("--format", default="ply", help="ply, obj or glb")
     crop_option(p)
-    p.add_argument("--level", type=float,
+    p.add_argument("--level", type=argument_type(FINITE),
                    help="surface level: opacity over one voxel, 1 - exp(-sigma * voxel) (default 0.5); SDF fields: a distance (0)")
     p.add_argument("--method", default="marching", help="marching (the field itself) or tsdf (fused rendered depth; open3d)")
-    p.add_argument("--simplify", type=int, metavar="FACES", help="decimate to about this many faces (open3d or fast-simplification)")
+    p.add_argument("--simplify", type=argument_type(Number(int, 4)), metavar="FACES", help="decimate to about this many faces (open3d or fast-simplification)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
-    p.add_argument("--output", help="file to write (default RUN/export/mesh-RESOLUTION.FORMAT)")
+    output_option(p, "RUN/export/mesh-RESOLUTION.FORMAT")
     p.set_defaults(func=cmd_export_mesh)
 
     p = export.add_parser("sdf", help="dense signed-distance volume (.npz, world units, negative inside)")
     p.add_argument("run")
-    p.add_argument("--resolution", type=int, default=256, help="voxels along the box's longest side")
+    p.add_argument("--resolution", **checked(RESOLUTION, 256, "voxels along the box's longest side"))
     crop_option(p)
-    p.add_argument("--output", help="file to write (default RUN/export/sdf-RESOLUTION.npz)")
+    output_option(p, "RUN/export/sdf-RESOLUTION.npz")
     p.set_defaults(func=cmd_export_sdf)
 
     p = export.add_parser("pointcloud", help="where the training views' rays end, with colours and normals (PLY)")
     p.add_argument("run")
-    p.add_argument("--points", type=int, default=1_000_000, help="keep at most this many (random, fixed seed)")
-    p.add_argument("--image-side", type=int, default=400, help="render the training views at most this wide")
-    p.add_argument("--min-opacity", type=float, default=0.9, help="pixels less opaque make no point")
+    p.add_argument("--points", **checked(POSITIVE_INT, 1_000_000, "keep at most this many (random, fixed seed)"))
+    p.add_argument("--image-side", **checked(Number(int, 8), 400, "render the training views at most this wide"))
+    p.add_argument("--min-opacity", **checked(FRACTION, 0.9, "pixels less opaque make no point"))
     crop_option(p)
-    p.add_argument("--output", help="file to write (default RUN/export/pointcloud.ply)")
+    output_option(p, "RUN/export/pointcloud.ply")
     p.set_defaults(func=cmd_export_pointcloud)
 
     p = export.add_parser("video", help="colour and depth side by side along a path, as MP4")
     p.add_argument("run")
     path_options(p)
-    p.add_argument("--output", help="file to write (default RUN/export/video-PATH.mp4)")
+    output_option(p, "RUN/export/video-PATH.mp4")
     p.set_defaults(func=cmd_export_video)
 
     p = sub.add_parser("convert", help="write any scene layout recon reads (COLMAP, NeuS, transforms) as transforms.json")
@@ -690,21 +709,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("source", help=what)
         p.add_argument("scene", help="a new folder for the scene")
         if kind == "video":
-            p.add_argument("--frames", type=int, default=VIDEO_FRAMES,
-                           help=f"frames to keep, the sharpest of equal stretches (default {VIDEO_FRAMES})")
+            p.add_argument("--frames", **checked(Number(int, 2), VIDEO_FRAMES,
+                                                 "frames to keep, the sharpest of equal stretches"))
         p.add_argument("--matcher", choices=MATCHERS,
                        help="exhaustive: every pair (default for photos); sequential: neighbours in order (video)")
         p.add_argument("--camera-model", default="OPENCV", choices=CAMERA_MODELS, help="COLMAP camera model")
-        p.add_argument("--max-image-side", type=int, default=SfmOptions.max_image_side,
-                       help=f"features on images downscaled to this side (default {SfmOptions.max_image_side})")
+        p.add_argument("--max-image-side", **checked(Number(int, 64), SfmOptions.max_image_side,
+                                                     "features on images downscaled to this side"))
         p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
     p.add_argument("pred")
     p.add_argument("gt")
-    p.add_argument("--samples", type=int, default=200_000, help="surface points sampled from each mesh")
-    p.add_argument("--tau", type=float, default=0.01, help="F-score distance, a fraction of the ground truth's diagonal")
-    p.add_argument("--output", help="JSON file (default PRED.eval.json)")
+    p.add_argument("--samples", **checked(POSITIVE_INT, 200_000, "surface points sampled from each mesh"))
+    p.add_argument("--tau", **checked(POSITIVE, 0.01, "F-score distance, a fraction of the ground truth's diagonal"))
+    output_option(p, "PRED.eval.json")
     p.set_defaults(func=cmd_eval_mesh)
     return parser
 

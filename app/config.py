@@ -1,10 +1,15 @@
-"""Every option of a fit, saved as the run's config.json so a run can be reproduced or resumed."""
+"""Every option of a fit, defined once: its default, type, range and help. The command line's options, their
+`--help` defaults, the checks of a value (typed or read back from config.json) and config.json itself all
+come from FitConfig's fields."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
+import math
+import re
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -12,6 +17,7 @@ from typing import Any
 
 import torch
 
+from recon.data.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Number
 from recon.fields import REGISTRY
 
 # Defaults that depend on the machine; a field backend adds its own (its class's `presets`).
@@ -23,50 +29,98 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval_chunk": 2**13, "batch_points": 2**16},
 }
 TASKS = ("radiance", "image", "mesh-sdf")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(value: str) -> str:
+    if not DEVICE.fullmatch(value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+def option(default: Any = None, help: str | None = None, check: Any = None, **argparse_keywords: Any) -> Any:
+    """A FitConfig field. With `help` it is a command-line option (the flag is the name with dashes unless
+    argparse_keywords give `flag`); `check` converts and range-checks a value (a data.checks.Number or any
+    callable that raises ValueError), on the command line and in config.json alike."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return dataclass_field(**factory, metadata={"help": help, "check": check, "argparse": argparse_keywords})
+
+
+def _choice(*names: str):
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
+        return value
+    return check
 
 
 @dataclass
 class FitConfig:
-    scene: str  # the scene folder or transforms file
+    scene: str  # the scene folder or file, absolute once the run is made
     out: str  # the run folder
-    field: str = "hashgrid"
-    field_options: dict[str, Any] = dataclass_field(default_factory=dict)  # backend keyword arguments
-    task: str = "radiance"  # what the input is: posed images ("radiance"), an image, or a mesh ("mesh-sdf")
-    model: str = "radiance"  # posed images: a density field ("radiance") or a NeuS SDF field ("sdf")
-    surface_box: list[float] | None = None  # --model sdf: the SDF field's box, world frame x0 y0 z0 x1 y1 z1 (None: the inner cascade)
-    quantize: float = 0.0  # CQ-NIR cell size relative to the object radius (0: off), any backend
-    params: int | None = None  # a parameter budget the backend's size option is set to fill (comparisons)
-    cam: str | None = None  # CAM on the field's MLPs: "auto" (the task's coordinate), "plane", "direction", "triplane"
-    cam_resolution: int | None = None  # CAM grid side (None: the paper's, 32 / 10 x 3 / 512)
-    cam_bits: int | None = None  # quantise CAM's gamma and beta to this many bits (the paper's 8-bit variant)
-    cam_norm: bool | None = None  # CAM's per-point layer norm (None: the paper's variant's, on for images and directions)
-    steps: int = 20000  # training length in steps (progress = step / steps) ...
-    max_time: float | None = None  # ... or in seconds of training time; with both, whichever ends first
-    preset: str | None = None  # "cpu" or "gpu": fills every option left None (None: by device)
-    batch_rays: int | None = None  # rays of the first step; later steps size the batch to sample_budget
-    sample_budget: int | None = None  # field samples per step the ray batch adapts to (nerfacc's examples)
-    lr: float = 1e-2
-    downscale: int = 0  # 0: automatic (1 unless the pixels overflow the memory budget); config.json keeps the factor
-    occupancy_resolution: int | None = None
-    occupancy_every: int = 16  # steps between occupancy-grid updates
-    occupancy_warmup: float = 0.02  # progress during which every cell is refreshed
-    samples_per_diagonal: int | None = None  # marching step = the box diagonal / this (instant-ngp: sqrt(3)*2/1024 on its unit cube)
-    eval_stride: int | None = None  # end-of-fit evaluation renders every k-th test view (None: all on GPU, at most 25 on CPU)
-    eval_chunk: int | None = None  # rays (or points) per chunk when rendering whole images
-    batch_points: int | None = None  # pixels or points per step of the image and mesh-sdf tasks
-    sdf_pool: int = 2**20  # mesh-sdf: training points drawn once, with their exact distances
-    distortion: float = 0.0  # weight of mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)
-    # L1 on the expected depth (unit frame, box half-size 1) for scenes with depth maps, 0 ignores them: at 1 a
-    # 1% depth error costs what a colour MSE of 0.01 does; 0.1 barely moved 300-step fits (tests/test_fit.py).
-    depth_weight: float = 1.0
-    refine_poses: bool = False  # a learnable SE(3) correction per training camera
-    pose_lr: float = 1e-3  # its base learning rate (on the same schedule as the field's)
-    appearance: bool = False  # a colour transform per training image (exposure changes)
-    checkpoint_every: int = 2000  # steps; a checkpoint is also written at the end and on Ctrl-C
-    log_every: int = 25
-    seed: int = 0
-    device: str = "auto"
-    tcnn: bool = False
+    field: str = option("hashgrid", "field backend", _choice(*sorted(REGISTRY)), choices=sorted(REGISTRY))
+    field_options: dict[str, Any] = option(dict)  # backend keyword arguments (-o KEY=VALUE, parsed in app.cli)
+    task: str = option("radiance", check=_choice(*TASKS))  # what the input is: posed images, an image, or a mesh
+    model: str = option("radiance", "posed images: a density field or an SDF field trained NeuS-style",
+                        _choice("radiance", "sdf"), choices=("radiance", "sdf"))
+    surface_box: list[float] | None = option(
+        None, "--model sdf: the box the SDF covers, world frame (default: the inner cascade, instant-ngp's unit "
+        "cube); a density field answers around it", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
+    quantize: float = option(0.0, "quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. "
+                             "2e-4; 0 off", NON_NEGATIVE, metavar="CELL")
+    params: int | None = option(None, "size the backend to about N parameters (its size option, e.g. log2_table, "
+                                "num_voxels); config.json records the value chosen", POSITIVE_INT, metavar="N")
+    cam: str | None = option(None, "coordinate-aware modulation of the field's MLPs (CAM); auto: the view direction "
+                             "for radiance, a 2D grid for images, tri-planes for SDFs",
+                             _choice("auto", "plane", "direction", "triplane"), nargs="?", const="auto",
+                             choices=("auto", "plane", "direction", "triplane"))
+    cam_resolution: int | None = option(None, "CAM grid side (default the paper's: 32, 10 x 3 or 512)", Number(int, 2),
+                                        metavar="N")
+    cam_bits: int | None = option(None, "quantise CAM's gamma and beta to B bits, e.g. 8", Number(int, 2, 16),
+                                  metavar="B")
+    cam_norm: bool | None = option(None, "CAM's per-point layer norm (default the paper's: on for images and "
+                                   "directions)", action=argparse.BooleanOptionalAction)
+    steps: int | None = option(20000, "training steps (progress = step / steps)", POSITIVE_INT)
+    max_time: float | None = option(None, "training time cap in seconds (schedules follow it); with --steps, "
+                                    "whichever ends first", POSITIVE, metavar="SECONDS")
+    preset: str | None = option(None, "machine defaults, filling every option marked 'preset' (default: by device)",
+                                _choice(*PRESETS), choices=tuple(PRESETS))
+    batch_rays: int | None = option(None, "rays of the first step; later steps size the batch to --sample-budget",
+                                    POSITIVE_INT)
+    sample_budget: int | None = option(None, "field samples per step the ray batch adapts to (nerfacc's examples)",
+                                       POSITIVE_INT)
+    lr: float = option(1e-2, "base learning rate", POSITIVE)
+    downscale: int = option(0, "divide image resolution by N (0: 1, or what fits a quarter of the memory); "
+                            "config.json keeps the factor chosen", Number(int, 0), metavar="N")
+    occupancy_resolution: int | None = option(None, "occupancy grid cells per side", Number(int, 4, 1024),
+                                              flag="--grid-resolution")
+    occupancy_every: int = option(16, check=POSITIVE_INT)  # steps between occupancy-grid updates
+    occupancy_warmup: float = option(0.02, check=Number(float, 0, 1))  # progress during which every cell is refreshed
+    samples_per_diagonal: int | None = option(None, "marching step = the box diagonal / this (instant-ngp: 1024)",
+                                              POSITIVE_INT)
+    eval_stride: int | None = option(None, "evaluate every k-th test view after the fit (default: all on a GPU, at "
+                                     "most 25 on a CPU)", POSITIVE_INT, metavar="K")
+    eval_chunk: int | None = option(None, check=POSITIVE_INT)  # rays (or points) per chunk when rendering whole images
+    batch_points: int | None = option(None, "image and mesh inputs: pixels or points per step", POSITIVE_INT)
+    sdf_pool: int = option(2**20, "mesh inputs: training points with exact distances", POSITIVE_INT)
+    distortion: float = option(0.0, "mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)",
+                               NON_NEGATIVE, metavar="WEIGHT")
+    # L1 on the expected depth (unit frame, box half-size 1): at 1 a 1% depth error costs what a colour MSE of
+    # 0.01 does; 0.1 barely moved 300-step fits (tests/test_fit.py).
+    depth_weight: float = option(1.0, "scenes with depth maps: weight of the L1 depth loss (0 ignores them)",
+                                 NON_NEGATIVE, metavar="W")
+    refine_poses: bool = option(False, "learn an SE(3) correction per training camera (real captures with "
+                                "imperfect poses)", action="store_true")
+    pose_lr: float = option(1e-3, "learning rate of the pose corrections", POSITIVE)
+    appearance: bool = option(False, "a colour transform per training image, for exposure changes (test views: the "
+                              "mean)", action="store_true")
+    checkpoint_every: int = option(2000, "steps between checkpoints (also one at the end and on Ctrl-C)",
+                                   POSITIVE_INT, metavar="STEPS")
+    log_every: int = option(25, check=POSITIVE_INT)
+    seed: int = option(0, "random seed", Number(int, 0, 2**63 - 1))
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", device_name)
+    tcnn: bool = option(False, "use tiny-cuda-nn if installed (untested)", action="store_true")
+    scene_from_run: str | None = option(None)  # the scene relative to the run folder, for runs that move
 
     def resolved(self, device: torch.device, task: str = "radiance") -> FitConfig:
         """A copy for `task` with the preset chosen (by device unless given) and every option it sets filled
@@ -87,14 +141,91 @@ class FitConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def checked(self) -> FitConfig:
+        """Every value through its field's check (ValueError "--flag VALUE: must be ..."); returns self."""
+        for spec in dataclasses.fields(self):
+            check, value = spec.metadata.get("check"), getattr(self, spec.name)
+            if check is None or value is None:
+                continue
+            try:
+                setattr(self, spec.name, check(value))
+            except ValueError as error:
+                raise ValueError(f"{flag_of(spec)} {value!r}: {error}") from None
+        if self.surface_box is not None and (len(self.surface_box) != 6 or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in self.surface_box)):
+            raise ValueError(f"--surface-box {self.surface_box}: six finite numbers")
+        return self
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FitConfig":
+        """The config of a config.json, checked as typed options are; unknown keys are refused."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(data, dict) or not isinstance(data.get("scene"), str):
+            raise ValueError("not a recon run's config (no scene)")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (written by "
+                             "another version of recon?)")
+        if not isinstance(data.get("field_options", {}), dict):
+            raise ValueError("field_options is not an object")
+        return cls(**data).checked()
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "FitConfig":
-        return cls.from_json(json.loads(path.read_text()))
+        """config.json, or ValueError naming the file and what is wrong with it."""
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, RecursionError) as error:
+            raise ValueError(f"{path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def flag_of(spec: dataclasses.Field) -> str:
+    return spec.metadata.get("argparse", {}).get("flag") or "--" + spec.name.replace("_", "-")
+
+
+def command_line_fields() -> list[dataclasses.Field]:
+    """FitConfig's fields that are command-line options, in their definition order."""
+    return [spec for spec in dataclasses.fields(FitConfig) if spec.metadata.get("help")]
+
+
+def preset_default(name: str) -> str | None:
+    values = {preset: table[name] for preset, table in PRESETS.items() if name in table}
+    return ", ".join(f"{value} {preset}" for preset, value in values.items()) if values else None
+
+
+def add_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """FitConfig's options on `parser`, every one defaulting to None (so a resume sees what was typed); their
+    help shows the default a fit takes: `defaults`' (a command's own, e.g. the demo's), the field's, or the
+    preset's."""
+    defaults = defaults or {}
+    for spec in command_line_fields():
+        keywords = dict(spec.metadata["argparse"])
+        flag = keywords.pop("flag", None) or flag_of(spec)
+        default = defaults.get(spec.name, spec.default if spec.default is not dataclasses.MISSING else None)
+        preset = preset_default(spec.name)
+        shown = f"preset: {preset}" if preset else None if default in (None, False) else f"default {default}"
+        keywords.setdefault("type", argument_type(spec.metadata["check"]) if "action" not in keywords else None)
+        if keywords["type"] is None:
+            del keywords["type"]
+        if keywords.get("action") == "store_true":
+            keywords["default"] = None
+        parser.add_argument(flag, dest=spec.name, help=spec.metadata["help"] + (f" ({shown})" if shown else ""),
+                            **keywords)
+
+
+def argument_type(check: Any):
+    """A check as an argparse type: its message, not argparse's 'invalid value', says what is wrong."""
+    if check is None:
+        return None
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text}: {error}") from None
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse

@@ -40,7 +40,9 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
 
 def ssim(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
-    """SSIM of two [H, W, C] images in [0, 1]."""
+    """SSIM of two [H, W, C] images in [0, 1]; an image smaller than the window is scored with a window
+    that fits it (the whole image, at a 1-pixel image)."""
+    window = min(window, *pred.shape[:2])
     x = pred.clamp(0, 1).double().permute(2, 0, 1)[:, None]  # [C, 1, H, W]
     y = gt.double().permute(2, 0, 1)[:, None]
     coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2

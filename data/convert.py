@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import trimesh
 
+from .checks import nothing_to_lose
 from .colmap import ColmapView, colmap_views
 from .loaders import DISTORTION_KEYS, LONE, NGP_KEYS, Capture, Frame, SceneError
 from .scene import points_bounds
@@ -29,8 +30,9 @@ SPARSE_POINTS = "sparse_pc.ply"  # nerfstudio's name for the sparse points besid
 def write_transforms(capture: Capture, out: Path) -> list[Path]:
     """transforms.json (or transforms_{split}.json) plus images/, masks/ and depth/ under `out`; returns the
     JSON files. Raises SceneError when `out` already holds a scene."""
-    if out.exists() and any(out.iterdir()):
-        raise SceneError(out, "is not empty; choose a new folder")
+    problem = nothing_to_lose(out)
+    if problem:
+        raise SceneError(out, problem)
     (out / "images").mkdir(parents=True)
     every = np.stack([f.c2w for found in capture.lists.values() for f in found.frames])
     rotation, bounds = unit_frame(every, out, capture.points, capture.to_unit)

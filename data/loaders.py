@@ -20,6 +20,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
+from .checks import FINITE, POSITIVE, Number, checked_field
+
 SPLITS = ("train", "val", "test")
 LONE = "all"  # key of a lone frame list, before the every-8th holdout splits it
 HOLDOUT = 8  # a lone frame list holds out every 8th usable frame for test
@@ -31,6 +33,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "PNG", "JPG", "JPEG", "exr", "webp", "
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE", "PINHOLE")
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIELD_OF_VIEW = Number(float, 0, math.pi, low_open=True, high_open=True)  # radians, camera_angle_x / _y
 
 
 class SceneError(ValueError):
@@ -120,6 +123,8 @@ def read_json(path: Path) -> dict:
         raise SceneError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SceneError(path, f"unreadable: {e}") from None
+    except RecursionError:
+        raise SceneError(path, "JSON nested too deep to be a scene") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
         raise SceneError(path, "no frames")
     return doc
@@ -156,7 +161,11 @@ def load_frames(result: FrameList, found: list[tuple[dict, np.ndarray, Path]], d
         mask = _loss_mask(folder / camera["mask_path"], image) if "mask_path" in camera else None
         depth = None
         if "depth_file_path" in camera:
-            depth = _depth(folder / camera["depth_file_path"], image, float(camera.get("depth_unit_scale_factor", 1e-3)))
+            try:
+                scale = checked_field(POSITIVE, "depth_unit_scale_factor", camera.get("depth_unit_scale_factor", 1e-3))
+            except ValueError as error:
+                raise SceneError(result.file, f"{image_path.name}: {error}") from None
+            depth = _depth(folder / camera["depth_file_path"], image, scale)
         frame = Frame(str(image_path), image, c2w, intrinsics, distortion, fisheye, mask, depth)
         return downscaled_frame(frame, downscale)
 
@@ -197,6 +206,9 @@ def downscaled_frame(frame: Frame, n: int) -> Frame:
     """Images average n x n blocks; a block keeps a loss-mask pixel or a depth only when all of it has one."""
     if n == 1:
         return frame
+    if n > min(frame.image.shape[:2]):
+        raise SceneError(frame.name, f"--downscale {n} is larger than the image ({frame.image.shape[1]}x"
+                                     f"{frame.image.shape[0]})")
     intrinsics = tuple(v / n for v in frame.intrinsics)  # pixel centres: x' = x / n
 
     def pooled(values: np.ndarray) -> np.ndarray:
@@ -315,23 +327,35 @@ def _pose(path: Path, where: str, matrix) -> np.ndarray:
 
 def _camera(path: Path, image_path: Path, camera: dict, image: np.ndarray):
     """Intrinsics (fx, fy, cx, cy), distortion and fisheye flag of one frame at its image's size."""
+    try:
+        return _checked_camera(camera, image)
+    except ValueError as error:
+        raise SceneError(path, f"{image_path.name}: {error}") from None
+
+
+def _checked_camera(camera: dict, image: np.ndarray):
+    """_camera's reading, every field through its range (ValueError naming the field)."""
     height, width = image.shape[:2]
-    check_size(image_path, image, (round(float(camera.get("w", width))), round(float(camera.get("h", height)))))
+
+    def number(key: str, spec: Number = FINITE, default: float | None = None) -> float:
+        return checked_field(spec, key, camera[key]) if key in camera else default
+
+    stated = (round(number("w", POSITIVE, width)), round(number("h", POSITIVE, height)))
+    if stated != (width, height):
+        raise ValueError(f"the image is {width}x{height} but its camera says {stated[0]}x{stated[1]}")
     if "fl_x" in camera or "fl_y" in camera:
-        fx = float(camera.get("fl_x", camera.get("fl_y")))
-        fy = float(camera.get("fl_y", fx))
+        fx = number("fl_x", POSITIVE) or number("fl_y", POSITIVE)
+        fy = number("fl_y", POSITIVE, fx)
     elif "camera_angle_x" in camera:
-        fx = 0.5 * width / math.tan(0.5 * float(camera["camera_angle_x"]))
-        fy = 0.5 * height / math.tan(0.5 * float(camera["camera_angle_y"])) if "camera_angle_y" in camera else fx
+        fx = 0.5 * width / math.tan(0.5 * number("camera_angle_x", FIELD_OF_VIEW))
+        fy = 0.5 * height / math.tan(0.5 * number("camera_angle_y", FIELD_OF_VIEW)) if "camera_angle_y" in camera else fx
     else:
-        raise SceneError(path, f"no focal length (fl_x or camera_angle_x) for {image_path.name}")
-    intrinsics = (fx, fy, float(camera.get("cx", width / 2)), float(camera.get("cy", height / 2)))
+        raise ValueError("no focal length (fl_x or camera_angle_x)")
+    intrinsics = (fx, fy, number("cx", default=width / 2), number("cy", default=height / 2))
     model = camera.get("camera_model", "OPENCV")
     if model not in CAMERA_MODELS:
-        raise SceneError(path, f"unsupported camera_model {model!r} (expected one of {', '.join(CAMERA_MODELS)})")
-    distortion = tuple(float(camera.get(k, 0.0)) for k in DISTORTION_KEYS)
-    if not np.isfinite(intrinsics + distortion).all():
-        raise SceneError(path, f"non-finite intrinsics for {image_path.name}")
+        raise ValueError(f"unsupported camera_model {model!r} (expected one of {', '.join(CAMERA_MODELS)})")
+    distortion = tuple(number(k, default=0.0) for k in DISTORTION_KEYS)
     return intrinsics, distortion, model == "OPENCV_FISHEYE" or bool(camera.get("is_fisheye", False))
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cameras import Cameras
+from .checks import FINITE, POSITIVE, Number, checked_field
 from .colmap import find_colmap, read_colmap
 from .loaders import HOLDOUT, IMAGE_EXTENSIONS, LONE, NGP_KEYS, Capture, Frame, SceneError, read_transforms
 from .neus import CAMERAS as NEUS_CAMERAS
@@ -27,6 +28,7 @@ from .rays import Rays
 __all__ = ["Batch", "Scene", "SceneError", "Split", "load_scene", "visual_hull"]
 
 NGP_SCALE, NGP_OFFSET = 0.33, 0.5  # instant-ngp's defaults
+AABB_SCALE = Number(float, 1, 128)  # instant-ngp's range (its largest cascade); beyond it one step took minutes
 # Voxels per axis of each carving pass: a coarse one finds the object in a generous region,
 # a finer one re-carves the box it found.
 CARVE_RESOLUTIONS = (32, 64)
@@ -355,13 +357,16 @@ def _ngp_bounds(file: Path, doc: dict) -> tuple[Tensor, Tensor, float, str]:
 
     ngp adds the offset in the JSON's own axis order and only then cycles the axes
     (nerf_matrix_to_ngp), so offset[i] shifts world axis i and the cycle does not matter here."""
-    scale = float(doc.get("scale", NGP_SCALE))
-    offset = np.broadcast_to(np.asarray(doc.get("offset", NGP_OFFSET), dtype=np.float64), 3)
-    aabb_scale = float(doc.get("aabb_scale", 1))
-    if not (np.isfinite([scale, aabb_scale, *offset]).all() and scale > 0 and aabb_scale >= 1):
-        raise SceneError(
-            file, f"bad instant-ngp bounds: scale {scale}, offset {offset.tolist()}, aabb_scale {aabb_scale}"
-        )
+    try:
+        scale = checked_field(POSITIVE, "scale", doc.get("scale", NGP_SCALE))
+        aabb_scale = checked_field(AABB_SCALE, "aabb_scale", doc.get("aabb_scale", 1))
+        offsets = doc.get("offset", NGP_OFFSET)
+        offsets = offsets if isinstance(offsets, list) else [offsets] * 3  # one number: the same on every axis
+        if len(offsets) != 3:
+            raise ValueError(f"offset {offsets!r}: must be three numbers")
+        offset = np.array([checked_field(FINITE, "offset", v) for v in offsets], dtype=np.float64)
+    except ValueError as error:
+        raise SceneError(file, f"instant-ngp bounds: {error}") from None
     to_unit = torch.eye(4)
     to_unit[:3, :3] *= 2 * scale
     to_unit[:3, 3] = torch.from_numpy(2 * offset - 1)

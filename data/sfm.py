@@ -22,6 +22,7 @@ import numpy as np
 import trimesh
 
 from .convert import SPARSE_POINTS, write_model_transforms
+from .checks import nothing_to_lose
 from .loaders import SceneError
 
 PHOTO_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")  # what COLMAP decodes
@@ -198,14 +199,23 @@ def structure_from_motion(source: Path, scene: Path, options: SfmOptions, single
 
 @contextmanager
 def _new_folder(folder: Path) -> Iterator[None]:
-    """Create `folder` (absent or empty) for the output; if anything fails, remove it again."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise SceneError(folder, "is not empty; choose a new folder")
+    """Create `folder` (absent or empty) for the output; if anything fails, remove what was written to it (and
+    the folder, when this made it)."""
+    problem = nothing_to_lose(folder)
+    if problem:
+        raise SceneError(folder, problem)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if made:
+            folder.rmdir()
         raise
 
 

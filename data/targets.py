@@ -80,6 +80,8 @@ def load_image(path: str | Path, downscale: int = 1) -> ImageTarget:
     if not path.is_file():
         raise SceneError(path, "no such image file")
     image = read_image(path)
+    if downscale > min(image.shape[:2]):
+        raise SceneError(path, f"--downscale {downscale} is larger than the image ({image.shape[1]}x{image.shape[0]})")
     if downscale > 1:
         image = _downscale(image, downscale)
     pixels = torch.from_numpy(image.astype(np.float32) / (65535 if image.dtype == np.uint16 else 255))
