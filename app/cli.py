@@ -94,11 +94,26 @@ def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
         raise UserError(f"--field {cfg.field} -o ...: {str(error).splitlines()[0]}") from None
 
 
-def viewer_wanted(args: argparse.Namespace) -> bool:
-    """--viewer / --no-viewer, or by default: on when a person watches (a terminal, not CI)."""
+def viewer_skipped(args: argparse.Namespace, task: Task) -> str | None:
+    """Why the viewer is not started, or None: --viewer / --no-viewer, or by default on when a person
+    watches (a terminal, not CI); it shows radiance fields only."""
+    if not isinstance(task, RadianceTask):
+        return f"it shows radiance fields; this fit is of {'an image' if task.kind == 'image' else 'a mesh'}"
     if args.viewer is not None:
-        return args.viewer
-    return not os.environ.get("CI") and sys.stdout.isatty()
+        return None if args.viewer else "--no-viewer"
+    if os.environ.get("CI"):
+        return "CI is set; --viewer starts it"
+    return None if sys.stdout.isatty() else "no terminal; --viewer starts it"
+
+
+def parameter_counts(field: torch.nn.Module) -> str:
+    """The field's parameters now and, for a backend that grows while training (DVGO, TensoRF), at the end
+    (metrics.json's count)."""
+    now = field.num_parameters()
+    grown = copy.deepcopy(field)
+    if not grown.grow(1.0):
+        return f"{now:,} parameters"
+    return f"{now:,} parameters now, {grown.num_parameters():,} once grown"
 
 
 def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bool = False,
@@ -118,14 +133,19 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
     if checkpoint:
         trainer.load_state_dict(load_checkpoint(checkpoint))
         print(f"resuming {run.path} from step {trainer.step}")
-    print(f"run folder: {run.path}   field: {cfg.field} ({trainer.pipeline.field.num_parameters():,} parameters)   device: {trainer.device} (preset {cfg.preset})")
+    print(f"run folder: {run.path}   field: {cfg.field} ({parameter_counts(trainer.pipeline.field)})   "
+          f"device: {trainer.device} (preset {cfg.preset})")
 
     def checkpoint_now(t: Trainer) -> Path:
         return save_checkpoint(run.checkpoints, t.step, t.state_dict())
 
     viewer = None
-    if args is not None and viewer_wanted(args) and isinstance(trainer.task, RadianceTask):
-        viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
+    if args is not None:
+        skipped = viewer_skipped(args, trainer.task)
+        if skipped:
+            print(f"viewer: not started ({skipped})")
+        else:
+            viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
     bar = ProgressBar(trainer)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

@@ -212,7 +212,9 @@ def add_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None
             del keywords["type"]
         if keywords.get("action") == "store_true":
             keywords["default"] = None
-        parser.add_argument(flag, dest=spec.name, help=spec.metadata["help"] + (f" ({shown})" if shown else ""),
+        check = spec.metadata["check"]
+        limits = f"; {check.describe()}" if isinstance(check, Number) else ""
+        parser.add_argument(flag, dest=spec.name, help=spec.metadata["help"] + (f" ({shown})" if shown else "") + limits,
                             **keywords)
 
 

@@ -243,9 +243,14 @@ class ImageTask(Task):
 
     def loss(self, generator: torch.Generator) -> StepLoss:
         pick = torch.randint(len(self.coords), (self.cfg.batch_points,), generator=generator).to(self.coords.device)
-        rgb = self.pipeline.field.rgb(self.coords[pick], point_ids=pick if self.attached else None)
+        rgb = self.colour(self.pipeline.field.rgb(self.coords[pick], point_ids=pick if self.attached else None))
         mse = F.mse_loss(rgb, self.colours[pick])
         return StepLoss(mse, mse.detach(), len(pick), len(pick))
+
+    def colour(self, rgb: Tensor) -> Tensor:
+        """The field's colour as the image has it: a greyscale image's one channel is the mean of the three,
+        so nothing tints it."""
+        return rgb.mean(-1, keepdim=True).expand_as(rgb) if self.image.grey else rgb
 
     @torch.no_grad()
     def reconstruction(self) -> Tensor:
@@ -253,7 +258,7 @@ class ImageTask(Task):
         field = self.pipeline.field
         was_training = field.training
         field.eval()
-        rgb = torch.cat([field.rgb(c) for c in self.coords.split(self.cfg.eval_chunk)])
+        rgb = torch.cat([self.colour(field.rgb(c)) for c in self.coords.split(self.cfg.eval_chunk)])
         field.train(was_training)
         return rgb.clamp(0, 1).view(self.image.height, self.image.width, 3).cpu()
 

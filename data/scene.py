@@ -125,8 +125,16 @@ class Scene:
         views = ", ".join(f"{n} {split}" for split, n in s["views"].items())
         sizes = ", ".join(f"{size} ({n})" for size, n in s["image_sizes"].items())
         models = ", ".join(f"{model} ({n})" for model, n in s["camera_models"].items())
+        total = sum(s["views"].values())
+        what = "an object on a transparent background" if self.splits["train"].has_alpha else "photos"
+        extent = (f"an unbounded scene: beyond the box (aabb_scale {self.aabb_scale:g}) space is contracted"
+                  if self.unbounded else "a bounded scene: the field covers the box below")
+        headline = (f"{self.source}: {total} posed images ({views}) of {what}, {sizes}; {extent}; "
+                    f"training on the {s['views'].get('train', 0)} train views, scoring the "
+                    f"{s['views'].get('test', 0)} test views. Details:")
         lines = [
-            f"{self.source}: {s['convention']}",
+            headline,
+            f"{self.source.name}: {s['convention']}",
             f"views: {views}; cameras: {models}",
             f"images: {sizes}, {s['pixels']}, downscale {s['downscale']}"
             + (f" ({s['downscale_note']})" if s.get("downscale_note") else ""),
@@ -146,7 +154,7 @@ class Scene:
         lines.append(f"  unit  {_fmt(box['unit_box'][0])} .. {_fmt(box['unit_box'][1])}")
         kind = f"unbounded (aabb_scale {self.aabb_scale:g})" if self.unbounded else "bounded"
         lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}")
-        return "\n".join(lines)
+        return "\n  ".join(lines)
 
     def to_json(self) -> dict:
         return {

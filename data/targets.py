@@ -36,6 +36,7 @@ BRUTE_FORCE_LIMIT = 2e10  # point x face pairs the torch fallback takes on befor
 class ImageTarget:
     path: Path
     pixels: Tensor  # [H, W, 3] float32 in [0, 1]
+    grey: bool = False  # one channel (or three equal ones): fitted as one, the field's colour averaged
 
     @property
     def height(self) -> int:
@@ -56,7 +57,8 @@ class ImageTarget:
         return torch.stack([x, y], -1).view(-1, 2).float() + 0.5
 
     def describe(self) -> str:
-        return f"{self.path}: image {self.width}x{self.height}, {self.width * self.height:,} pixels"
+        grey = "; greyscale: fitted as one channel" if self.grey else ""
+        return f"{self.path}: image {self.width}x{self.height}, {self.width * self.height:,} pixels{grey}"
 
     def to_json(self) -> dict:
         return {"source": str(self.path), "width": self.width, "height": self.height, "aabb": self.box.tolist()}
@@ -89,7 +91,8 @@ def load_image(path: str | Path, downscale: int = 1) -> ImageTarget:
         pixels = pixels[..., :3] * pixels[..., 3:] + (1 - pixels[..., 3:])
     if min(pixels.shape[:2]) < 2:
         raise SceneError(path, f"image of {pixels.shape[1]}x{pixels.shape[0]} pixels is too small to fit")
-    return ImageTarget(path, pixels.contiguous())
+    grey = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+    return ImageTarget(path, pixels.contiguous(), grey)
 
 
 @dataclass

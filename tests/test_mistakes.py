@@ -217,3 +217,30 @@ def test_a_config_with_unknown_keys_or_bad_values_is_refused(trained, tmp_path, 
     (run / "config.json").write_text(json.dumps(config | {"steps": -5}))
     line = refused(capsys, ["fit", "--resume", str(run)])
     assert "config.json" in line and "--steps -5" in line
+
+
+def test_first_contact_help_defaults_and_what_is_printed(tmp_path, capsys):
+    import imageio.v3 as iio
+    import numpy as np
+    import torch
+
+    from recon.app.cli import parameter_counts
+    from recon.fields import build_field
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "training steps (progress = step / steps) (default 1000)" in help_text  # the demo's, not fit's 20000
+    assert "{hashgrid,neurbf,pe,triplane,vm,voxel}" in help_text and "(preset: 128 gpu, 64 cpu); an integer in [4, 1024]" in help_text
+    box = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    assert parameter_counts(build_field("hashgrid", box, levels=4, log2_table=10)).endswith(" parameters")
+    assert "once grown" in parameter_counts(build_field("voxel", box, num_voxels=32**3))
+    # A greyscale photo stays grey: fitted as one channel, written without colour tints.
+    y, x = np.mgrid[0:32, 0:32] / 32.0
+    iio.imwrite(tmp_path / "grey.png", ((0.5 + 0.4 * np.sin(6 * x) * np.cos(4 * y)) * 255).astype(np.uint8))
+    main(["fit", str(tmp_path / "grey.png"), "--steps", "60", "--out", str(tmp_path / "run"), "-o", "levels=4",
+          "-o", "log2_table=10", "--batch-points", "512", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "greyscale: fitted as one channel" in out and "viewer: not started" in out
+    picture = iio.imread(tmp_path / "run" / "renders" / "reconstruction.png").astype(int)
+    assert (picture[..., 0] == picture[..., 1]).all() and (picture[..., 1] == picture[..., 2]).all()
