@@ -552,6 +552,8 @@ def cmd_export_video(args: argparse.Namespace) -> None:
     cameras = path_cameras(cfg, args.path, args.frames, args.downscale)
     output = export_output(run, cfg, args, f"video-{args.path}.mp4")
     frames = output.parent / f"{output.stem}-frames"
+    if args.output and not args.overwrite and frames.is_dir() and any(frames.iterdir()):
+        raise UserError(f"{frames}: the video's frames would go here, and it holds files (pass --overwrite)")
     render_cameras(pipeline, cameras, frames, cfg.eval_chunk, video=output, fps=args.fps, with_depth=True)
     print(f"wrote {output} ({len(cameras)} frames, colour and depth side by side; PNGs in {frames})")
 
