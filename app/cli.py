@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from recon.app.config import FitConfig, add_options, argument_type, command_line_fields
+from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, option_help
 from recon.app.evaluate import default_stride, metrics_document, orbit_cameras, render_cameras
 from recon.app.pipeline import Pipeline
 from recon.app.run import RUN_ENTRIES, RunDir, UserError, write_json
@@ -314,7 +314,9 @@ def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> None
 
 
 def resume_fit(args: argparse.Namespace) -> None:
-    given = [name for name in vars(args) if name not in RESUME_OPTIONS and typed(args, name)]
+    # Fit options default to None, lists to empty, flags to False: anything else was typed.
+    given = [name for name, value in vars(args).items()
+             if name not in RESUME_OPTIONS + ("resume", "command", "func") and value not in (None, False, [])]
     if given:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
         raise UserError(f"--resume {args.resume}: {flags} would change the run; a resume takes only --steps, "
@@ -323,12 +325,6 @@ def resume_fit(args: argparse.Namespace) -> None:
     cfg.steps = args.steps if args.steps is not None else cfg.steps
     cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
     fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
-
-
-def typed(args: argparse.Namespace, name: str) -> bool:
-    """Whether the user gave this fit option (fit options default to None, lists to empty, flags to False)."""
-    value = getattr(args, name)
-    return name not in ("resume", "command", "func", "viewer_share", "host", "port") and value not in (None, False, [])
 
 
 def load_fit_input(cfg: FitConfig) -> Target:
@@ -389,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     target = load_split(cfg, args.split) if cfg.task == "radiance" else load_input(cfg.scene)
     task = task_class(target)(cfg, target, pipeline.device, pipeline)
     train = {"steps": state["step"], "seconds": round(state["train_seconds"], 3)}
-    evaluate_run(run, task, cfg, train, stride=args.stride or 1, split=args.split)
+    evaluate_run(run, task, cfg, train, stride=args.stride, split=args.split)
 
 
 def cmd_view(args: argparse.Namespace) -> None:
@@ -612,11 +608,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"recon: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def checked(spec: Number, default: Any = None, help: str = "", **keywords: Any) -> dict[str, Any]:
+def number_option(spec: Number, default: int | float, help: str) -> dict[str, Any]:
     """add_argument's keywords for a number option: its type checks the range, its help shows the default."""
-    shown = f" (default {default:,})" if isinstance(default, int) and default is not None else (
-        "" if default is None else f" (default {default:g})")
-    return {"type": argument_type(spec), "default": default, "help": f"{help}{shown}; {spec.describe()}", **keywords}
+    return {"type": argument_type(spec), "default": default, "help": option_help(help, f"default {default:,}", spec)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,19 +628,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start the web viewer even without a terminal")
         p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
         p.add_argument("--keep-viewer", action="store_true", help="keep the viewer up after training, until Ctrl-C")
-        p.add_argument("--viewer-share", **checked(FRACTION, 0.25, "the most of the wall time the viewer's rendering "
-                                                                  "takes while training"))
+        p.add_argument("--viewer-share", **number_option(FRACTION, 0.25, "the most of the wall time the viewer's "
+                                                                        "rendering takes while training"))
 
     def viewer_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="viewer address to bind (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", **checked(Number(int, 1, 65535), 8080, "viewer port (taken: the next free one)"))
+        p.add_argument("--port", **number_option(Number(int, 1, 65535), 8080, "viewer port (taken: the next free one)"))
 
     def path_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--path", default="test", choices=("test", "val", "train", "orbit"),
                        help="a split's cameras or an orbit around the training cameras (default test)")
-        p.add_argument("--frames", **checked(POSITIVE_INT, 120, "orbit frames"))
-        p.add_argument("--fps", **checked(POSITIVE_INT, 30, "video frames per second"))
-        p.add_argument("--downscale", **checked(POSITIVE_INT, 1, "render images N times smaller than the scene's"))
+        p.add_argument("--frames", **number_option(POSITIVE_INT, 120, "orbit frames"))
+        p.add_argument("--fps", **number_option(POSITIVE_INT, 30, "video frames per second"))
+        p.add_argument("--downscale", **number_option(POSITIVE_INT, 1, "render images N times smaller than the "
+                                                                       "scene's"))
 
     def output_option(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--output", help=f"file to write (default {default}; an existing file outside the run is "
@@ -670,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="render a split of a trained run and write metrics.json")
     p.add_argument("run")
     p.add_argument("--split", default="test")
-    p.add_argument("--stride", **checked(POSITIVE_INT, 1, "every k-th view"))
+    p.add_argument("--stride", **number_option(POSITIVE_INT, 1, "every k-th view"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("view", help="open a trained radiance run in the web viewer")
@@ -686,29 +681,30 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a trained run").add_subparsers(dest="what", required=True)
     p = export.add_parser("mesh", help="marching cubes over the field, in the input cameras' coordinates")
     p.add_argument("run")
-    p.add_argument("--resolution", **checked(RESOLUTION, 512, "voxels along the box's longest side"))
+    p.add_argument("--resolution", **number_option(RESOLUTION, 512, "voxels along the box's longest side"))
     p.add_argument("--format", default="ply", help="ply, obj or glb")
     crop_option(p)
     p.add_argument("--level", type=argument_type(FINITE),
                    help="surface level: opacity over one voxel, 1 - exp(-sigma * voxel) (default 0.5); SDF fields: a distance (0)")
     p.add_argument("--method", default="marching", help="marching (the field itself) or tsdf (fused rendered depth; open3d)")
-    p.add_argument("--simplify", type=argument_type(Number(int, 4)), metavar="FACES", help="decimate to about this many faces (open3d or fast-simplification)")
+    p.add_argument("--simplify", type=argument_type(Number(int, 4)), metavar="FACES",
+                   help="decimate to about this many faces (open3d or fast-simplification)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
     output_option(p, "RUN/export/mesh-RESOLUTION.FORMAT")
     p.set_defaults(func=cmd_export_mesh)
 
     p = export.add_parser("sdf", help="dense signed-distance volume (.npz, world units, negative inside)")
     p.add_argument("run")
-    p.add_argument("--resolution", **checked(RESOLUTION, 256, "voxels along the box's longest side"))
+    p.add_argument("--resolution", **number_option(RESOLUTION, 256, "voxels along the box's longest side"))
     crop_option(p)
     output_option(p, "RUN/export/sdf-RESOLUTION.npz")
     p.set_defaults(func=cmd_export_sdf)
 
     p = export.add_parser("pointcloud", help="where the training views' rays end, with colours and normals (PLY)")
     p.add_argument("run")
-    p.add_argument("--points", **checked(POSITIVE_INT, 1_000_000, "keep at most this many (random, fixed seed)"))
-    p.add_argument("--image-side", **checked(Number(int, 8), 400, "render the training views at most this wide"))
-    p.add_argument("--min-opacity", **checked(FRACTION, 0.9, "pixels less opaque make no point"))
+    p.add_argument("--points", **number_option(POSITIVE_INT, 1_000_000, "keep at most this many (random, fixed seed)"))
+    p.add_argument("--image-side", **number_option(Number(int, 8), 400, "render the training views at most this wide"))
+    p.add_argument("--min-opacity", **number_option(FRACTION, 0.9, "pixels less opaque make no point"))
     crop_option(p)
     output_option(p, "RUN/export/pointcloud.ply")
     p.set_defaults(func=cmd_export_pointcloud)
@@ -731,20 +727,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("source", help=what)
         p.add_argument("scene", help="a new folder for the scene")
         if kind == "video":
-            p.add_argument("--frames", **checked(Number(int, 2), VIDEO_FRAMES,
+            p.add_argument("--frames", **number_option(Number(int, 2), VIDEO_FRAMES,
                                                  "frames to keep, the sharpest of equal stretches"))
         p.add_argument("--matcher", choices=MATCHERS,
                        help="exhaustive: every pair (default for photos); sequential: neighbours in order (video)")
         p.add_argument("--camera-model", default="OPENCV", choices=CAMERA_MODELS, help="COLMAP camera model")
-        p.add_argument("--max-image-side", **checked(Number(int, 64), SfmOptions.max_image_side,
+        p.add_argument("--max-image-side", **number_option(Number(int, 64), SfmOptions.max_image_side,
                                                      "features on images downscaled to this side"))
         p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("eval-mesh", help="Chamfer distance and F-score of a mesh against a ground truth")
     p.add_argument("pred")
     p.add_argument("gt")
-    p.add_argument("--samples", **checked(POSITIVE_INT, 200_000, "surface points sampled from each mesh"))
-    p.add_argument("--tau", **checked(POSITIVE, 0.01, "F-score distance, a fraction of the ground truth's diagonal"))
+    p.add_argument("--samples", **number_option(POSITIVE_INT, 200_000, "surface points sampled from each mesh"))
+    p.add_argument("--tau", **number_option(POSITIVE, 0.01, "F-score distance, a fraction of the ground truth's diagonal"))
     output_option(p, "PRED.eval.json")
     p.set_defaults(func=cmd_eval_mesh)
     return parser

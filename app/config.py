@@ -38,15 +38,19 @@ def device_name(value: str) -> str:
     return value
 
 
-def option(default: Any = None, help: str | None = None, check: Any = None, **argparse_keywords: Any) -> Any:
+def option(default: Any = None, help: str | None = None, check: Any = None, choices: tuple[str, ...] | None = None,
+           **argparse_keywords: Any) -> Any:
     """A FitConfig field. With `help` it is a command-line option (the flag is the name with dashes unless
     argparse_keywords give `flag`); `check` converts and range-checks a value (a data.checks.Number or any
-    callable that raises ValueError), on the command line and in config.json alike."""
+    callable that raises ValueError), on the command line and in config.json alike; `choices` is the check
+    of a value that names one of them."""
+    if choices is not None:
+        check, argparse_keywords["choices"] = _one_of(tuple(choices)), tuple(choices)
     factory = {"default_factory": default} if callable(default) else {"default": default}
     return dataclass_field(**factory, metadata={"help": help, "check": check, "argparse": argparse_keywords})
 
 
-def _choice(*names: str):
+def _one_of(names: tuple[str, ...]):
     def check(value: str) -> str:
         if value not in names:
             raise ValueError(f"must be one of {', '.join(names)}")
@@ -54,26 +58,34 @@ def _choice(*names: str):
     return check
 
 
+def _six_finite(box: Any) -> list[float]:
+    """--surface-box read back from config.json (the command line's type reads each number)."""
+    if not isinstance(box, list) or len(box) != 6 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        raise ValueError("must be six finite numbers")
+    return box
+
+
 @dataclass
 class FitConfig:
     scene: str  # the scene folder or file, absolute once the run is made
     out: str  # the run folder
-    field: str = option("hashgrid", "field backend", _choice(*sorted(REGISTRY)), choices=sorted(REGISTRY))
+    field: str = option("hashgrid", "field backend", choices=sorted(REGISTRY))
     field_options: dict[str, Any] = option(dict)  # backend keyword arguments (-o KEY=VALUE, parsed in app.cli)
-    task: str = option("radiance", check=_choice(*TASKS))  # what the input is: posed images, an image, or a mesh
+    task: str = option("radiance", choices=TASKS)  # what the input is: posed images, an image, or a mesh
     model: str = option("radiance", "posed images: a density field or an SDF field trained NeuS-style",
-                        _choice("radiance", "sdf"), choices=("radiance", "sdf"))
+                        choices=("radiance", "sdf"))
     surface_box: list[float] | None = option(
         None, "--model sdf: the box the SDF covers, world frame (default: the inner cascade, instant-ngp's unit "
-        "cube); a density field answers around it", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
+        "cube); a density field answers around it", _six_finite, type=float, nargs=6,
+        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"))
     quantize: float = option(0.0, "quantized coordinates (CQ-NIR) on any field: cell size / object radius, e.g. "
                              "2e-4; 0 off", NON_NEGATIVE, metavar="CELL")
     params: int | None = option(None, "size the backend to about N parameters (its size option, e.g. log2_table, "
                                 "num_voxels); config.json records the value chosen", POSITIVE_INT, metavar="N")
     cam: str | None = option(None, "coordinate-aware modulation of the field's MLPs (CAM); auto: the view direction "
                              "for radiance, a 2D grid for images, tri-planes for SDFs",
-                             _choice("auto", "plane", "direction", "triplane"), nargs="?", const="auto",
-                             choices=("auto", "plane", "direction", "triplane"))
+                             choices=("auto", "plane", "direction", "triplane"), nargs="?", const="auto")
     cam_resolution: int | None = option(None, "CAM grid side (default the paper's: 32, 10 x 3 or 512)", Number(int, 2),
                                         metavar="N")
     cam_bits: int | None = option(None, "quantise CAM's gamma and beta to B bits, e.g. 8", Number(int, 2, 16),
@@ -84,7 +96,7 @@ class FitConfig:
     max_time: float | None = option(None, "training time cap in seconds (schedules follow it); with --steps, "
                                     "whichever ends first", POSITIVE, metavar="SECONDS")
     preset: str | None = option(None, "machine defaults, filling every option marked 'preset' (default: by device)",
-                                _choice(*PRESETS), choices=tuple(PRESETS))
+                                choices=tuple(PRESETS))
     batch_rays: int | None = option(None, "rays of the first step; later steps size the batch to --sample-budget",
                                     POSITIVE_INT)
     sample_budget: int | None = option(None, "field samples per step the ray batch adapts to (nerfacc's examples)",
@@ -151,9 +163,6 @@ class FitConfig:
                 setattr(self, spec.name, check(value))
             except ValueError as error:
                 raise ValueError(f"{flag_of(spec)} {value!r}: {error}") from None
-        if self.surface_box is not None and (len(self.surface_box) != 6 or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in self.surface_box)):
-            raise ValueError(f"--surface-box {self.surface_box}: six finite numbers")
         return self
 
     @classmethod
@@ -212,10 +221,14 @@ def add_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None
             del keywords["type"]
         if keywords.get("action") == "store_true":
             keywords["default"] = None
-        check = spec.metadata["check"]
-        limits = f"; {check.describe()}" if isinstance(check, Number) else ""
-        parser.add_argument(flag, dest=spec.name, help=spec.metadata["help"] + (f" ({shown})" if shown else "") + limits,
-                            **keywords)
+        help_text = option_help(spec.metadata["help"], shown, spec.metadata["check"])
+        parser.add_argument(flag, dest=spec.name, help=help_text, **keywords)
+
+
+def option_help(text: str, shown: str | None, check: Any) -> str:
+    """An option's help: what it does, its default (or preset) and, for a number, its range."""
+    limits = f"; {check.describe()}" if isinstance(check, Number) else ""
+    return text + (f" ({shown})" if shown else "") + limits
 
 
 def argument_type(check: Any):

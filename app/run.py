@@ -58,7 +58,8 @@ class RunDir:
         if not self.path.is_dir() or self.path.is_symlink():
             raise UserError(f"{self.path}: {problem}")
         if not overwrite:
-            raise UserError(f"{self.path}: run folder exists (pass --overwrite to replace it, or --resume to continue it)")
+            raise UserError(f"{self.path}: run folder exists (pass --overwrite to replace it, or --resume to "
+                            "continue it)")
         foreign = self.foreign_entries()
         if foreign:
             shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")

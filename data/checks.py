@@ -48,7 +48,8 @@ class Number:
         """'an integer >= 1', 'a number in (0, 3.14159)', ..."""
         what = "an integer" if self.kind is int else "a number"
         if self.low is not None and self.high is not None:
-            return f"{what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {opening}{self.low:g}, {self.high:g}{closing}"
         if self.low is not None:
             return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
         if self.high is not None:

@@ -328,27 +328,28 @@ def _pose(path: Path, where: str, matrix) -> np.ndarray:
 def _camera(path: Path, image_path: Path, camera: dict, image: np.ndarray):
     """Intrinsics (fx, fy, cx, cy), distortion and fisheye flag of one frame at its image's size."""
     try:
-        return _checked_camera(camera, image)
+        size, intrinsics, distortion, fisheye = _checked_camera(camera, image.shape[1], image.shape[0])
     except ValueError as error:
         raise SceneError(path, f"{image_path.name}: {error}") from None
+    check_size(image_path, image, size)
+    return intrinsics, distortion, fisheye
 
 
-def _checked_camera(camera: dict, image: np.ndarray):
-    """_camera's reading, every field through its range (ValueError naming the field)."""
-    height, width = image.shape[:2]
+def _checked_camera(camera: dict, width: int, height: int):
+    """_camera's reading: the size the camera states, intrinsics, distortion and fisheye flag, every field
+    through its range (ValueError naming the field)."""
 
     def number(key: str, spec: Number = FINITE, default: float | None = None) -> float:
         return checked_field(spec, key, camera[key]) if key in camera else default
 
-    stated = (round(number("w", POSITIVE, width)), round(number("h", POSITIVE, height)))
-    if stated != (width, height):
-        raise ValueError(f"the image is {width}x{height} but its camera says {stated[0]}x{stated[1]}")
+    size = (round(number("w", POSITIVE, width)), round(number("h", POSITIVE, height)))
     if "fl_x" in camera or "fl_y" in camera:
         fx = number("fl_x", POSITIVE) or number("fl_y", POSITIVE)
         fy = number("fl_y", POSITIVE, fx)
     elif "camera_angle_x" in camera:
         fx = 0.5 * width / math.tan(0.5 * number("camera_angle_x", FIELD_OF_VIEW))
-        fy = 0.5 * height / math.tan(0.5 * number("camera_angle_y", FIELD_OF_VIEW)) if "camera_angle_y" in camera else fx
+        fy = (0.5 * height / math.tan(0.5 * number("camera_angle_y", FIELD_OF_VIEW))
+              if "camera_angle_y" in camera else fx)
     else:
         raise ValueError("no focal length (fl_x or camera_angle_x)")
     intrinsics = (fx, fy, number("cx", default=width / 2), number("cy", default=height / 2))
@@ -356,7 +357,7 @@ def _checked_camera(camera: dict, image: np.ndarray):
     if model not in CAMERA_MODELS:
         raise ValueError(f"unsupported camera_model {model!r} (expected one of {', '.join(CAMERA_MODELS)})")
     distortion = tuple(number(k, default=0.0) for k in DISTORTION_KEYS)
-    return intrinsics, distortion, model == "OPENCV_FISHEYE" or bool(camera.get("is_fisheye", False))
+    return size, intrinsics, distortion, model == "OPENCV_FISHEYE" or bool(camera.get("is_fisheye", False))
 
 
 def _downscale(image: np.ndarray, n: int) -> np.ndarray:

@@ -231,7 +231,8 @@ def test_first_contact_help_defaults_and_what_is_printed(tmp_path, capsys):
         main(["demo", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "training steps (progress = step / steps) (default 1000)" in help_text  # the demo's, not fit's 20000
-    assert "{hashgrid,neurbf,pe,triplane,vm,voxel}" in help_text and "(preset: 128 gpu, 64 cpu); an integer in [4, 1024]" in help_text
+    assert "{hashgrid,neurbf,pe,triplane,vm,voxel}" in help_text
+    assert "(preset: 128 gpu, 64 cpu); an integer in [4, 1024]" in help_text
     box = torch.tensor([[-1.0] * 3, [1.0] * 3])
     assert parameter_counts(build_field("hashgrid", box, levels=4, log2_table=10)).endswith(" parameters")
     assert "once grown" in parameter_counts(build_field("voxel", box, num_voxels=32**3))
