@@ -77,7 +77,10 @@ class RunDir:
         self.check_new(overwrite, scene)
         if self.path.is_dir() and any(self.path.iterdir()):
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"{self.path}: cannot be created ({error.strerror or error})") from None
 
     def scene_path(self, stored: str, from_run: str | None) -> tuple[str, str | None]:
         """The scene a run was fitted on, from any working directory and after the run moved: the absolute

@@ -9,7 +9,7 @@ whose message completes "OPTION VALUE: ..." or "FILE: FIELD VALUE: ...".
 from __future__ import annotations
 
 import math
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,10 @@ def nothing_to_lose(folder: Path) -> str | None:
     if folder.is_dir():
         return "is not empty; choose a new folder" if any(folder.iterdir()) else None
     parent = next(p for p in folder.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be created ({parent} is not a writable folder)"
+    try:  # permission bits do not tell (root, read-only mounts, /proc): make a folder there and remove it
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as error:
+        return f"cannot be created in {parent} ({error.strerror or error})"
     return None
 
 

@@ -150,6 +150,7 @@ def test_overwrite_never_deletes_the_scene_or_a_users_files(trained, tmp_path, c
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     assert "is a file" in refused(capsys, ["fit", str(scene), "--out", str(a_file), "--overwrite", *TINY])
+    assert "cannot be created" in refused(capsys, ["fit", str(scene), "--out", str(a_file / "run"), *TINY])
     assert a_file.read_text() == "mine"
 
 
