@@ -52,11 +52,21 @@ run() {
   exec > >(tee "$OUT/session.log") 2>&1
   local quick=${QUICK:-0} scene=${SCENE:-.data/lego}
   export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  export RECON_EXTENSIONS_DIR=/tmp/recon-extensions TORCH_EXTENSIONS_DIR=/tmp/torch-extensions
+  # The caller's build folders where it names them (the tests share the CPU build the test suite made)
+  export RECON_EXTENSIONS_DIR=${RECON_EXTENSIONS_DIR:-/tmp/recon-extensions}
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch-extensions}
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
-  mkdir -p /tmp/pkgs && ln -sfn "$PWD" /tmp/pkgs/recon  # the repository root is the package `recon`
-  export PYTHONPATH=/tmp/pkgs:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # The repository root is the package `recon`: linked in where `import recon` finds another copy or none (one
+  # folder per checkout, fixed so the kernels' build is reused). Not where this checkout is installed: the
+  # sources' path then is the tests' own, so the CPU build the tests made serves here too.
+  if [ "$($PY -c 'import os, recon; print(os.path.dirname(os.path.realpath(recon.__file__)))' 2>/dev/null)" != "$(pwd -P)" ]
+  then
+    local pkgs
+    pkgs=/tmp/recon-pkgs/$(pwd -P | cksum | cut -d' ' -f1)
+    mkdir -p "$pkgs" && ln -sfn "$PWD" "$pkgs/recon" && export PYTHONPATH=$pkgs:$PYTHONPATH
+  fi
   # nerfacc's build includes ATen's CUDA headers, which want cuBLAS's: the nvidia wheels carry them.
   CPATH=$($PY -c "import glob, os, torch; print(':'.join(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'include'))))")
   export CPATH
@@ -69,17 +79,23 @@ run() {
   if [ "$gpu" = 1 ]; then  # in the background while the first stages run
     (timeout 420 $PY -c "from nerfacc.cuda._backend import _C; print('nerfacc built')" >"$OUT/nerfacc-build.log" 2>&1 &)
   fi
-  local rays=65536 warmup=500 steps=64 curve_time=60 marks="10 20 30 45 60" side=800 tests="cuda and not compile"
-  if [ "$quick" = 1 ]; then rays=2048 warmup=20 steps=8 curve_time=6 marks="3 6" side=96 tests="run_trained"; fi
+  local rays=65536 warmup=500 repeats=20 centres=11878 profile_warmup=100 steps=64 side=800
+  local curve_time=60 marks="10 20 30 45 60" views=5 tests="cuda and not compile" sets=""
+  if [ "$quick" = 1 ]; then  # every stage and result file, about 20 s on two CPU cores once the kernels are built
+    rays=1024 warmup=2 repeats=2 centres=256 profile_warmup=2 steps=4 side=24 curve_time=2 marks="1 2" views=1
+    sets="--set batch_rays=256 --set sample_budget=4096"  # training steps a few times lighter than the CPU preset
+    tests="compositing and cpu"  # the CPU build against the twins: seconds, where a trained run takes minutes
+  fi
 
   stage kernel-parity 180 $PY -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -k "$tests"
-  stage renderer-throughput 120 $PY bench/kernels.py "$scene" --warmup "$warmup" --rays "$rays" --out "$OUT/kernels.json"
+  stage renderer-throughput 120 $PY bench/kernels.py "$scene" --warmup "$warmup" --rays "$rays" \
+    --repeats "$repeats" --nearest-kernels "$centres" --out "$OUT/kernels.json"
   for mode in off auto; do
-    stage "training-kernels-$mode" 90 env RECON_KERNELS=$mode $PY bench/profile_step.py "$scene" --warmup 100 \
-      --steps "$steps" --render-side "$side" --out "$OUT/profile-$mode.json"
+    stage "training-kernels-$mode" 90 env RECON_KERNELS=$mode $PY bench/profile_step.py "$scene" \
+      --warmup "$profile_warmup" --steps "$steps" --render-side "$side" $sets --out "$OUT/profile-$mode.json"
   done
-  stage psnr-against-time 150 $PY bench/fit_curve.py "$scene" --max-time "$curve_time" --marks $marks --eval-views 5 \
-    --out "$OUT/lego-curve.json"
+  stage psnr-against-time 150 $PY bench/fit_curve.py "$scene" --max-time "$curve_time" --marks $marks \
+    --eval-views "$views" $sets --out "$OUT/lego-curve.json"
   if [ "$gpu" = 1 ]; then echo "== nerfacc build log (tail)"; tail -n 20 "$OUT/nerfacc-build.log"; fi
 }
 
