@@ -71,7 +71,7 @@ class FitConfig:
     scene: str  # the scene folder or file, absolute once the run is made
     out: str  # the run folder
     field: str = option("hashgrid", "field backend", choices=sorted(REGISTRY))
-    field_options: dict[str, Any] = option(dict)  # backend keyword arguments (-o KEY=VALUE, parsed in app.cli)
+    field_options: dict[str, Any] = option(dict)  # backend keyword arguments (-o KEY=VALUE, parsed in app.fit_command)
     task: str = option("radiance", choices=TASKS)  # what the input is: posed images, an image, or a mesh
     model: str = option("radiance", "posed images: a density field or an SDF field trained NeuS-style",
                         choices=("radiance", "sdf"))

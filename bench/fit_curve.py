@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from machine import describe
-from recon.app.cli import parse_field_options
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
+from recon.app.fit_command import parse_field_options
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene
 

@@ -25,7 +25,7 @@ from unittest import mock
 import torch
 
 from machine import describe
-from recon.app.cli import load_run
+from recon.app.cli_shared import load_run
 from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene

@@ -20,8 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from machine import describe
-from recon.app.cli import parse_field_options
 from recon.app.config import FitConfig
+from recon.app.fit_command import parse_field_options
 from recon.app.trainer import Trainer
 from recon.cuda import kernels_mode
 from recon.data.scene import load_scene

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from recon.app.cli import load_run
+from recon.app.cli_shared import load_run
 from recon.data.targets import load_input, signed_distance
 
 

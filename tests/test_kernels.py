@@ -12,8 +12,10 @@ from unittest import mock
 import pytest
 import torch
 
-from recon.app.cli import load_run, main, run_frame
+from recon.app.cli import main
+from recon.app.cli_shared import load_run
 from recon.app.export import extract_mesh
+from recon.app.export_command import run_frame
 from recon.cuda import _cuda_environment, extension, kernels_for, ops
 from recon.data.rays import Rays
 from recon.data.scene import load_scene

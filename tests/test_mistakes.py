@@ -225,7 +225,7 @@ def test_first_contact_help_defaults_and_what_is_printed(tmp_path, capsys):
     import numpy as np
     import torch
 
-    from recon.app.cli import parameter_counts
+    from recon.app.fit_command import parameter_counts
     from recon.fields import build_field
 
     with pytest.raises(SystemExit):

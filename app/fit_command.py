@@ -1,0 +1,327 @@
+"""`recon fit` and `recon demo`: a new run (or a resumed one) trained, its viewer, Ctrl-C and SIGTERM
+checkpointing on the way out, and the evaluation at the end.
+
+`recon fit` takes a posed-image scene (a radiance field), an image file (the image task) or a mesh file (its
+signed distance); every later command reads the run folder and knows which it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recon.app.cli_shared import number_option, open_run, world_box
+from recon.app.config import FitConfig, add_options, command_line_fields
+from recon.app.eval_command import evaluate_run
+from recon.app.pipeline import Pipeline
+from recon.app.run import RunDir, UserError
+from recon.app.tasks import RadianceTask, Task
+from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
+from recon.app.view_command import VIEWER_ROWS, viewer_options, wait_for_ctrl_c
+from recon.data.checks import FRACTION
+from recon.data.scene import Scene
+from recon.data.targets import ImageTarget, MeshTarget, load_input
+
+# The built-in example: small enough to fit in a few minutes on a 2-core CPU.
+DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
+DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
+# What `fit --resume` takes: the run's length and the viewer's options; anything else would change the run.
+RESUME_OPTIONS = ("steps", "max_time", "viewer", "keep_viewer", "host", "port", "viewer_share")
+
+
+class ProgressBar:
+    """Step, loss, PSNR (where the loss is a colour MSE) and throughput on one terminal line."""
+
+    def __init__(self, trainer: Trainer):
+        self.bar = tqdm(total=100, initial=round(trainer.progress.value * 100), unit="%", desc="training",
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def on_step(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        unit = trainer.task.unit
+        psnr = f" psnr {stats['psnr']:.2f}" if "psnr" in stats else ""
+        self.bar.set_postfix_str(f"step {stats['step']} loss {stats['loss']:.4f}{psnr} "
+                                 f"{stats[f'{unit}_per_second'] / 1e3:.1f}k {unit}/s", refresh=False)
+        self.bar.update(round(stats["progress"] * 100) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class LogWriter:
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_step(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        self.run.append_log({"time": time.time(), **stats})
+
+
+def parse_field_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--field-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def default_run_name(scene: Path, field: str) -> Path:
+    stem = scene.stem if scene.is_file() else scene.resolve().name
+    return Path("runs") / f"{stem}-{field}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+Target = Scene | ImageTarget | MeshTarget
+
+
+def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
+    try:
+        return Trainer(cfg, target)
+    except (TypeError, ValueError, RuntimeError) as error:  # an -o KEY the backend does not take, or a bad value
+        raise UserError(f"--field {cfg.field} -o ...: {str(error).splitlines()[0]}") from None
+
+
+def viewer_skipped(args: argparse.Namespace, task: Task) -> str | None:
+    """Why the viewer is not started, or None: --viewer / --no-viewer, or by default on when a person
+    watches (a terminal, not CI); it shows radiance fields only."""
+    if not isinstance(task, RadianceTask):
+        return f"it shows radiance fields; this fit is of {'an image' if task.kind == 'image' else 'a mesh'}"
+    if args.viewer is not None:
+        return None if args.viewer else "--no-viewer"
+    if os.environ.get("CI"):
+        return "CI is set; --viewer starts it"
+    return None if sys.stdout.isatty() else "no terminal; --viewer starts it"
+
+
+def parameter_counts(field: torch.nn.Module) -> str:
+    """The field's parameters now and, for a backend that grows while training (DVGO, TensoRF), at the end
+    (metrics.json's count)."""
+    now = field.num_parameters()
+    grown = copy.deepcopy(field)
+    if not grown.grow(1.0):
+        return f"{now:,} parameters"
+    return f"{now:,} parameters now, {grown.num_parameters():,} once grown"
+
+
+def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bool = False,
+        args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Train (or continue) the run in `run`, then evaluate it; returns metrics.json's content. A fresh run's
+    folder is made once the field is built, so bad options leave nothing behind. `args` carry the viewer's
+    options (radiance runs)."""
+    print(target.describe())
+    trainer = build_trainer(cfg, target)
+    cfg = trainer.cfg  # every option resolved, the preset's included
+    if not resume:
+        run.create(overwrite, Path(cfg.scene))
+        cfg.scene_from_run = os.path.relpath(cfg.scene, run.path.absolute())
+        cfg.save(run.config)
+        run.write_json(run.scene, target.to_json())
+    checkpoint = latest_checkpoint(run.checkpoints) if resume else None
+    if checkpoint:
+        trainer.load_state_dict(load_checkpoint(checkpoint))
+        print(f"resuming {run.path} from step {trainer.step}")
+    print(f"run folder: {run.path}   field: {cfg.field} ({parameter_counts(trainer.pipeline.field)})   "
+          f"device: {trainer.device} (preset {cfg.preset})")
+
+    def checkpoint_now(t: Trainer) -> Path:
+        return save_checkpoint(run.checkpoints, t.step, t.state_dict())
+
+    viewer = None
+    if args is not None:
+        skipped = viewer_skipped(args, trainer.task)
+        if skipped:
+            print(f"viewer: not started ({skipped})")
+        else:
+            viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
+    bar = ProgressBar(trainer)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        trainer.run([bar, LogWriter(run)] + ([viewer] if viewer else []), on_checkpoint=checkpoint_now, gate=viewer)
+        bar.close()
+        checkpoint_now(trainer)
+        if getattr(trainer.task, "poses", None) is not None:
+            write_refined_poses(run, trainer.task)
+        metrics = evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
+        if viewer and args.keep_viewer:
+            viewer.training_done()
+            print(f"viewer still at {viewer.url} (Ctrl-C to quit)")
+            wait_for_ctrl_c()
+        return metrics
+    except (KeyboardInterrupt, Terminated) as stop:
+        bar.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the checkpoint short
+            signal.signal(signum, signal.SIG_IGN)
+        path = checkpoint_now(trainer)
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\n{what} at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
+        raise SystemExit(143 if isinstance(stop, Terminated) else 130)
+    except TrainingDiverged as error:
+        bar.close()
+        last = latest_checkpoint(run.checkpoints)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise UserError(f"{run.path}: training diverged: {error}; {kept}", exit_code=3) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if viewer:
+            viewer.close()
+
+
+def write_refined_poses(run: RunDir, task: RadianceTask) -> None:
+    """RUN/refined_poses.json: the training cameras as pose refinement left them, in the input's world frame
+    (OpenGL camera-to-world, as transforms.json), with how far each moved."""
+    cameras = task.train.cameras
+    to_world = torch.linalg.inv(task.scene.to_unit.double()).to(cameras.c2w.device)
+    scale = to_world[0, :3].norm()
+    frames = []
+    for name, given, refined in zip(task.train.names, cameras.c2w.double(), task.poses.corrected(cameras.c2w).double()):
+        rotation = to_world[:3, :3] / scale @ refined[:, :3]
+        centre = to_world[:3, :3] @ refined[:, 3] + to_world[:3, 3]
+        turn = ((given[:, :3].T @ refined[:, :3]).trace().clamp(-1, 3) - 1) / 2
+        frames.append({"file_path": name, "transform_matrix": torch.cat([torch.cat([rotation, centre[:, None]], 1),
+                       torch.tensor([[0, 0, 0, 1.0]], dtype=torch.float64, device=centre.device)]).tolist(),
+                       "rotated_degrees": math.degrees(math.acos(float(turn.clamp(-1, 1)))),
+                       "moved": float((refined[:, 3] - given[:, 3]).norm() * scale)})
+    run.write_json(run.path / "refined_poses.json", {"frames": frames})
+    print(f"refined poses: {run.path / 'refined_poses.json'}")
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so the run checkpoints on its way out (as Ctrl-C does)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def launch_viewer(pipeline: Pipeline, scene: Scene, run: RunDir, cfg: FitConfig, args: argparse.Namespace):
+    from recon.app.viewer import start_viewer
+
+    try:
+        viewer = start_viewer(pipeline, scene, run, args.host, args.port, args.viewer_share, cfg.eval_chunk,
+                              resolution=VIEWER_ROWS[cfg.preset])
+    except OSError as error:  # no free port: train without it
+        print(f"viewer not started: {error}")
+        return None
+    print(f"viewer: {viewer.url}" + ("" if args.host == "127.0.0.1" else f" (serving {args.host})"))
+    return viewer
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    if args.resume:
+        return resume_fit(args)
+    if args.scene is None:
+        return cmd_demo(args)
+    cfg = FitConfig(scene=str(Path(args.scene).expanduser().absolute()), out="")
+    apply_fit_args(cfg, args)
+    start_fit(cfg, args, args.out or default_run_name(Path(args.scene), cfg.field))
+
+
+def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> None:
+    """A new run: its folder and its input are checked before any work, and the folder is made only once
+    the field is built, so a bad option leaves nothing behind."""
+    run = RunDir(out)
+    cfg.out = str(run.path)
+    run.check_new(args.overwrite, Path(cfg.scene))
+    fit(cfg, run, load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
+
+
+def resume_fit(args: argparse.Namespace) -> None:
+    # Fit options default to None, lists to empty, flags to False: anything else was typed.
+    given = [name for name, value in vars(args).items()
+             if name not in RESUME_OPTIONS + ("resume", "command", "func") and value not in (None, False, [])]
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise UserError(f"--resume {args.resume}: {flags} would change the run; a resume takes only --steps, "
+                        "--max-time and the viewer's options (start a new run with --out to change others)")
+    run, cfg = open_run(args.resume)
+    cfg.steps = args.steps if args.steps is not None else cfg.steps
+    cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
+    fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
+
+
+def load_fit_input(cfg: FitConfig) -> Target:
+    """The fit's input; an automatic --downscale becomes the factor chosen, so config.json reloads the same images."""
+    target = load_input(cfg.scene, downscale=cfg.downscale, budget=pixel_budget(resolve_device(cfg.device)))
+    if isinstance(target, Scene):
+        cfg.downscale = target.summary["downscale"]
+    return target
+
+
+def pixel_budget(device: torch.device) -> float:
+    """Bytes of decoded training pixels allowed: a quarter of the machine's memory, and of the GPU's when the
+    pixels will live there too."""
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 4)
+    return budget
+
+
+def apply_fit_args(cfg: FitConfig, args: argparse.Namespace) -> None:
+    """The options typed (each already checked by its type) onto `cfg`, then the checks across options."""
+    for spec in command_line_fields():
+        value = getattr(args, spec.name)
+        if value is not None:
+            setattr(cfg, spec.name, value)
+    try:
+        cfg.checked()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if cfg.surface_box is not None:
+        if cfg.model != "sdf":
+            raise UserError("--surface-box: only for --model sdf (the box an SDF field covers)")
+        world_box("--surface-box", cfg.surface_box)
+    cfg.field_options.update(parse_field_options(args.field_option))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from recon.data.synthetic import make_scene
+
+    scene_dir = Path("runs/demo-scene")
+    if not (scene_dir / "transforms_train.json").exists():
+        print(f"generating the example scene in {scene_dir}")
+        make_scene(scene_dir, **DEMO_SCENE)
+    cfg = FitConfig(scene=str(scene_dir.absolute()), out="", **copy.deepcopy(DEMO_FIT))
+    apply_fit_args(cfg, args)
+    start_fit(cfg, args, args.out or default_run_name(Path("demo"), cfg.field))
+
+
+def fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """`fit`'s and `demo`'s options: FitConfig's, the run folder's and the viewer's."""
+    add_options(p, defaults)
+    p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. -o levels=8 -o log2_table=17")
+    p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    viewer_options(p)
+    p.add_argument("--viewer", dest="viewer", action="store_true", default=None,
+                   help="start the web viewer even without a terminal")
+    p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
+    p.add_argument("--keep-viewer", action="store_true", help="keep the viewer up after training, until Ctrl-C")
+    p.add_argument("--viewer-share", **number_option(FRACTION, 0.25, "the most of the wall time the viewer's "
+                                                                    "rendering takes while training"))
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="train a field on a posed-image scene, an image or a mesh (none: the built-in demo)")
+    p.add_argument("scene", nargs="?", help="scene folder or transforms file; an image file; a mesh file (its SDF)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
+    fit_options(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("demo", help="generate the built-in example scene and fit it")
+    fit_options(p, DEMO_FIT)
+    p.set_defaults(func=cmd_demo)
