@@ -17,8 +17,9 @@ import torch
 from recon.app.checkpoint import load_resizing
 from recon.data.cameras import AppearanceCodes, Cameras
 from recon.data.rays import Rays
-from recon.fields import Field, SurfaceField, build_field
-from recon.renderers import OccupancyGrid, alpha_to_tau, render_chunked, render_rays
+from recon.fields import Field, build_field
+from recon.fields.surface import SurfaceInBackground
+from recon.renderers import OccupancyGrid, render_chunked, render_rays
 
 BACKGROUND = ("hashgrid", {"levels": 8, "log2_table": 17})  # the density field around an SDF in unbounded scenes
 
@@ -42,6 +43,8 @@ class Pipeline:
         self.field, self.tracer = field, tracer
         self.appearance = appearance  # per-training-image colour transforms; views render with their mean
         self.background = background  # an SDF field's surroundings in an unbounded scene (density, NeRF++)
+        # What the renderer queries: the field, or a surface with the background around it.
+        self.model = field if background is None else SurfaceInBackground(field, background)
         self.grid_config = grid_config  # OccupancyGrid keyword arguments, kept to rebuild it from a checkpoint
         self.grid = None if grid_config is None else OccupancyGrid(
             aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
@@ -112,49 +115,18 @@ class Pipeline:
     @property
     def is_surface(self) -> bool:
         """An SDF field rendered by NeuS's opacity (fields.surface) rather than a density."""
-        return isinstance(self.field, SurfaceField)
+        return "sdf" in self.field.outputs
 
-    def field_fn(self, x: torch.Tensor, d: torch.Tensor, dt: torch.Tensor,
-                 gradients: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The renderer's closure: each interval's optical depth and colour (an SDF field's gradients at the
-        samples are appended to `gradients`, for the eikonal term)."""
+    def field_fn(self, x: torch.Tensor, d: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The renderer's closure (renderers.FieldFn): the model's `intervals`."""
         # bf16 matmuls on CUDA only; the field keeps positions and interpolation in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            if not self.is_surface:
-                out = self.field(x, d)
-                return out["density"].float() * dt, out["rgb"].float()
-            if self.background is None:
-                alpha, rgb, gradient = self.field.opacity(x, d, dt)
-                if gradients is not None:
-                    gradients.append(gradient)
-                return alpha_to_tau(alpha.float()), rgb.float()
-            inside = self._in_surface_box(x)
-            tau, rgb = x.new_zeros(len(x)), x.new_zeros(len(x), 3)
-            alpha, surface_rgb, gradient = self.field.opacity(x[inside], d[inside], dt[inside])
-            tau[inside], rgb[inside] = alpha_to_tau(alpha.float()), surface_rgb.float()
-            if gradients is not None:
-                gradients.append(gradient)
-            out = self.background(x[~inside], d[~inside])
-            tau[~inside], rgb[~inside] = out["density"].float() * dt[~inside], out["rgb"].float()
-        return tau, rgb
+            return self.model.intervals(x, d, dt)
 
     def density_fn(self, x: torch.Tensor) -> torch.Tensor:
-        """Density for the occupancy grid; for an SDF field, NeuS's opacity over the grid's step as a density."""
+        """The occupancy grid's closure (renderers.DensityFn): the model's density over the grid's step."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            if not self.is_surface:
-                return self.field.density(x).float()
-            if self.background is None:
-                return self.field.occupancy_density(x, self.grid.step_size).float()
-            inside = self._in_surface_box(x)
-            density = x.new_zeros(len(x))
-            density[inside] = self.field.occupancy_density(x[inside], self.grid.step_size).float()
-            density[~inside] = self.background.density(x[~inside]).float()
-        return density
-
-    def _in_surface_box(self, x: torch.Tensor) -> torch.Tensor:
-        """Which points the SDF field answers for (the background answers for the rest)."""
-        box = self.field.aabb
-        return ((x >= box[0]) & (x <= box[1])).all(-1)
+            return self.model.occupancy_density(x, self.grid.step_size)
 
     def _trace_args(self) -> dict[str, Any]:
         t = self.tracer
@@ -163,11 +135,10 @@ class Pipeline:
     def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Differentiable render of a ray batch (training); an SDF field adds "eikonal", the mean of
         (|grad sdf| - 1)^2 over the samples."""
-        gradients: list[torch.Tensor] = []
-        fn = lambda x, d, dt: self.field_fn(x, d, dt, gradients)  # noqa: E731
-        out = render_rays(rays, fn, background=background, generator=generator, **self._trace_args())
-        if self.is_surface and gradients and len(gradients[0]):
-            out["eikonal"] = (gradients[0].norm(dim=-1) - 1).square().mean()
+        out = render_rays(rays, self.field_fn, background=background, generator=generator, **self._trace_args())
+        gradient = out["extras"].get("sdf_gradient")
+        if gradient is not None and len(gradient):
+            out["eikonal"] = (gradient.norm(dim=-1) - 1).square().mean()
         return out
 
     @torch.no_grad()

@@ -1,18 +1,18 @@
 """recon's kernels and their loader.
 
 The kernel bodies live in `kernels.h` as functions both nvcc and the C++ compiler build: `kernels.cu`
-launches them on a GPU, `ops.cpp` runs them in loops on a CPU and binds both. Each sits beside a pure-torch
-twin with the same signature (`recon.cuda.ops` names them), which runs wherever the kernel does not and is
-the tests' oracle.
+launches them on a GPU, `ops.cpp` runs them in loops on a CPU and binds both into one compiled module. `ops`
+holds each kernel as a torch op beside its pure-torch twin in `twins` (same name, arguments and results), which
+runs wherever the kernel does not and is the tests' oracle. Callers use `ops` only.
 
-`extension("cuda")` builds the GPU extension on first use, only when torch sees a GPU (never merely because
+`extension("cuda")` builds the GPU module on first use, only when torch sees a GPU (never merely because
 nvcc is on PATH), into a private folder keyed by torch's version and the device's architecture, and logs
 how long the build took; without a GPU, a compiler or a successful build it says why in one line, once, and
 returns None, and every op stays on its twin. `extension("cpu")` builds the same sources for the CPU, which
 is how the tests check the kernel bodies against the twins on machines without a GPU. Nothing compiles at
 `pip install`.
 
-`kernels_for(tensor)` is the one place that picks a path, by the tensor's device and `RECON_KERNELS`:
+`compiled_for(tensor)` is the one place that picks a path, by the tensor's device and `RECON_KERNELS`:
 "auto" (default: the CUDA build for GPU tensors, the twins for CPU ones), "off" (the twins everywhere: the
 baseline the GPU benchmarks compare with) or "cpu" (the CPU build for CPU tensors too: the tests run whole
 fits through the kernel bodies that way).
@@ -42,8 +42,8 @@ def kernels_mode() -> str:
     return mode
 
 
-def kernels_for(tensor: torch.Tensor) -> ModuleType | None:
-    """The compiled kernels for `tensor`'s device under RECON_KERNELS, or None: use the torch twin."""
+def compiled_for(tensor: torch.Tensor) -> ModuleType | None:
+    """The compiled module for `tensor`'s device under RECON_KERNELS, or None: use the torch twin."""
     mode = kernels_mode()
     if mode == "off":
         return None
@@ -83,7 +83,7 @@ def _cuda_environment() -> list[str]:
 
 @functools.cache
 def extension(kind: str = "cuda") -> ModuleType | None:
-    """The compiled kernels for `kind` ("cuda" or "cpu"), or None (said once) when they cannot be had."""
+    """The compiled module for `kind` ("cuda" or "cpu"), or None (said once) when it cannot be had."""
     if kind == "cuda" and not torch.cuda.is_available():
         return None  # the twins are the CPU path; nothing to say
     try:
@@ -93,7 +93,7 @@ def extension(kind: str = "cuda") -> ModuleType | None:
         flags = ["-O3", "-DRECON_CUDA"] if kind == "cuda" else ["-O3"]
         include = _cuda_environment() if kind == "cuda" else []
         sources = [SOURCES / "ops.cpp"] + ([SOURCES / "kernels.cu"] if kind == "cuda" else [])
-        module = load(name=f"recon_{kind}", sources=[str(s) for s in sources], extra_cflags=flags,
+        module = load(name=f"recon_ops_{kind}", sources=[str(s) for s in sources], extra_cflags=flags,
                       extra_cuda_cflags=flags, extra_include_paths=include, build_directory=str(build_folder(kind)),
                       with_cuda=kind == "cuda", verbose=False)
         log.info("recon: %s kernels ready in %.1f s", kind, time.perf_counter() - started)

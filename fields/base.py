@@ -63,6 +63,17 @@ class Field(nn.Module):
         """Density [N] at positions x [N, 3], without the colour branch (occupancy, export)."""
         raise NotImplementedError(f"{type(self).__name__} has no density output")
 
+    def intervals(self, x: torch.Tensor, d: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a renderer asks of intervals with midpoints x [S, 3], unit directions d [S, 3] and lengths dt [S]:
+        "tau", their optical depth [S], and "rgb" [S, 3], plus whatever else the field computes on the way that
+        its losses need (a surface's gradients). A density field's optical depth is sigma * dt."""
+        out = self(x, d)
+        return {"tau": out["density"].float() * dt, "rgb": out["rgb"].float()}
+
+    def occupancy_density(self, x: torch.Tensor, step: float) -> torch.Tensor:
+        """A density [N] whose product with `step` is the optical depth the occupancy grid weighs at x [N, 3]."""
+        return self.density(x).float()
+
     def gradient(self, x: torch.Tensor, output: str = "density") -> torch.Tensor:
         """d output / d x [N, 3] by autograd; works under torch.no_grad() too.
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon.cuda import kernels_for
-from recon.cuda import ops as cuda_ops
+from recon.cuda import ops
+from recon.cuda.twins import HashLevels
 
 
 class Encoding(nn.Module):
@@ -74,10 +74,6 @@ class Upscaling(nn.Module):
         return True
 
 
-# tiny-cuda-nn's spatial hash: coordinates times these, XORed (the 1 keeps x-neighbours close in memory).
-_PRIMES = (1, 2654435761, 805459861)
-
-
 @functools.cache
 def tcnn_available() -> bool:
     """Whether tiny-cuda-nn's torch bindings import (never raises)."""
@@ -86,49 +82,6 @@ def tcnn_available() -> bool:
     except (ImportError, OSError):  # OSError (= EnvironmentError): tinycudann without a usable GPU
         return False
     return True
-
-
-def _as_elements(t: torch.Tensor) -> torch.Tensor:
-    """[..., F] real -> [..., K]: each pair of features becomes one complex element (K = F/2).
-
-    A row of the usual F=2 table is then a single element, so the interpolation's gathers and
-    scatters index 1-D tensors, torch's fast CPU paths (2-D index_add is ~3x and the
-    embedding backward ~10x slower). Odd F stays real, one element per feature.
-    """
-    return torch.view_as_complex(t.unflatten(-1, (-1, 2))) if t.shape[-1] % 2 == 0 else t
-
-
-def _as_features(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t).flatten(-2) if t.is_complex() else t
-
-
-class _Interpolate(torch.autograd.Function):
-    """out[b] = sum_c weights[b, c] * table[index[b, c]]: the trilinear blend of 8 corners.
-
-    Fused by `embedding_bag`, so the [B, 8, F] corner features are never materialised in the
-    forward. The backward is built from differentiable ops, so second derivatives (eikonal
-    losses on d out / d x) work.
-    """
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(table, weights, index)
-        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        table, weights, index = ctx.saved_tensors
-        grad = _as_elements(grad.contiguous())  # [B, K]
-        k = grad.shape[-1]
-        elements = (index[..., None] if k == 1 else index[..., None] * k + torch.arange(k, device=index.device)).view(-1)
-        grad_table = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            src = (weights[..., None] * grad[:, None]).view(-1)
-            grad_table = _as_features(grad.new_zeros(table.shape[0] * k).index_add_(0, elements, src).view(-1, k))
-        if ctx.needs_input_grad[1]:  # only when positions require grad
-            corners = _as_elements(table).reshape(-1).index_select(0, elements).view(*index.shape, k)
-            grad_weights = (corners * grad[:, None].conj()).real.sum(-1)  # Re(a conj(b)): the dot product
-        return grad_table, grad_weights, None
 
 
 class HashGridEncoding(Encoding):
@@ -177,18 +130,10 @@ class HashGridEncoding(Encoding):
         self.active_levels = levels  # coarse to fine (SDF fields): finer levels read as zero until opened
 
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
-        # Shaped [L, D, 1] / [L, 1, 1] to broadcast over [L, D, N]; not state (derived from the options).
-        v = torch.tensor(vertices, dtype=torch.float32)[:, None, None]
-        self.register_buffer("_scale", scales[:, None, None], persistent=False)
-        self.register_buffer("_pos_max", v - 1, persistent=False)
-        self.register_buffer("_cell_max", v - 2, persistent=False)
-        multipliers = [tuple(n**a for a in range(dims)) if d else _PRIMES[:dims] for n, d in zip(vertices, dense)]
-        self.register_buffer("_mult", torch.tensor(multipliers)[:, :, None], persistent=False)
-        self.register_buffer("_mask", torch.tensor([-1 if d else table_size - 1 for d in dense])[:, None, None], persistent=False)
-        self.register_buffer("_offset", torch.tensor(offsets, dtype=torch.int32).view(-1, *[1] * (dims + 1)), persistent=False)
-        # The same per level for recon.cuda's kernel, as CPU tensors (a plain attribute: it stays on the CPU, so a
-        # GPU step reads no buffer back): scale, vertices per axis, first row, hash mask (-1: dense).
-        self.kernel_levels = (scales, v.view(-1).long(), torch.tensor(offsets), self._mask.view(-1).clone())
+        # The levels as recon.cuda reads them: CPU tensors in a plain attribute (not buffers), so they stay on the
+        # CPU and a GPU step reads nothing back.
+        hashed = [-1 if d else table_size - 1 for d in dense]
+        self.hash_levels = HashLevels(scales, torch.tensor(vertices), torch.tensor(offsets), torch.tensor(hashed))
         self._tcnn = self._make_tcnn() if tcnn else None
 
     @property
@@ -226,33 +171,7 @@ class HashGridEncoding(Encoding):
         if self._tcnn is not None:
             self._tcnn.params = self.table.view(-1)
             return self._tcnn(x).view(*batch, self.out_dim)
-        if dims == 3 and not (x.requires_grad and torch.is_grad_enabled()):
-            kernels = kernels_for(x)  # the kernel (recon.cuda); this method is its twin
-            if kernels is not None:
-                return self._mask_levels(cuda_ops.hash_encode(self, x, kernels).view(*batch, self.out_dim))
-        n, levels, ld = x.shape[0], self.levels, self.dense_levels
-
-        # Per level and axis [L, D, N], so every elementwise op runs along N contiguous points.
-        pos = torch.minimum(x.t() * self._scale + 0.5, self._pos_max)
-        cell = torch.minimum(pos.detach().floor(), self._cell_max)  # the top vertex stays in range
-        frac = pos - cell  # autograd reaches x through here
-        w = torch.stack([1 - frac, frac], 2).permute(0, 3, 1, 2)  # [L, N, axis, corner bit]
-        weights = _outer_over_axes(w, torch.mul)  # [L, N, (z,) y, x]
-
-        with torch.no_grad():
-            # Per-axis terms of the index for both corner bits, then combined separably:
-            # dense levels add them (x + y V + z V^2), hashed levels XOR them.
-            lo = cell.long() * self._mult  # int64: prime products overflow int32
-            terms = torch.empty(levels, dims, 2, n, dtype=torch.int32, device=x.device)  # [L, axis, bit, N]
-            torch.bitwise_and(lo, self._mask, out=terms[:, :, 0])
-            torch.bitwise_and(lo + self._mult, self._mask, out=terms[:, :, 1])
-            terms = terms.permute(0, 3, 1, 2)  # [L, N, axis, bit]
-            index = torch.cat([_outer_over_axes(terms[:ld], torch.add), _outer_over_axes(terms[ld:], torch.bitwise_xor)])
-            index += self._offset
-
-        corners = 2**dims
-        out = _Interpolate.apply(self.table, weights.reshape(-1, corners), index.reshape(-1, corners))  # [L * N, F]
-        return self._mask_levels(out.view(levels, n, self.features).transpose(0, 1).reshape(*batch, self.out_dim))
+        return self._mask_levels(ops.hash_encode(x, self.table, self.hash_levels).view(*batch, self.out_dim))
 
     def _mask_levels(self, features: torch.Tensor) -> torch.Tensor:
         """[..., L * F] with the levels not yet open (coarse to fine) zeroed."""
@@ -267,15 +186,6 @@ class HashGridEncoding(Encoding):
             f"resolution={self.base_resolution}..{self.max_resolution:g}, dense_levels={self.dense_levels}, "
             f"tcnn={self._tcnn is not None}"
         )
-
-
-def _outer_over_axes(per_axis: torch.Tensor, combine) -> torch.Tensor:
-    """[L, N, D, 2] -> [L, N, 2, ..., 2]: combine(axis terms) for every corner, the last axis varying fastest
-    in reverse (x fastest), e.g. for D = 3 out[..., z, y, x] = combine(combine(t_z, t_y), t_x)."""
-    out = per_axis[:, :, 0]
-    for axis in range(1, per_axis.shape[2]):
-        out = combine(per_axis[:, :, axis].reshape(*per_axis.shape[:2], 2, *[1] * (axis)), out[:, :, None])
-    return out
 
 
 class SHEncoding(nn.Module):

@@ -18,10 +18,9 @@ import math
 import torch
 from torch import Tensor
 
-from recon.cuda import kernels_for
+from recon.cuda import ops
 
 CHUNK = 2**24  # distances computed at once (bounds memory)
-MAX_NEIGHBOURS = 8  # the kernel keeps at most this many in registers (NeuRBF asks for 4, 5 or 8)
 
 
 def nearest_brute_force(points: Tensor, centres: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -90,32 +89,10 @@ class CellLists:
         order = torch.argsort((~within).to(torch.int8), dim=1, stable=True)[:, : self.width]
         self.candidates = torch.where(torch.arange(self.width, device=centres.device) < counts[:, None], order, -1)
 
-    def cell_of(self, points: Tensor) -> Tensor:
-        r, dims = self.resolution, points.shape[1]
-        ijk = (points * r).long().clamp(0, r - 1)
-        flat = ijk[:, 0]
-        for axis in range(1, dims):
-            flat = flat * r + ijk[:, axis]
-        return flat
-
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(indices [N, k] int64, squared distances [N, k]), nearest first: equal to `nearest_brute_force`.
-        On the GPU the kernel (recon.cuda) scans each list keeping the k nearest; this is its twin."""
-        kernels = kernels_for(points)
-        if kernels is not None and self.k <= MAX_NEIGHBOURS and points.shape[1] <= 3:
-            return kernels.nearest_kernels(points.detach().float().contiguous(), self.centres.float().contiguous(),
-                                           self.candidates, self.resolution, self.k)
-        index, distance = [], []
-        for part in points.split(max(1, CHUNK // max(self.width, 1))):
-            candidates = self.candidates[self.cell_of(part)]  # [n, width]
-            d2 = (part[:, None] - self.centres[candidates.clamp(min=0)]).square().sum(-1)
-            d2 = torch.where(candidates >= 0, d2, math.inf)
-            values, pick = d2.topk(self.k, dim=1, largest=False)
-            index.append(candidates.gather(1, pick))
-            distance.append(values)
-        if not index:
-            return points.new_zeros(0, self.k, dtype=torch.long), points.new_zeros(0, self.k)
-        return torch.cat(index), torch.cat(distance)
+        Each point's cell's list is scanned for its k nearest (recon.cuda.ops.nearest)."""
+        return ops.nearest(points, self.centres, self.candidates, self.resolution, self.k)
 
 
 def weighted_kmeans(points: Tensor, weights: Tensor, clusters: int, iterations: int = 10,

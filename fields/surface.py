@@ -47,6 +47,12 @@ FIRST_LEVELS, LEVEL_EVERY = 4, 0.05
 PLACE_KERNELS_AT, PLACEMENT_POINTS = 0.1, 2**18
 
 
+def optical_depth(alpha: Tensor) -> Tensor:
+    """tau = -log(1 - alpha), the optical depth of an interval of opacity alpha: what the renderer sums. alpha is
+    clipped to [0, 1 - 1e-6], so an opaque interval keeps a finite depth (~13.8) and gradient."""
+    return -torch.log1p(-alpha.clamp(0.0, 1.0 - 1e-6))
+
+
 class SurfaceField(Field):
     """A NeuS SDF field over `aabb` from backend `backend`'s encoding; options as CoordinateField's (the
     encoding's and the SDF decoder's), plus the colour network's size and the gradient mode."""
@@ -139,8 +145,9 @@ class SurfaceField(Field):
         sdf, features, gradient = self.sdf_gradient(x, create_graph=self.training and torch.is_grad_enabled())
         return {"sdf": sdf, "rgb": self.color(x, d, F.normalize(gradient, dim=-1), features)}
 
-    def opacity(self, x: Tensor, d: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """NeuS: each interval's alpha [S], its colour [S, 3] and the gradient at its midpoint [S, 3]."""
+    def intervals(self, x: Tensor, d: Tensor, dt: Tensor) -> dict[str, Tensor]:
+        """NeuS: each interval's optical depth from its opacity alpha (below), its colour, and "sdf_gradient"
+        [S, 3] at its midpoint (the eikonal term's)."""
         sdf, features, gradient = self.sdf_gradient(x, create_graph=self.training and torch.is_grad_enabled())
         anneal = min(1.0, float(self.progress) / COS_ANNEAL_END)
         cos = (d * gradient).sum(-1)
@@ -148,18 +155,17 @@ class SurfaceField(Field):
         s = self.sharpness
         prev_cdf = torch.sigmoid((sdf - cos * dt / 2) * s)
         next_cdf = torch.sigmoid((sdf + cos * dt / 2) * s)
-        alpha = ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0, 1)
+        alpha = (prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)
         rgb = self.color(x, d, F.normalize(gradient, dim=-1), features)
-        return alpha, rgb, gradient
+        return {"tau": optical_depth(alpha.float()), "rgb": rgb.float(), "sdf_gradient": gradient}
 
-    def occupancy_density(self, x: Tensor, dt: float) -> Tensor:
-        """A density [N] whose sigma * dt is NeuS's opacity over dt at the current sharpness, for a ray along the
-        gradient (the most opaque case): what the occupancy grid keeps or skips."""
+    def occupancy_density(self, x: Tensor, step: float) -> Tensor:
+        """A density [N] whose product with `step` is NeuS's optical depth over `step` at the current sharpness,
+        for a ray along the gradient (the most opaque case): what the occupancy grid keeps or skips."""
         sdf = self.sdf(x)
         s = self.sharpness
-        prev_cdf, next_cdf = torch.sigmoid((sdf + dt / 2) * s), torch.sigmoid((sdf - dt / 2) * s)
-        alpha = ((prev_cdf - next_cdf) / prev_cdf.clamp(min=1e-5)).clamp(0, 1 - 1e-6)
-        return -torch.log1p(-alpha) / dt
+        prev_cdf, next_cdf = torch.sigmoid((sdf + step / 2) * s), torch.sigmoid((sdf - step / 2) * s)
+        return optical_depth(((prev_cdf - next_cdf) / prev_cdf.clamp(min=1e-5)).float()) / step
 
     def update(self, progress: float) -> bool:
         self.progress.fill_(progress)
@@ -196,3 +202,33 @@ class SurfaceField(Field):
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)
+
+
+class SurfaceInBackground:
+    """A surface inside its box and a density field around it, as NeRF++ splits an unbounded scene: each sample
+    is answered by the field whose space holds it, so the background is never carved into the surface. Answers
+    the renderer's two queries as one field does (`intervals`, `occupancy_density`)."""
+
+    def __init__(self, surface: SurfaceField, background: Field):
+        self.surface, self.background = surface, background
+
+    def owned_by_surface(self, x: Tensor) -> Tensor:
+        box = self.surface.aabb
+        return ((x >= box[0]) & (x <= box[1])).all(-1)
+
+    def intervals(self, x: Tensor, d: Tensor, dt: Tensor) -> dict[str, Tensor]:
+        """As SurfaceField.intervals; "sdf_gradient" holds the surface's samples only."""
+        inside = self.owned_by_surface(x)
+        near = self.surface.intervals(x[inside], d[inside], dt[inside])
+        far = self.background.intervals(x[~inside], d[~inside], dt[~inside])
+        tau, rgb = x.new_zeros(len(x)), x.new_zeros(len(x), 3)
+        tau[inside], rgb[inside] = near["tau"], near["rgb"]
+        tau[~inside], rgb[~inside] = far["tau"], far["rgb"]
+        return {"tau": tau, "rgb": rgb, "sdf_gradient": near["sdf_gradient"]}
+
+    def occupancy_density(self, x: Tensor, step: float) -> Tensor:
+        inside = self.owned_by_surface(x)
+        density = x.new_zeros(len(x))
+        density[inside] = self.surface.occupancy_density(x[inside], step)
+        density[~inside] = self.background.occupancy_density(x[~inside], step)
+        return density

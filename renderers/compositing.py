@@ -7,40 +7,11 @@ that packs and differentiates simply, instead of a product of (1 - alpha).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from recon.cuda import kernels_for
-from recon.cuda import ops as cuda_ops
-
-if TYPE_CHECKING:
-    from recon.renderers.marching import Samples
-
-
-def density_to_tau(sigma: Tensor, dt: Tensor) -> Tensor:
-    return sigma * dt
-
-
-def alpha_to_tau(alpha: Tensor) -> Tensor:
-    # Clamped below 1 so an opaque sample still has a finite tau (~13.8: transmittance 1e-6 behind it) and gradient.
-    return -torch.log1p(-alpha.clamp(0.0, 1.0 - 1e-6))
-
-
-def first_of_ray(ray_idx: Tensor, n_rays: int) -> Tensor:
-    """[S]: the packed index of the first sample of each sample's ray (ray_idx ascending)."""
-    return cuda_ops.ray_starts(ray_idx, n_rays)[ray_idx]
-
-
-def render_weights(tau: Tensor, ray_idx: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:
-    """weights [S] = T_i * (1 - exp(-tau_i)) and transmittance T_i = exp(-sum of tau_j before i on its ray)."""
-    # One cumulative sum over the whole batch, minus its value at each ray's start: in float64, as this
-    # difference of two large sums would cancel the small ones in float32.
-    tau64 = tau.double()
-    before = torch.cumsum(tau64, 0) - tau64
-    transmittance = torch.exp(before[first_of_ray(ray_idx, n_rays)] - before).to(tau.dtype)
-    return transmittance * -torch.expm1(-tau), transmittance
+from recon.cuda import ops, twins
+from recon.renderers.packing import Samples, first_of_ray
 
 
 def distortion(weights: Tensor, samples: Samples) -> Tensor:
@@ -53,7 +24,7 @@ def distortion(weights: Tensor, samples: Samples) -> Tensor:
     w = weights.double()
     start = first_of_ray(samples.ray_idx, n)
 
-    def before(x: Tensor) -> Tensor:  # exclusive per-ray cumulative sum (float64: see render_weights)
+    def before(x: Tensor) -> Tensor:  # exclusive per-ray cumulative sum (float64: see twins.render_weights)
         total = torch.cumsum(x, 0) - x
         return total - total[start]
 
@@ -65,7 +36,7 @@ def distortion(weights: Tensor, samples: Samples) -> Tensor:
 def accumulate(values: Tensor | None, weights: Tensor, ray_idx: Tensor, n_rays: int) -> Tensor:
     """Sum of w * v per ray: [R] for values [S] (or None: the sum of weights), [R, C] for values [S, C]."""
     src = weights if values is None else weights.reshape(-1, *(1,) * (values.dim() - 1)) * values
-    return src.new_zeros((n_rays, *src.shape[1:])).index_add(0, ray_idx, src)
+    return twins.per_ray_sum(src, ray_idx, n_rays)
 
 
 # instant-ngp's early termination: once a ray's transmittance is below this, its later samples neither add
@@ -79,24 +50,11 @@ def integrate(rgb: Tensor, tau: Tensor, samples: Samples, tau_before: Tensor | N
 
     tau_before [R]: optical depth each ray has already crossed (rendering front to back in segments), which
     scales its weights by exp(-tau_before). A sample whose transmittance (tau_before included) is below
-    stop_eps gets weight 0. Tensors on the GPU go to the fused kernel (recon.cuda); this is its twin.
+    stop_eps gets weight 0. One fused kernel where there is one (recon.cuda.ops.integrate).
     """
-    ray_idx, n_rays = samples.ray_idx, samples.n_rays
-    if (kernels := kernels_for(tau)) is not None:
-        weights, color, opacity, weighted_t = cuda_ops.integrate(rgb, tau, samples.t_mid, ray_idx, n_rays, tau_before,
-                                                                 stop_eps, kernels)
-        return {"color": color, "opacity": opacity, "weighted_t": weighted_t, "weights": weights}
-    weights, transmittance = render_weights(tau, ray_idx, n_rays)
-    if tau_before is not None:
-        scale = torch.exp(-tau_before)[ray_idx]
-        weights, transmittance = weights * scale, transmittance * scale
-    weights = torch.where(transmittance >= stop_eps, weights, 0.0)
-    return {
-        "color": accumulate(rgb, weights, ray_idx, n_rays),
-        "opacity": accumulate(None, weights, ray_idx, n_rays),
-        "weighted_t": accumulate(samples.t_mid, weights, ray_idx, n_rays),
-        "weights": weights,
-    }
+    weights, color, opacity, weighted_t = ops.integrate(rgb, tau, samples.t_mid, samples.ray_idx, samples.starts,
+                                                        tau_before, stop_eps)
+    return {"color": color, "opacity": opacity, "weighted_t": weighted_t, "weights": weights}
 
 
 def finish(sums: dict[str, Tensor], background: Tensor | None) -> dict[str, Tensor]:

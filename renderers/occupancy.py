@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from recon.cuda.twins import occupied_at
+
 DensityFn = Callable[[Tensor], Tensor]  # positions [N, 3] -> density sigma [N]
 
 
@@ -58,21 +60,7 @@ class OccupancyGrid(nn.Module):
 
     def query(self, x: Tensor) -> Tensor:
         """bool [N]: whether x [N, 3] is in an occupied cell of the finest level containing it (False outside all)."""
-        return self.query_normalized(*self.normalize(x).unbind(-1))
-
-    def query_normalized(self, ux: Tensor, uy: Tensor, uz: Tensor) -> Tensor:
-        """`query` on normalized coordinates, one tensor per axis (any shape; contiguous ones are fastest)."""
-        # frexp's exponent of max|u| is the smallest l with max|u| < 2^l: the finest level containing u
-        # (instant-ngp's mip_from_pos).
-        level = torch.frexp(torch.maximum(torch.maximum(ux.abs(), uy.abs()), uz.abs())).exponent.clamp_(min=0)
-        inside = level < self.levels
-        level = level.clamp_(max=self.levels - 1)
-        res = self.resolution
-        scale = torch.exp2(-level.float()) * (res / 2)  # normalized coordinate -> cells from the level's centre
-        # int32 throughout: converting floats to int64 is several times slower on CPU.
-        i, j, k = (torch.addcmul(torch.full_like(u, res / 2), u, scale).int().clamp_(0, res - 1) for u in (ux, uy, uz))
-        index = ((level * res + i) * res + j) * res + k
-        return self.occupied.view(-1).index_select(0, index.view(-1)).view(index.shape) & inside
+        return occupied_at(self.occupied, self.resolution, *self.normalize(x).unbind(-1))
 
     @torch.no_grad()
     def update(self, density_fn: DensityFn, warmup: bool, generator: torch.Generator | None = None,

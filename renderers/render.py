@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
 from recon.data.rays import Rays
-from recon.renderers.compositing import STOP_EPS, accumulate, composite, finish, first_of_ray, integrate
-from recon.renderers.marching import Samples, march
+from recon.renderers.compositing import STOP_EPS, accumulate, composite, finish, integrate
+from recon.renderers.marching import march
 from recon.renderers.occupancy import OccupancyGrid
+from recon.renderers.packing import Samples
 
-# Interval midpoints, unit dirs [S, 3] and lengths dt [S] -> the intervals' optical depth tau [S] and colour [S, 3]:
-# sigma * dt for a density field, NeuS's opacity for an SDF field (tau = -log(1 - alpha)), so one renderer serves both.
-FieldFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+# Interval midpoints x [S, 3], unit dirs d [S, 3] and lengths dt [S] -> {"tau": the intervals' optical depth [S],
+# "rgb": their colour [S, 3], ...}: sigma * dt for a density field, NeuS's -log(1 - alpha) for an SDF field, so one
+# renderer serves both. Whatever else the field computes on the way (an SDF's gradients) comes back as "extras".
+FieldFn = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
 def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor, step_size: float,
                 cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Tensor | Samples | int]:
-    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus the samples and
-    n_samples (the field evaluations)."""
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus the samples,
+    n_samples (the field evaluations) and the field's "extras" at the samples (FieldFn)."""
     with record_function("march"):
         samples = march(rays, grid, aabb, step_size, cone_angle, near, generator)
     with record_function("field"):
-        tau, rgb = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
+        extras = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
+        tau, rgb = extras.pop("tau"), extras.pop("rgb")
     with record_function("composite"):
-        out: dict[str, Tensor | Samples | int] = dict(composite(rgb, tau, samples, background))
-    out["samples"], out["n_samples"] = samples, len(samples)
+        out: dict[str, Any] = dict(composite(rgb, tau, samples, background))
+    out["samples"], out["n_samples"], out["extras"] = samples, len(samples), extras
     return out
 
 
@@ -58,7 +61,7 @@ def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Ten
 def _front_to_back(rays: Rays, samples: Samples, field_fn: FieldFn, eps: float, per_round: int) -> dict[str, Tensor]:
     """`integrate`'s sums over `samples`, computed per round of samples and stopping rays at transmittance eps."""
     n = samples.n_rays
-    rank = torch.arange(len(samples), device=samples.t0.device) - first_of_ray(samples.ray_idx, n)
+    rank = samples.rank()
     tau_before = torch.zeros(n, device=samples.t0.device)
     sums = {"color": torch.zeros(n, 3, device=tau_before.device), "opacity": torch.zeros_like(tau_before),
             "weighted_t": torch.zeros_like(tau_before)}
@@ -68,8 +71,9 @@ def _front_to_back(rays: Rays, samples: Samples, field_fn: FieldFn, eps: float, 
         if not bool(in_round.any()):  # every ray has ended or run out of samples
             break
         part = samples[in_round]
-        tau, rgb = field_fn(part.positions(rays), part.dirs(rays), part.dt)
-        for key, value in integrate(rgb, tau, part, tau_before, eps).items():
+        queried = field_fn(part.positions(rays), part.dirs(rays), part.dt)
+        tau = queried["tau"]
+        for key, value in integrate(queried["rgb"], tau, part, tau_before, eps).items():
             if key in sums:
                 sums[key] += value
         tau_before += accumulate(None, tau, part.ray_idx, n)

@@ -45,7 +45,7 @@ def reference_encoding(enc: HashGridEncoding, points: np.ndarray) -> np.ndarray:
     offset = 0
     for level in range(enc.levels):
         # The module's fp32 scale (exp2 differs by an ulp between libraries), checked against the formula.
-        scale = enc._scale[level].item()
+        scale = enc.hash_levels.scale[level].item()
         assert scale == pytest.approx(enc.base_resolution * growth**level - 1, rel=1e-6)
         scale = np.float32(scale)
         verts = math.ceil(scale) + 1
@@ -81,7 +81,7 @@ def test_hash_encoding_matches_naive_reference():
     points = [rng.random((20, 3), dtype=np.float32), np.array([[0, 0, 0], [1, 1, 1], [1, 0, 1], [1, 0.3, 0.7], [0.2, 1, 1]], np.float32)]
     # On vertices of levels 0 and 3 (x * scale + 0.5 integral, up to fp32 rounding).
     for level in (0, 3):
-        scale = enc._scale[level].item()
+        scale = enc.hash_levels.scale[level].item()
         on_vertex = np.array([(k - 0.5) / scale for k in range(1, 4)], np.float32)
         points.append(np.stack([on_vertex, on_vertex[::-1], np.ones(3, np.float32)], -1))
     points = np.concatenate(points)

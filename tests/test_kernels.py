@@ -2,6 +2,7 @@
 nearest kernels): the CPU build of the same bodies everywhere, the CUDA build where there is a GPU. Values and
 gradients must agree within float tolerance."""
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from recon.app.cli import main
 from recon.app.cli_shared import load_run
 from recon.app.export import extract_mesh
 from recon.app.export_command import run_frame
-from recon.cuda import _cuda_environment, extension, kernels_for, ops
+from recon.cuda import _cuda_environment, compiled_for, extension, ops, twins
 from recon.data.rays import Rays
 from recon.data.scene import load_scene
 from recon.fields.encodings import HashGridEncoding
@@ -63,7 +64,7 @@ def test_compositing_matches_the_twin(kernels, stop_eps, ahead):
     def run(device: str, kernels) -> tuple[dict, tuple]:
         inputs = [x.to(device).requires_grad_() for x in (tau, rgb) + ((before,) if ahead else ())]
         on = Samples(*(x.to(device) for x in (samples.ray_idx, samples.t0, samples.t1)), samples.n_rays)
-        with mock.patch("recon.renderers.compositing.kernels_for", lambda _: kernels):
+        with mock.patch("recon.cuda.ops.compiled_for", lambda _: kernels):
             out = integrate(inputs[1], inputs[0], on, inputs[2] if ahead else None, stop_eps)
         loss = sum((out[key] * grad.to(device)).sum() for key, grad in grads.items())
         return {k: v.detach().cpu() for k, v in out.items()}, tuple(x.cpu() for x in torch.autograd.grad(loss, inputs))
@@ -89,9 +90,10 @@ def test_hash_encoding_matches_the_twin(kernels, layout):
     enc = enc.to(device)
     x = torch.rand(5000, 3)
     x[:6] = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1, 0, 1], [0.5, 1, 0.2], [1e-7, 1 - 1e-7, 0.5], [1.5, -0.2, 0.5]])
-    x = x.to(device)
-    ours = ops.hash_encode(enc, x, ext)
-    twin = enc.cpu()(x.cpu()) if device == "cpu" else HashGridEncoding.forward(enc, x.requires_grad_())  # the torch path
+    x = x.clamp(0, 1).to(device)  # the encoding clamps before either runs
+    with mock.patch("recon.cuda.ops.compiled_for", lambda _: ext):
+        ours = ops.hash_encode(x, enc.table, enc.hash_levels)
+    twin = twins.hash_encode(x, enc.table, enc.hash_levels)
     assert torch.allclose(ours.cpu(), twin.detach().cpu(), atol=1e-5)
     grad = torch.randn_like(ours)
     (ours_table,) = torch.autograd.grad((ours * grad).sum(), enc.table)
@@ -99,17 +101,26 @@ def test_hash_encoding_matches_the_twin(kernels, layout):
     assert torch.allclose(ours_table.cpu(), twin_table.cpu(), atol=1e-4)
 
 
+def test_every_op_sits_beside_a_twin_of_its_signature():
+    """The callers' one entry (recon.cuda.ops) and the torch twins (recon.cuda.twins) pair up by name."""
+    names = sorted(name for name, value in vars(ops).items()
+                   if inspect.isfunction(value) and value.__module__ == ops.__name__ and not name.startswith("_"))
+    assert names == ["hash_encode", "integrate", "march", "nearest"]
+    for name in names:
+        assert inspect.signature(getattr(ops, name)) == inspect.signature(getattr(twins, name)), name
+
+
 def test_cpu_tensors_stay_on_the_twins_unless_asked(monkeypatch):
     assert extension("cuda") is None or torch.cuda.is_available()
     monkeypatch.delenv("RECON_KERNELS", raising=False)
-    assert kernels_for(torch.zeros(1)) is None
+    assert compiled_for(torch.zeros(1)) is None
     monkeypatch.setenv("RECON_KERNELS", "cpu")
-    assert kernels_for(torch.zeros(1)) is extension("cpu")
+    assert compiled_for(torch.zeros(1)) is extension("cpu")
     monkeypatch.setenv("RECON_KERNELS", "off")
-    assert kernels_for(torch.zeros(1)) is None
+    assert compiled_for(torch.zeros(1)) is None
     monkeypatch.setenv("RECON_KERNELS", "fast")
     with pytest.raises(ValueError, match="^RECON_KERNELS='fast' is not one of auto, off, cpu$"):
-        kernels_for(torch.zeros(1))
+        compiled_for(torch.zeros(1))
 
 
 def test_a_kernel_refuses_tensors_on_two_devices(kernels):
@@ -156,7 +167,7 @@ def test_the_cuda_sources_compile_with_nvcc(tmp_path, standard):
                            "--expt-relaxed-constexpr", *common], capture_output=True, text=True)
     assert nvcc.returncode == 0, nvcc.stderr[-3000:]
     cxx = subprocess.run(["c++", "-c", str(sources / "ops.cpp"), "-o", str(tmp_path / "ops.o"), "-fPIC",
-                          "-DTORCH_EXTENSION_NAME=recon_cuda", *common], capture_output=True, text=True)
+                          "-DTORCH_EXTENSION_NAME=recon_ops_cuda", *common], capture_output=True, text=True)
     assert cxx.returncode == 0, cxx.stderr[-3000:]
 
 
@@ -214,9 +225,11 @@ def test_marching_keeps_the_twins_intervals(kernels, levels, cone, near, cap):
                 torch.nn.functional.normalize(torch.randn(800, 3, generator=g), dim=-1).to(device))
     step = 2 * 3**0.5 / 256
     jitter = torch.Generator(device=device).manual_seed(5)
-    twin = march(rays, grid, aabb, step, cone, near, generator=torch.Generator(device=device).manual_seed(5),
-                 max_samples_per_ray=cap, kernels=None)
-    ours = march(rays, grid, aabb, step, cone, near, generator=jitter, max_samples_per_ray=cap, kernels=ext)
+    with mock.patch("recon.cuda.ops.compiled_for", lambda _: None):
+        twin = march(rays, grid, aabb, step, cone, near, generator=torch.Generator(device=device).manual_seed(5),
+                     max_samples_per_ray=cap)
+    with mock.patch("recon.cuda.ops.compiled_for", lambda _: ext):
+        ours = march(rays, grid, aabb, step, cone, near, generator=jitter, max_samples_per_ray=cap)
     assert len(twin) > 1000
     # The same intervals: exp and log may differ in their last bit between the two builds, which can move a
     # midpoint across a cell boundary; that has not happened here, but allow one interval in ten thousand.

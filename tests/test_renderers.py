@@ -8,19 +8,18 @@ import math
 import pytest
 import torch
 
+from recon.cuda.twins import render_weights
 from recon.data.rays import Rays
+from recon.renderers.packing import ray_starts
 from recon.renderers import (
     OccupancyGrid,
     Samples,
-    alpha_to_tau,
     composite,
-    density_to_tau,
     distortion,
     march,
     ray_aabb,
     render_chunked,
     render_rays,
-    render_weights,
 )
 
 UNIT = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
@@ -38,7 +37,7 @@ def box_density(lo: float, hi: float, sigma: float):
 
 
 def constant_field(density_fn, color):
-    return lambda x, d, dt: (density_to_tau(density_fn(x), dt), torch.as_tensor(color).expand(len(x), 3))
+    return lambda x, d, dt: {"tau": density_fn(x) * dt, "rgb": torch.as_tensor(color).expand(len(x), 3)}
 
 
 # --- ray_aabb -----------------------------------------------------------------------------------
@@ -87,7 +86,7 @@ def test_constant_density_cube_matches_closed_form():
     log_sigma = torch.tensor(math.log(sigma), requires_grad=True)  # to check d(opacity)/d(sigma) too
 
     def field_fn(x, d, dt):
-        return density_to_tau(density_fn(x) / sigma * log_sigma.exp(), dt), color.expand(len(x), 3)
+        return {"tau": density_fn(x) / sigma * log_sigma.exp() * dt, "rgb": color.expand(len(x), 3)}
 
     out = render_rays(rays, field_fn, grid, UNIT, STEP, background=background)
 
@@ -107,8 +106,8 @@ def test_constant_density_cube_matches_closed_form():
 
     # transmittance before each sample: exp(-sigma * (the part of the cube before it))
     samples = march(rays, grid, UNIT, STEP)
-    tau = density_to_tau(density_fn(samples.positions(rays)), samples.dt)
-    _, transmittance = render_weights(tau, samples.ray_idx, samples.n_rays)
+    tau = density_fn(samples.positions(rays)) * samples.dt
+    _, transmittance = render_weights(tau, samples.ray_idx, samples.starts)
     depth_in_cube = (samples.t0 - t_in[samples.ray_idx]).clamp(min=0).minimum(length[samples.ray_idx])
     assert torch.allclose(transmittance, torch.exp(-sigma * depth_in_cube), atol=tol)
 
@@ -143,12 +142,6 @@ def test_empty_scene_renders_background():
         assert torch.equal(out["rgb"], background.expand(3, 3))
 
 
-def test_alpha_to_tau_inverts_alpha():
-    alpha = torch.linspace(0, 0.999, 50)
-    assert torch.allclose(1 - torch.exp(-alpha_to_tau(alpha)), alpha, atol=1e-6)
-    assert torch.isfinite(alpha_to_tau(torch.ones(1))).all()
-
-
 # --- render_weights against a per-ray loop --------------------------------------------------------
 
 
@@ -178,7 +171,7 @@ def test_render_weights_matches_per_ray_loop():
     (grad_ref,) = torch.autograd.grad((w_ref * upstream_w + t_ref * upstream_t).sum(), tau_ref)
 
     tau32 = tau.float().requires_grad_(True)
-    w, t = render_weights(tau32, ray_idx, 60)
+    w, t = render_weights(tau32, ray_idx, ray_starts(ray_idx, 60))
     assert w.dtype == t.dtype == torch.float32
     assert torch.allclose(w.double(), w_ref.detach(), atol=1e-6)
     assert torch.allclose(t.double(), t_ref.detach(), atol=1e-6)
@@ -189,7 +182,7 @@ def test_render_weights_matches_per_ray_loop():
 def test_render_weights_gradcheck():
     ray_idx = torch.tensor([0, 0, 0, 2, 3, 3])  # ray 1 is empty
     tau = torch.rand(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: render_weights(x, ray_idx, 4), (tau,))
+    assert torch.autograd.gradcheck(lambda x: render_weights(x, ray_idx, ray_starts(ray_idx, 4)), (tau,))
 
 
 def test_distortion_loss_matches_the_double_sum():
@@ -222,7 +215,7 @@ def test_early_termination_prunes_behind_an_opaque_wall():
     behind = lambda x: 2.0 * (x[:, 0] > 0.5).float()  # some (green) density behind it
     density_fn = lambda x: wall(x) + behind(x)
     red, green = torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])
-    field_fn = lambda x, d, dt: (density_to_tau(density_fn(x), dt), torch.where(x[:, :1] > 0.5, green, red))
+    field_fn = lambda x, d, dt: {"tau": density_fn(x) * dt, "rgb": torch.where(x[:, :1] > 0.5, green, red)}
     g = torch.Generator().manual_seed(1)
     origins = torch.cat([torch.full((20, 1), -3.0), torch.rand(20, 2, generator=g) - 0.5], 1)
     lateral = 0.2 * torch.rand(20, 2, generator=g) - 0.1  # every ray enters the box through x = -1

@@ -16,6 +16,7 @@ from recon.app.trainer import Trainer
 from recon.data.rays import Rays
 from recon.data.scene import load_scene
 from recon.fields import build_field
+from recon.fields.surface import optical_depth
 from test_fit import small_config
 
 BOX = torch.tensor([[-1.0] * 3, [1.0] * 3])
@@ -169,6 +170,12 @@ def test_an_unbounded_scene_splits_space_between_the_sdf_and_a_background_field(
     assert inside(torch.cat(asked["sdf"])).all() and not inside(torch.cat(asked["background"])).any()
 
 
+def test_optical_depth_inverts_opacity():
+    alpha = torch.linspace(0, 0.999, 50)
+    assert torch.allclose(1 - torch.exp(-optical_depth(alpha)), alpha, atol=1e-6)
+    assert torch.isfinite(optical_depth(torch.ones(1))).all()
+
+
 def test_an_sdf_with_a_background_reloads_identically():
     pipeline = Pipeline.build("hashgrid", {"levels": 2, "log2_table": 10, "max_resolution": 16}, BOX * 4, 4.0,
                               0.0, 0.0, 16, 512, model="sdf")
@@ -178,8 +185,7 @@ def test_an_sdf_with_a_background_reloads_identically():
     reloaded = Pipeline.from_state(pipeline.state_dict())
     x, d = torch.rand(256, 3) * 8 - 4, torch.nn.functional.normalize(torch.randn(256, 3), dim=-1)
     dt = torch.full((256,), 0.01)
-    for got, want in zip(reloaded.field_fn(x, d, dt), pipeline.field_fn(x, d, dt)):
-        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(reloaded.field_fn(x, d, dt), pipeline.field_fn(x, d, dt))
 
 
 def test_a_surface_box_is_the_sdf_fields_box_and_what_export_meshes():
