@@ -33,6 +33,7 @@ from recon.app.view_command import VIEWER_ROWS, viewer_options, wait_for_ctrl_c
 from recon.data.checks import FRACTION
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
+from recon.fields import Field
 
 # The built-in example: small enough to fit in a few minutes on a 2-core CPU.
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
@@ -107,13 +108,14 @@ def viewer_skipped(args: argparse.Namespace, task: Task) -> str | None:
     return None if sys.stdout.isatty() else "no terminal; --viewer starts it"
 
 
-def parameter_counts(field: torch.nn.Module) -> str:
+def parameter_counts(field: Field) -> str:
     """The field's parameters now and, for a backend that grows while training (DVGO, TensoRF), at the end
     (metrics.json's count)."""
     now = field.num_parameters()
-    grown = copy.deepcopy(field)
-    if not grown.grow(1.0):
+    if not field.grows:
         return f"{now:,} parameters"
+    grown = copy.deepcopy(field)
+    grown.grow(1.0)
     return f"{now:,} parameters now, {grown.num_parameters():,} once grown"
 
 

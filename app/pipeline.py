@@ -178,7 +178,7 @@ class Pipeline:
 def _field_state(field: Field) -> dict[str, Any]:
     """What rebuilds a field: its builder name, box, options, coordinate transforms and weights."""
     contraction = None if field.contraction is None else field.contraction.tolist()
-    return {"name": field.name, "aabb": field.aabb.tolist(), "config": field.config(), "quantize": field.quantize_relative,
+    return {"name": field.name, "aabb": field.aabb.tolist(), "config": field.options, "quantize": field.quantize_relative,
             "contraction": contraction, "cam": field.cam, "state": field.state_dict()}
 
 

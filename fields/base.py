@@ -24,21 +24,30 @@ class Field(nn.Module):
     """Base class of all fields.
 
     Subclasses set `outputs` and implement `forward`, plus `density` (radiance fields) or
-    `sdf` (SDF fields). `config()` returns the keyword arguments that rebuild the field,
+    `sdf` (SDF fields). `fields.build_field` records the options that rebuild a field (`options`),
     which the run folder stores next to its weights.
     """
 
     name: str = "field"
     outputs: frozenset[str] = frozenset()
+    options: dict[str, Any] = {}  # what rebuilds it with fields.build_field (set there)
     # Option defaults per machine preset ("cpu", "gpu"), under what the user sets (FitConfig.resolved).
     presets: dict[str, dict[str, Any]] = {}
-    # A backend of finite extent at uniform resolution (dense grids, planes): in an unbounded scene it reads
-    # contracted space (set_contraction); the hash grid instead spans instant-ngp's cascaded box.
-    bounded: bool = False
     # The integer option that sets the backend's size, per task (fields.options_for_budget).
     size_option: dict[str, str] = {}
     # The MLP that decodes this backend's encoding in the coordinate tasks (images, SDFs): instant-ngp's.
     coordinate_decoder: dict[str, Any] = {"hidden": 64, "layers": 2}
+
+    # What the backend can do, declared for the callers that depend on it:
+    # - bounded: of finite extent at uniform resolution (dense grids, planes): in an unbounded scene it reads
+    #   contracted space (set_contraction); the hash grid instead spans instant-ngp's cascaded box.
+    bounded: bool = False
+    # - smooth_gradient: autograd's d/dx is smooth (an MLP of the coordinates), so a surface takes its normals
+    #   and eikonal term that way; grids interpolate, piecewise constant gradients: central differences instead.
+    smooth_gradient: bool = False
+    # - grows: its parameters change shape while training (`grow`: DVGO's, TensoRF's upscales), so parameter
+    #   counts are taken grown and the trainer rebuilds its optimiser.
+    grows: bool = False
 
     def __init__(self, aabb: torch.Tensor):
         super().__init__()
@@ -115,6 +124,11 @@ class Field(nn.Module):
         them) whose finest detail is `finest` cells along its longest side (fields.coordinate)."""
         raise NotImplementedError(f"{cls.name} has no coordinate encoding")
 
+    @classmethod
+    def has_coordinate_encoding(cls) -> bool:
+        """Whether the backend serves the coordinate tasks (images, SDFs, surfaces): it defines its encoding."""
+        return cls.coordinate_encoding.__func__ is not Field.coordinate_encoding.__func__
+
     def set_contraction(self, inner: torch.Tensor | None) -> None:
         """Contract space outside the box `inner` [2, D] (unbounded scenes): nerfacto's L-infinity form of
         mip-NeRF 360's contraction, y -> (2 - 1 / |y|_inf) y / |y|_inf for |y|_inf > 1 in coordinates where
@@ -188,10 +202,6 @@ class Field(nn.Module):
     def regularization(self) -> torch.Tensor | None:
         """A loss term the field adds to the photometric loss (total variation, L1), or None."""
         return None
-
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments (JSON-serialisable) that rebuild this field with `build_field`."""
-        raise NotImplementedError
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -68,9 +68,6 @@ class CoordinateField(Field):
         self.outputs = frozenset({"rgb"} if task == "image" else {"sdf"})
         given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale, "sine": sine}
         self.decoder_options = {**REGISTRY[backend].decoder_defaults(task), **{k: v for k, v in given.items() if v is not None}}
-        self._config = {"task": task, **{k: v for k, v in given.items() if v is not None}, **encoding_options}
-        if geo_features:
-            self._config["geo_features"] = geo_features
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         finest = max(extent) if task == "image" else FINEST_PER_UNIT * max(extent)
         self.encoding = REGISTRY[backend].coordinate_encoding(extent, finest, **encoding_options)
@@ -113,9 +110,13 @@ class CoordinateField(Field):
         out = self._decode(x, None)
         return out[:, 0], out[:, 1:]
 
+    @property
+    def grows(self) -> bool:
+        return self.encoding.grows
+
     def adapt(self, x: torch.Tensor, weights: torch.Tensor, generator: torch.Generator | None = None) -> bool:
         """Let a data-adaptive encoding (NeuRBF) place itself from points x weighted by `weights`; True if it did."""
-        if not hasattr(self.encoding, "adapt"):
+        if not self.encoding.adaptive:
             return False
         self.encoding.adapt(self.normalize(x), weights, generator)
         return True
@@ -123,7 +124,7 @@ class CoordinateField(Field):
     def attach(self, x: torch.Tensor) -> bool:
         """Tell the encoding the fixed set of points training draws from, so it can index them once
         (`point_ids` then name rows of x); True if it keeps them."""
-        if not hasattr(self.encoding, "attach"):
+        if not self.encoding.adaptive:
             return False
         self.encoding.attach(self.normalize(x))
         return True
@@ -142,6 +143,3 @@ class CoordinateField(Field):
             groups.insert(0, {"name": "encoding", "params": encoding, "lr": lr * self.encoding.lr_scale,
                               "weight_decay": 0.0})
         return groups
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -29,6 +29,9 @@ class Encoding(nn.Module):
 
     dims: int
     lr_scale: float = 1.0
+    grows: bool = False  # its parameters change shape in `update` (progressive upscaling)
+    coarse_to_fine: bool = False  # it has levels that open one by one (`active_levels` of `levels`)
+    adaptive: bool = False  # it places itself from data (`adapt`) and may index a fixed point set (`attach`)
 
     @property
     def out_dim(self) -> int:
@@ -99,6 +102,8 @@ class HashGridEncoding(Encoding):
     Positions beyond the upper face of a level's grid (the last half cell, where
     tiny-cuda-nn reads past the level's end) are clamped onto it.
     """
+
+    coarse_to_fine = True
 
     def __init__(
         self,

@@ -41,15 +41,6 @@ class HashGridField(EncodedRadianceField):
         super().__init__(aabb)
         if max_resolution is None:
             max_resolution = 2048 * float((self.aabb[1] - self.aabb[0]).max()) / 2
-        self._config = dict(
-            levels=levels,
-            features=features,
-            log2_table=log2_table,
-            base_resolution=base_resolution,
-            max_resolution=float(max_resolution),
-            hidden=hidden,
-            tcnn=tcnn,
-        )
         self.encoding = HashGridEncoding(levels, features, log2_table, base_resolution, max_resolution, tcnn)
         self.head = RadianceHead(self.encoding.out_dim, hidden)
 
@@ -63,6 +54,3 @@ class HashGridField(EncodedRadianceField):
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         return self.encoding(u)
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -193,6 +193,8 @@ class NeuRBFEncoding(Encoding):
     Kernels live in isotropic coordinates (the box's longest side 1), so a pixel is square to them.
     """
 
+    adaptive = True
+
     def __init__(self, extent: list[float], finest: float, kernels: int, kernel: str, neighbours: int,
                  features: int, frequencies: tuple[float, float] | None, grid_levels: int, grid_features: int,
                  log2_table: int, grid_resolution: float, lr_scale: float, normalize: bool = True):
@@ -251,14 +253,13 @@ class NeuRBFField(VectorMatrixField):
     def __init__(self, aabb: Tensor, kernels: int | None = None, rbf_features: int = 32, neighbours: int = 5,
                  init_at: float = 1 / 30, init_grid: int = 512, density_components: int = 16,
                  appearance_components: int = 32, **vm_options: Any):
-        super().__init__(aabb, density_components=density_components, appearance_components=appearance_components,
-                         extra_appearance=rbf_features, **vm_options)
+        backbone = {"density_components": density_components, "appearance_components": appearance_components,
+                    **vm_options}
+        super().__init__(aabb, extra_appearance=rbf_features, **backbone)
         if kernels is None:
             # TensoRF's 16 / 48 components at this resolution, minus this backbone (its own MLP included).
-            reference = final_parameters("vm", aabb, num_voxels=self._config["num_voxels"])
-            kernels = max(1, (reference - final_parameters("vm", aabb, **self._config)) // (rbf_features + 3 + 6))
-        self._config.update(kernels=kernels, rbf_features=rbf_features, neighbours=neighbours, init_at=init_at,
-                            init_grid=init_grid)
+            reference = final_parameters("vm", aabb, **{k: v for k, v in vm_options.items() if k == "num_voxels"})
+            kernels = max(1, (reference - final_parameters("vm", aabb, **backbone)) // (rbf_features + 3 + 6))
         self.init_at, self.init_grid = init_at, init_grid
         extent = (self.aabb[1] - self.aabb[0])
         self.register_buffer("aspect", extent / extent.max(), persistent=False)
@@ -335,6 +336,3 @@ class NeuRBFField(VectorMatrixField):
         # NeuRBF: 2e-2 for the RBF features, TensoRF's factor rate.
         groups.append({"name": "rbf", "params": [self.rbf.features], "lr": 2 * lr, "weight_decay": 0.0})
         return groups
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

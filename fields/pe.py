@@ -42,11 +42,11 @@ class PositionalEncodingField(Field):
     presets = {"cpu": {"depth": 4, "width": 128}}
     size_option = {"radiance": "width", "image": "hidden", "sdf": "hidden"}
     coordinate_decoder = {"hidden": 256, "layers": 4, "lr_scale": 0.1}
+    smooth_gradient = True
 
     def __init__(self, aabb: torch.Tensor, frequencies: int = 10, view_frequencies: int = 4, depth: int = 8,
                  width: int = 256):
         super().__init__(aabb)
-        self._config = dict(frequencies=frequencies, view_frequencies=view_frequencies, depth=depth, width=width)
         self.position_encoding = FrequencyEncoding(3, frequencies)
         self.view_encoding = FrequencyEncoding(3, view_frequencies)
         self.trunk = MLP(self.position_encoding.out_dim, None, width, depth, skip=SKIP_AFTER)
@@ -83,6 +83,3 @@ class PositionalEncodingField(Field):
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         # NeRF trains at 5e-4 (Adam); recon's base rate is 1e-2, so a twentieth of it.
         return [{"name": "mlp", "params": list(self.parameters()), "lr": lr / 20, "weight_decay": 0.0}]
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from recon.fields.base import Field
 from recon.fields.cam import CamQuery
 from recon.fields.coordinate import CoordinateField
-from recon.fields.encodings import MLP, HashGridEncoding, SHEncoding
+from recon.fields.encodings import MLP, SHEncoding
 
 GEO_FEATURES = 15
 VARIANCE_INIT = 0.3  # NeuS: s = exp(10 * 0.3) ~ 20 at the start
@@ -69,13 +69,13 @@ class SurfaceField(Field):
         self.dir_encoding = SHEncoding(4)
         self.color_net = MLP(3 + 3 + self.dir_encoding.out_dim + GEO_FEATURES, 3, color_hidden, color_layers)
         self.variance = nn.Parameter(torch.tensor(VARIANCE_INIT))
-        self.gradient_mode = gradient or ("analytic" if backend == "pe" else "numerical")
+        from recon.fields import REGISTRY
+
+        self.gradient_mode = gradient or ("analytic" if REGISTRY[backend].smooth_gradient else "numerical")
         if self.gradient_mode not in ("analytic", "numerical"):
             raise ValueError(f"gradient must be 'analytic' or 'numerical', got {self.gradient_mode!r}")
-        self._config = {"task": "surface", **sdf_options, "color_hidden": color_hidden, "color_layers": color_layers,
-                        "gradient": self.gradient_mode}
         self.register_buffer("progress", torch.zeros(()))
-        if hasattr(self.encoding, "adapt"):  # saved, so a resumed or reloaded run keeps its placement
+        if self.encoding.adaptive:  # saved, so a resumed or reloaded run keeps its placement
             self.register_buffer("kernels_placed", torch.zeros((), dtype=torch.bool))
         self.bounded = self.geometry.bounded_backend
 
@@ -91,7 +91,7 @@ class SurfaceField(Field):
     def _open_levels(self) -> None:
         """Coarse to fine: the hash grid's open levels follow the progress (a buffer, so reloads agree)."""
         encoding = self.encoding
-        if isinstance(encoding, HashGridEncoding):
+        if encoding.coarse_to_fine:
             encoding.active_levels = min(encoding.levels, FIRST_LEVELS + int(float(self.progress) / LEVEL_EVERY))
 
     @property
@@ -110,7 +110,7 @@ class SurfaceField(Field):
         """The central-difference step: the finest open level's cell (a hash grid), else one in 2048 of the box."""
         extent = float((self.aabb[1] - self.aabb[0]).max())
         encoding = self.encoding
-        if isinstance(encoding, HashGridEncoding):
+        if encoding.coarse_to_fine:
             level = encoding.active_levels - 1
             resolution = float(encoding.base_resolution * encoding.growth**level)
         else:
@@ -170,7 +170,7 @@ class SurfaceField(Field):
     def update(self, progress: float) -> bool:
         self.progress.fill_(progress)
         changed = self.geometry.grow(progress)
-        if hasattr(self, "kernels_placed") and not bool(self.kernels_placed) and progress >= PLACE_KERNELS_AT:
+        if self.encoding.adaptive and not bool(self.kernels_placed) and progress >= PLACE_KERNELS_AT:
             self.place_kernels()
             changed = True  # the kernel features were reset: a fresh optimiser state for them
         return changed
@@ -184,6 +184,10 @@ class SurfaceField(Field):
         sdf = torch.cat([self.sdf(chunk) for chunk in x.split(2**16)])
         self.geometry.adapt(x, 1 / (sdf.abs() + 1e-9), generator)
         self.kernels_placed.fill_(True)
+
+    @property
+    def grows(self) -> bool:
+        return self.geometry.grows
 
     def grow(self, progress: float) -> bool:
         return self.geometry.grow(progress)
@@ -199,9 +203,6 @@ class SurfaceField(Field):
         mlp = next(g for g in groups if g["name"] == "mlp")
         mlp["params"] = mlp["params"] + list(self.color_net.parameters())
         return groups + [{"name": "sharpness", "params": [self.variance], "lr": lr, "weight_decay": 0.0}]
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
 
 
 class SurfaceInBackground:

@@ -79,8 +79,6 @@ class TriPlaneField(EncodedRadianceField):
     def __init__(self, aabb: torch.Tensor, resolution: int = 128, scales: tuple[int, ...] = (1, 2, 4),
                  features: int = 32, combine: str = "product", hidden: int = 64, tv: float = 1e-4):
         super().__init__(aabb)
-        self._config = dict(resolution=resolution, scales=list(scales), features=features, combine=combine,
-                            hidden=hidden, tv=tv)
         self.encoding = PlaneEncoding(3, resolution, scales, features, combine, tv)
         self.head = RadianceHead(self.encoding.out_dim, hidden)
 
@@ -100,6 +98,3 @@ class TriPlaneField(EncodedRadianceField):
 
     def regularization(self) -> torch.Tensor | None:
         return self.encoding.regularization()
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -78,6 +78,10 @@ class VectorMatrix(Encoding):
             products.append(at_plane * at_line)
         return torch.cat(products).T
 
+    @property
+    def grows(self) -> bool:
+        return bool(self.upscaling.milestones)
+
     def update(self, progress: float) -> bool:
         if not self.upscaling.advance(progress):
             return False
@@ -110,10 +114,7 @@ class VectorMatrixField(Field):
                  l1: tuple[float, float] = (0.0, 4e-5), extra_appearance: int = 0):
         """extra_appearance: channels a subclass adds to the appearance features (`_appearance`), e.g. NeuRBF's."""
         super().__init__(aabb)
-        self._config = dict(num_voxels_init=num_voxels_init, num_voxels=num_voxels, upscale_at=list(upscale_at),
-                            density_components=density_components, appearance_components=appearance_components,
-                            appearance_features=appearance_features, hidden=hidden, frequencies=frequencies,
-                            density_shift=density_shift, distance_scale=distance_scale, l1=list(l1))
+        self.density_shift, self.distance_scale, self.l1 = density_shift, distance_scale, tuple(l1)
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         self.density_factors = VectorMatrix(extent, density_components, num_voxels_init, num_voxels, upscale_at)
         self.appearance_factors = VectorMatrix(extent, appearance_components, num_voxels_init, num_voxels, upscale_at)
@@ -138,7 +139,7 @@ class VectorMatrixField(Field):
 
     def _density(self, u: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         raw = self.density_factors(u).sum(-1)
-        return F.softplus(raw + self._config["density_shift"]) * self._config["distance_scale"] * inside
+        return F.softplus(raw + self.density_shift) * self.distance_scale * inside
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         return self._density(*self._box(x))
@@ -154,12 +155,16 @@ class VectorMatrixField(Field):
                                            CamQuery(u, d)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
+    @property
+    def grows(self) -> bool:
+        return self.density_factors.grows
+
     def grow(self, progress: float) -> bool:
         """Upscale both factorisations once per milestone passed; True when parameters changed."""
         return self.density_factors.update(progress) | self.appearance_factors.update(progress)
 
     def regularization(self) -> torch.Tensor | None:
-        before, after = self._config["l1"]
+        before, after = self.l1
         weight = before if int(self.density_factors.upscaling.done) == 0 else after
         return weight * self.density_factors.l1() if weight else None
 
@@ -171,6 +176,3 @@ class VectorMatrixField(Field):
             {"name": "mlp", "params": list(self.basis.parameters()) + list(self.color_net.parameters()),
              "lr": 0.1 * lr, "weight_decay": 0.0},
         ]
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

@@ -75,6 +75,10 @@ class DenseGrid(Encoding):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return sample_grid(self.grid, u.clamp(0, 1))
 
+    @property
+    def grows(self) -> bool:
+        return bool(self.upscaling.milestones)
+
     def update(self, progress: float) -> bool:
         if not self.upscaling.advance(progress):
             return False
@@ -108,9 +112,6 @@ class VoxelGridField(Field):
                  hidden_layers: int = 2, view_frequencies: int = 4, alpha_init: float = 1e-2,
                  upscale_at: tuple[float, ...] = DOUBLINGS, tv_density: float = 0.0, tv_features: float = 0.0):
         super().__init__(aabb)
-        self._config = dict(num_voxels=num_voxels, features=features, hidden=hidden, hidden_layers=hidden_layers,
-                            view_frequencies=view_frequencies, alpha_init=alpha_init, upscale_at=list(upscale_at),
-                            tv_density=tv_density, tv_features=tv_features)
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         self.voxel_base = (math.prod(extent) / num_voxels) ** (1 / 3)
         self.shift = math.log(1 / (1 - alpha_init) - 1)  # softplus(0 + shift) * 1 voxel = -log(1 - alpha_init)
@@ -130,6 +131,10 @@ class VoxelGridField(Field):
     @property
     def resolution(self) -> list[int]:
         return self.density_grid.resolution
+
+    @property
+    def grows(self) -> bool:
+        return self.density_grid.grows
 
     def _inside(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
@@ -161,6 +166,3 @@ class VoxelGridField(Field):
             {"name": "grids", "params": grids, "lr": DenseGrid.lr_scale * lr, "weight_decay": 0.0},
             {"name": "mlp", "params": list(self.color_net.parameters()), "lr": 0.1 * lr, "weight_decay": 0.0},
         ]
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)

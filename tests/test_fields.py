@@ -210,14 +210,16 @@ def test_field_outputs_and_outside_the_box():
     assert ((out["rgb"] >= 0) & (out["rgb"] <= 1)).all()
     assert torch.equal(field.density(x), out["density"])
     # max_resolution scales with the box, as instant-ngp's 2048 * aabb_scale.
-    assert HashGridField(BOX * 2, levels=2, log2_table=10).config()["max_resolution"] == 4096
+    assert HashGridField(BOX * 2, levels=2, log2_table=10).encoding.max_resolution == 4096
 
 
-def test_config_round_trip_and_param_groups():
+def test_options_round_trip_and_param_groups():
+    """The registry records what rebuilds a field: the options given and the constructor's default values (None:
+    derived again, as max_resolution from the box)."""
     assert REGISTRY["hashgrid"] is HashGridField
     field = build_field("hashgrid", BOX, levels=4, log2_table=12, hidden=32)
-    config = json.loads(json.dumps(field.config()))
-    assert set(config) == {"levels", "features", "log2_table", "base_resolution", "max_resolution", "hidden", "tcnn"}
+    config = json.loads(json.dumps(field.options))
+    assert config == {"levels": 4, "features": 2, "log2_table": 12, "base_resolution": 16, "hidden": 32, "tcnn": False}
     rebuilt = build_field("hashgrid", BOX, **config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in field.state_dict().items()}
     rebuilt.load_state_dict(field.state_dict())
@@ -239,3 +241,20 @@ def test_tcnn_absent_raises_one_line():
     with pytest.raises(RuntimeError, match="^tiny-cuda-nn is not installed") as err:
         HashGridField(BOX, levels=2, log2_table=10, tcnn=True)
     assert "\n" not in str(err.value)
+
+
+def test_every_backend_file_registers_itself():
+    """A backend is its file: each `@register("name")` in fields/ is in the registry without an import list."""
+    import ast
+    from pathlib import Path
+
+    import recon.fields
+
+    declared = set()
+    for path in Path(recon.fields.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args:
+                declared.add(node.args[0].value)
+    assert declared == set(REGISTRY) and len(declared) >= 6
+    for cls in REGISTRY.values():  # the capabilities the app relies on are declared, with their types
+        assert isinstance(cls.bounded, bool) and isinstance(cls.smooth_gradient, bool) and cls.has_coordinate_encoding()

@@ -103,7 +103,7 @@ def test_the_graph_sees_the_package() -> None:
     graph = import_graph()
     assert {"recon.app.cli", "recon.fields.hashgrid", "recon.renderers.render", "recon.data.scene"} <= set(graph)
     assert "recon.fields" in graph["recon.fields.hashgrid"]  # from recon.fields import register
-    assert "recon.fields.hashgrid" in graph["recon.fields"]  # from recon.fields import hashgrid, ...
+    assert "recon.fields.surface" in graph["recon.fields"]  # from recon.fields.surface import SurfaceField
     assert "recon.data.cameras" in graph["recon.data.scene"]  # from .cameras import Cameras
     assert any("recon.app.viewer" in graph[m] for m in graph)  # imported inside functions only (viser is slow)
 
