@@ -147,8 +147,8 @@ class FitConfig:
         if field_defaults and self.model == "sdf":
             shared = inspect.signature(backend.coordinate_encoding).parameters
             field_defaults = {key: value for key, value in field_defaults.items() if key in shared}
-        return dataclasses.replace(self, preset=preset, task=task, field_options={**field_defaults, **self.field_options},
-                                   **unset)
+        return dataclasses.replace(self, preset=preset, task=task,
+                                   field_options={**field_defaults, **self.field_options}, **unset)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,7 +42,8 @@ def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir:
     for i in tqdm(range(0, len(split), stride), desc="evaluating", unit="view", leave=False):
         pred = pipeline.render_view(split.cameras, i, chunk)["rgb"].cpu()
         gt = ground_truth_on_white(split.image(i))
-        views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt), "lpips": lpips(pred, gt)})
+        views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
+                      "lpips": lpips(pred, gt)})
         if out_dir:
             imageio.imwrite(out_dir / f"{i:04d}.png", to_uint8(pred))
     mean = {k: float(np.mean([v[k] for v in views])) for k in ("psnr", "ssim")}
@@ -128,7 +129,8 @@ def orbit_cameras(reference: Cameras, frames: int) -> Cameras:
         c2w.append(torch.stack([right, torch.linalg.cross(back, right), back, position], dim=1))
     first = reference[[0] * frames]
     return Cameras(c2w=torch.stack(c2w), fx=first.fx, fy=first.fy, cx=first.cx, cy=first.cy, width=first.width,
-                   height=first.height, distortion=torch.zeros_like(first.distortion), fisheye=torch.zeros_like(first.fisheye))
+                   height=first.height, distortion=torch.zeros_like(first.distortion),
+                   fisheye=torch.zeros_like(first.fisheye))
 
 
 def colorize_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: float) -> np.ndarray:
@@ -158,7 +160,8 @@ def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: i
         paths.append(out_dir / f"{i:04d}.png")
         imageio.imwrite(paths[-1], frame)
         if writer:
-            writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])  # H.264 4:2:0 needs even sizes
+            # H.264 4:2:0 needs even sizes
+            writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
     if writer:
         writer.close()
         paths.append(video)

@@ -23,8 +23,8 @@ import torch
 import trimesh
 from torch import Tensor
 
-from recon.app.pipeline import Pipeline
 from recon.app.evaluate import to_uint8
+from recon.app.pipeline import Pipeline
 from recon.app.run import UserError
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
@@ -159,7 +159,8 @@ def tsdf_surface(pipeline: Pipeline, cameras: Cameras, box: Tensor, voxel: float
     o3d = require_open3d("--method tsdf")
     core = o3d.core
     volume = o3d.t.geometry.VoxelBlockGrid(attr_names=("tsdf", "weight"), attr_dtypes=(core.float32, core.float32),
-                                           attr_channels=(1, 1), voxel_size=voxel, block_resolution=8, block_count=20000)
+                                           attr_channels=(1, 1), voxel_size=voxel, block_resolution=8,
+                                           block_count=20000)
     extent = float((box[1] - box[0]).max())
     shrink = max(1, math.floor(int(cameras.width.max()) / (extent / voxel)))
     views = replace(cameras.downscaled(shrink), distortion=torch.zeros_like(cameras.distortion),
@@ -225,7 +226,8 @@ def surface(pipeline: Pipeline, train_cameras: Cameras, box: Tensor, resolution:
         vertices, faces = extract_isosurface(lambda x: -field.sdf(x), box, resolution, -(level or 0.0), chunk=chunk)
     else:
         inside_fn = radiance_inside_fn(pipeline, train_cameras, box, voxel)
-        vertices, faces = extract_isosurface(inside_fn, box, resolution, OPACITY_LEVEL if level is None else level, chunk=chunk)
+        vertices, faces = extract_isosurface(inside_fn, box, resolution, OPACITY_LEVEL if level is None else level,
+                                             chunk=chunk)
     field.train(was_training)
     if clean:
         vertices, faces = remove_small_components(vertices, faces, MIN_COMPONENT_FRACTION)
@@ -277,8 +279,9 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
         level_meaning, level = "TSDF zero crossing of rendered depth", None
     else:
         level_meaning, level = "opacity 1 - exp(-sigma * voxel)", OPACITY_LEVEL if level is None else level
-    info = {"method": method, "resolution": resolution, "voxel_unit": voxel, "level": level, "level_meaning": level_meaning,
-            "unit_box": box.tolist(), "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
+    info = {"method": method, "resolution": resolution, "voxel_unit": voxel, "level": level,
+            "level_meaning": level_meaning, "unit_box": box.tolist(),
+            "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
             "simplify": simplify_to, "vertices": len(mesh.vertices), "faces": len(faces),
             "seconds": round(time.perf_counter() - started, 2)}
     return mesh, info

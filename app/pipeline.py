@@ -34,7 +34,8 @@ class Tracer:
     near: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"aabb": self.aabb.tolist(), "step_size": self.step_size, "cone_angle": self.cone_angle, "near": self.near}
+        return {"aabb": self.aabb.tolist(), "step_size": self.step_size, "cone_angle": self.cone_angle,
+                "near": self.near}
 
 
 class Pipeline:
@@ -132,7 +133,8 @@ class Pipeline:
         t = self.tracer
         return {"grid": self.grid, "aabb": t.aabb, "step_size": t.step_size, "cone_angle": t.cone_angle, "near": t.near}
 
-    def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None) -> dict[str, Any]:
+    def render(self, rays: Rays, background: torch.Tensor | None,
+               generator: torch.Generator | None = None) -> dict[str, Any]:
         """Differentiable render of a ray batch (training); an SDF field adds "eikonal", the mean of
         (|grad sdf| - 1)^2 over the samples."""
         out = render_rays(rays, self.field_fn, background=background, generator=generator, **self._trace_args())
@@ -151,7 +153,8 @@ class Pipeline:
                               **args)
 
     @torch.no_grad()
-    def render_view(self, cameras: Cameras, index: int, chunk: int = 16384, background: float = 1.0) -> dict[str, torch.Tensor]:
+    def render_view(self, cameras: Cameras, index: int, chunk: int = 16384,
+                    background: float = 1.0) -> dict[str, torch.Tensor]:
         """Render camera `index` as images: rgb [H, W, 3], depth [H, W], opacity [H, W]."""
         width, height = int(cameras.width[index]), int(cameras.height[index])
         rays = cameras.image_rays(index).to(self.device)
@@ -178,8 +181,9 @@ class Pipeline:
 def _field_state(field: Field) -> dict[str, Any]:
     """What rebuilds a field: its builder name, box, options, coordinate transforms and weights."""
     contraction = None if field.contraction is None else field.contraction.tolist()
-    return {"name": field.name, "aabb": field.aabb.tolist(), "config": field.options, "quantize": field.quantize_relative,
-            "contraction": contraction, "cam": field.cam, "state": field.state_dict()}
+    return {"name": field.name, "aabb": field.aabb.tolist(), "config": field.options,
+            "quantize": field.quantize_relative, "contraction": contraction, "cam": field.cam,
+            "state": field.state_dict()}
 
 
 def _field_from_state(saved: dict[str, Any]) -> Field:

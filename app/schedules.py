@@ -46,7 +46,8 @@ class Progress:
         return self.value >= 1.0
 
 
-def learning_rate_factor(progress: float, warmup: float = 0.01, milestones=(0.5, 0.75, 0.9), gamma: float = 0.33) -> float:
+def learning_rate_factor(progress: float, warmup: float = 0.01, milestones=(0.5, 0.75, 0.9),
+                         gamma: float = 0.33) -> float:
     """Linear warm-up from 1% then step decay, as nerfacc's instant-ngp recipe, on progress.
 
     The factor is constant after the last milestone, so any run (step- or time-capped) ends

@@ -113,7 +113,8 @@ def surface_box(cfg: FitConfig, scene: Scene) -> Tensor | None:
     box = world_to_unit_box(torch.tensor(cfg.surface_box, dtype=torch.float64).view(2, 3), scene.to_unit)
     if (box[0] < scene.aabb[0] - 1e-4).any() or (box[1] > scene.aabb[1] + 1e-4).any():
         world = world_to_unit_box(scene.aabb, torch.linalg.inv(scene.to_unit.double())).flatten()
-        raise UserError(f"--surface-box {cfg.surface_box}: not inside the scene box {[round(float(v), 3) for v in world]} (world frame)")
+        raise UserError(f"--surface-box {cfg.surface_box}: not inside the scene box "
+                        f"{[round(float(v), 3) for v in world]} (world frame)")
     return box
 
 

@@ -59,7 +59,8 @@ class Trainer:
         kind = task_class(target)
         self.cfg = cfg = cfg.resolved(self.device, kind.kind)
         if cfg.params:  # the backend's size option fills the budget; config.json records the value chosen
-            cfg.field_options = options_for_budget(cfg.field, target.box, kind.field_task, cfg.params, **cfg.field_options)
+            cfg.field_options = options_for_budget(cfg.field, target.box, kind.field_task, cfg.params,
+                                                   **cfg.field_options)
         torch.manual_seed(cfg.seed)  # weight initialisation
         self.task: Task = kind(cfg, target, self.device)
         self.pipeline = self.task.pipeline
@@ -180,7 +181,8 @@ class Trainer:
                         observer.on_step(self, stats)
                     last_log = time.perf_counter()
                     self.progress.start_clock()
-                if on_checkpoint and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not self.progress.done:
+                if (on_checkpoint and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        and not self.progress.done):
                     self.progress.stop_clock()
                     on_checkpoint(self)
                     self.progress.start_clock()

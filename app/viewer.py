@@ -88,7 +88,8 @@ def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, 
         part = rays[start : start + chunk]
         with guard:
             pipeline.field.eval()
-            out = pipeline.render_rays_chunked(part, white, chunk, near=near, aabb=box, max_samples=settings.max_samples)
+            out = pipeline.render_rays_chunked(part, white, chunk, near=near, aabb=box,
+                                               max_samples=settings.max_samples)
             if settings.mode == "normals":
                 out["normal"] = surface_normals(pipeline, part, out)
             pipeline.field.train(was_training)
@@ -148,7 +149,8 @@ class Viewer:
     """A viser server for one pipeline. `train_cameras` / `thumbnails` draw the training views;
     `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame."""
 
-    def __init__(self, pipeline: Pipeline, train_cameras: Cameras | None = None, thumbnails: list[np.ndarray] | None = None,
+    def __init__(self, pipeline: Pipeline, train_cameras: Cameras | None = None,
+                 thumbnails: list[np.ndarray] | None = None,
                  host: str = "127.0.0.1", port: int = 8080, share: float = 0.25, chunk: int = 8192,
                  resolution: int = 256, on_export: Callable[[torch.Tensor | None], Any] | None = None,
                  on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None):
@@ -314,7 +316,8 @@ class Viewer:
             if not view.rendered:
                 return view, rows
             shown_camera, shown_rows, shown_version, shown_at = view.rendered
-            changed = shown_version != self.stats.version and (not self.stats.training or now - shown_at > REFRESH_SECONDS)
+            changed = shown_version != self.stats.version and (not self.stats.training
+                                                               or now - shown_at > REFRESH_SECONDS)
             if shown_camera != view.camera_time or (not moving and (shown_rows < rows or changed)):
                 return view, rows
         return None, 0
@@ -351,7 +354,8 @@ def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int,
 
     cameras, to_unit = scene.splits["train"].cameras, scene.to_unit
     crop_file = run.path / "crop.json"
-    crop = world_to_unit_box(torch.tensor(json.loads(crop_file.read_text())["world_box"]), to_unit) if crop_file.exists() else None
+    crop = (world_to_unit_box(torch.tensor(json.loads(crop_file.read_text())["world_box"]), to_unit)
+            if crop_file.exists() else None)
     viewer: Viewer
 
     def unit_to_world_box(box: torch.Tensor) -> torch.Tensor:
@@ -368,8 +372,9 @@ def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int,
         path.parent.mkdir(parents=True, exist_ok=True)
         mesh.save(path)
         m = to_unit.double().numpy()
-        return trimesh.Trimesh(mesh.vertices @ m[:3, :3].T + m[:3, 3], mesh.faces, vertex_colors=mesh.colors, process=False)
+        return trimesh.Trimesh(mesh.vertices @ m[:3, :3].T + m[:3, 3], mesh.faces, vertex_colors=mesh.colors,
+                               process=False)
 
-    viewer = Viewer(pipeline, cameras, thumbnails(scene.splits["train"]), host=host, port=port, share=share, chunk=chunk,
-                    resolution=resolution, on_export=export, on_crop=save_crop, crop=crop)
+    viewer = Viewer(pipeline, cameras, thumbnails(scene.splits["train"]), host=host, port=port, share=share,
+                    chunk=chunk, resolution=resolution, on_export=export, on_crop=save_crop, crop=crop)
     return viewer

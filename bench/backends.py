@@ -53,11 +53,13 @@ def score_mesh(run: Path, ground_truth: str, resolution: int = 256) -> dict:
     mesh, scores = run / "export" / f"mesh-{resolution}.ply", run / "mesh-eval.json"
     cli = [sys.executable, "-m", "recon.app.cli"]
     started = time.perf_counter()
-    export = subprocess.run([*cli, "export", "mesh", str(run), "--resolution", str(resolution)], capture_output=True, text=True)
+    export = subprocess.run([*cli, "export", "mesh", str(run), "--resolution", str(resolution)], capture_output=True,
+                            text=True)
     if export.returncode != 0:  # e.g. no surface: the row says so and the other runs go on
         return {"error": export.stderr.strip().splitlines()[-1:]}
     export_seconds = round(time.perf_counter() - started, 1)
-    subprocess.run([*cli, "eval-mesh", str(mesh), ground_truth, "--output", str(scores)], check=True, capture_output=True)
+    subprocess.run([*cli, "eval-mesh", str(mesh), ground_truth, "--output", str(scores)], check=True,
+                   capture_output=True)
     return {**json.loads(scores.read_text()), "resolution": resolution, "export_seconds": export_seconds}
 
 

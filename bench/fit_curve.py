@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from machine import describe
+
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
 from recon.app.fit_command import parse_field_options
@@ -60,7 +61,8 @@ def main() -> None:
                "psnr": round(result["mean"]["psnr"], 3), "ssim": round(result["mean"]["ssim"], 4),
                "eval_seconds": result["seconds"], "views": result["views_evaluated"]}
         rows.append(row)
-        print(f"| {row['train_seconds']} | {row['steps']} | {row['rays_per_second']} | {row['psnr']} | {row['ssim']} | {row['eval_seconds']} |", flush=True)
+        print(f"| {row['train_seconds']} | {row['steps']} | {row['rays_per_second']} | {row['psnr']} | "
+              f"{row['ssim']} | {row['eval_seconds']} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "scene": args.scene, "config": cfg.to_json(), "load_seconds": round(load_seconds, 2),

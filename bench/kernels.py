@@ -23,8 +23,8 @@ from typing import Callable
 from unittest import mock
 
 import torch
-
 from machine import describe
+
 from recon.app.cli_shared import load_run
 from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
@@ -67,7 +67,8 @@ def random_field(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return tau.requires_grad_(), torch.rand(n, 3, device=device, generator=g).requires_grad_()
 
 
-def nerfacc_path(pipeline, rays, t_start: torch.Tensor, t_far: torch.Tensor) -> tuple[Callable[[], int] | None, str | float]:
+def nerfacc_path(pipeline, rays, t_start: torch.Tensor,
+                 t_far: torch.Tensor) -> tuple[Callable[[], int] | None, str | float]:
     """nerfacc's step and the parity of its compositing with recon's on recon's samples, or None and the reason."""
     try:
         import nerfacc
@@ -143,7 +144,8 @@ def main() -> None:
         return len(samples)
 
     kernel_mode, kernel_row = ("auto", "recon-cuda") if device.type == "cuda" else ("cpu", "recon-cpu-build")
-    paths: dict[str, tuple[str, Callable[[], int]]] = {"torch": ("off", recon_step), kernel_row: (kernel_mode, recon_step)}
+    paths: dict[str, tuple[str, Callable[[], int]]] = {"torch": ("off", recon_step),
+                                                       kernel_row: (kernel_mode, recon_step)}
     notes: dict[str, str | float] = {}
     if device.type == "cuda":  # nerfacc is never imported on a CPU: it would try to compile there
         step, outcome = nerfacc_path(pipeline, rays, t_near.clamp(min=t.near), t_far)

@@ -31,7 +31,8 @@ def shade(mesh: trimesh.Trimesh, c2w: np.ndarray, intrinsics: tuple[float, float
     """[H, W, 3] in [0, 1]: the mesh seen by an OpenGL camera (c2w [3+, 4], fx fy cx cy), white background."""
     (fx, fy, cx, cy), (width, height) = intrinsics, size
     scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(mesh.vertices.astype(np.float32)), o3d.core.Tensor(mesh.faces.astype(np.uint32)))
+    scene.add_triangles(o3d.core.Tensor(mesh.vertices.astype(np.float32)),
+                        o3d.core.Tensor(mesh.faces.astype(np.uint32)))
     u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     dirs = np.stack([(u - cx) / fx, -(v - cy) / fy, -np.ones_like(u)], -1) @ c2w[:3, :3].T
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -41,7 +42,8 @@ def shade(mesh: trimesh.Trimesh, c2w: np.ndarray, intrinsics: tuple[float, float
     face = hits["primitive_ids"].numpy()[hit]
     uv = hits["primitive_uvs"].numpy()[hit]
     weights = np.stack([1 - uv.sum(-1), uv[:, 0], uv[:, 1]], -1)  # barycentric over the face's three vertices
-    colors = mesh.visual.vertex_colors[:, :3] / 255.0 if mesh.visual.kind == "vertex" else np.full((len(mesh.vertices), 3), 0.8)
+    colors = (mesh.visual.vertex_colors[:, :3] / 255.0 if mesh.visual.kind == "vertex"
+              else np.full((len(mesh.vertices), 3), 0.8))
     albedo = (colors[mesh.faces[face]] * weights[..., None]).sum(1)
     normals = mesh.face_normals[face]
     normals *= np.sign(-(normals * dirs[hit]).sum(-1, keepdims=True))  # towards the camera

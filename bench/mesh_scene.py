@@ -49,7 +49,8 @@ def render(scene: o3d.t.geometry.RaycastingScene, mesh: trimesh.Trimesh, c2w: np
     """RGBA [side, side, 4] in [0, 1], straight alpha, SUPERSAMPLE^2 rays per pixel."""
     s = SUPERSAMPLE
     u, v = np.meshgrid((np.arange(side * s) + 0.5) / s, (np.arange(side * s) + 0.5) / s)
-    dirs = np.stack([(u - side / 2) / focal, -(v - side / 2) / focal, -np.ones_like(u)], -1).reshape(-1, 3) @ c2w[:3, :3].T
+    dirs = (np.stack([(u - side / 2) / focal, -(v - side / 2) / focal, -np.ones_like(u)], -1).reshape(-1, 3)
+            @ c2w[:3, :3].T)
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
     rays = np.concatenate([np.broadcast_to(c2w[:3, 3], dirs.shape), dirs], 1).astype(np.float32)
     hits = scene.cast_rays(o3d.core.Tensor(rays))
@@ -76,7 +77,8 @@ def main() -> None:
 
     mesh = normalised_mesh(args.mesh)
     scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(mesh.vertices.astype(np.float32)), o3d.core.Tensor(mesh.faces.astype(np.uint32)))
+    scene.add_triangles(o3d.core.Tensor(mesh.vertices.astype(np.float32)),
+                        o3d.core.Tensor(mesh.faces.astype(np.uint32)))
     focal = 0.5 * args.resolution / np.tan(0.5 * CAMERA_ANGLE_X)
     for split, eyes in zip(("train", "test"), camera_positions(args.train, args.test, radius=4.0, seed=0)):
         (args.out / split).mkdir(parents=True, exist_ok=True)

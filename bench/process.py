@@ -37,7 +37,8 @@ def main() -> None:
     if args.source == "synthetic":
         capture = make_capture(work / "capture", n_views=args.views, resolution=args.resolution)
         photos = capture / "photos"
-        truth = {name: np.array(c2w)[:3] for name, c2w in json.loads((capture / "cameras.json").read_text())["poses"].items()}
+        truth = {name: np.array(c2w)[:3]
+                 for name, c2w in json.loads((capture / "cameras.json").read_text())["poses"].items()}
     else:
         photos = Path(args.source) / "images"
         frames = json.loads((Path(args.source) / "transforms.json").read_text())["frames"]

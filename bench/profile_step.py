@@ -4,7 +4,8 @@ Trains `--warmup` steps (so the occupancy grid has pruned as in a real run), the
 `--steps` more with torch.profiler, using the phase labels the trainer and renderer put on
 their work (record_function), and times the render of one full test view.
 
-    python bench/profile_step.py ../shared/data/lego --warmup 200 --steps 64 [--render-side 800] [--preset cpu] [-o levels=8 ...]
+    python bench/profile_step.py ../shared/data/lego --warmup 200 --steps 64 [--render-side 800] [--preset cpu] \
+        [-o levels=8 ...]
 
 RECON_KERNELS=off profiles the torch twins on a GPU (the baseline of the kernels' end-to-end speed-up).
 """
@@ -17,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 from torch.profiler import ProfilerActivity, profile
 
-from machine import describe
 from recon.app.config import FitConfig
 from recon.app.fit_command import parse_field_options
 from recon.app.trainer import Trainer
@@ -38,7 +39,8 @@ def main() -> None:
     parser.add_argument("--preset", help="cpu or gpu (default: by device)")
     parser.add_argument("-o", "--field-option", action="append", default=[])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
-    parser.add_argument("--render-side", type=int, help="time the test view rendered this many pixels wide (default: its own)")
+    parser.add_argument("--render-side", type=int,
+                        help="time the test view rendered this many pixels wide (default: its own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -92,7 +94,8 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "scene": args.scene, "config": cfg.to_json(), "device": str(trainer.device),
             "machine": describe(trainer.device),
-            "date": time.strftime("%Y-%m-%d"), "kernels": kernels_mode(), "warmup_steps": args.warmup, "profiled_steps": args.steps,
+            "date": time.strftime("%Y-%m-%d"), "kernels": kernels_mode(), "warmup_steps": args.warmup,
+            "profiled_steps": args.steps,
             "ms_per_step": round(step_ms, 2), "phases_ms": rows, "rays_per_step": rays / args.steps,
             "samples_per_step": samples / args.steps, "rays_per_second": rays / wall,
             "samples_per_second": samples / wall, "render_seconds": render_s, "render_size": size}, indent=2) + "\n")

@@ -102,7 +102,8 @@ class _Interpolate(torch.autograd.Function):
         table, weights, index = ctx.saved_tensors
         grad = _as_elements(grad.contiguous())  # [B, K]
         k = grad.shape[-1]
-        elements = (index[..., None] if k == 1 else index[..., None] * k + torch.arange(k, device=index.device)).view(-1)
+        elements = (index[..., None] if k == 1
+                    else index[..., None] * k + torch.arange(k, device=index.device)).view(-1)
         grad_table = grad_weights = None
         if ctx.needs_input_grad[0]:
             src = (weights[..., None] * grad[:, None]).view(-1)

@@ -14,8 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .loaders import (LONE, Capture, Frame, FrameList, SceneError, check_size, downscaled_frame, parallel_map,
-                      read_image, resolve_downscale)
+from .loaders import (
+    LONE,
+    Capture,
+    Frame,
+    FrameList,
+    SceneError,
+    check_size,
+    downscaled_frame,
+    parallel_map,
+    read_image,
+    resolve_downscale,
+)
 
 # Where a sparse model may sit in a scene folder (COLMAP's own layout, nerfstudio's, a bare model)
 # and where its images are then, tried before the scene folder's images/.
@@ -155,7 +165,8 @@ def _intrinsics(model_folder: Path, camera) -> tuple[tuple[int, int], tuple[floa
     name = camera.model.name
     if name not in MODELS:
         raise SceneError(_model_file(model_folder, "cameras"),
-                         f"camera {camera.camera_id}: COLMAP model {name} is not supported (supported: {', '.join(MODELS)})")
+                         f"camera {camera.camera_id}: COLMAP model {name} is not supported "
+                         f"(supported: {', '.join(MODELS)})")
     focals, slots, fisheye = MODELS[name]
     params = [float(v) for v in camera.params]
     fx, fy = (params[0], params[0]) if focals == 1 else (params[0], params[1])

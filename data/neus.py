@@ -13,8 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from .colmap import OPENCV_TO_OPENGL
-from .loaders import (IMAGE_EXTENSIONS, LONE, Capture, Frame, FrameList, SceneError, check_size, downscaled_frame,
-                      parallel_map, read_image, resolve_downscale)
+from .loaders import (
+    IMAGE_EXTENSIONS,
+    LONE,
+    Capture,
+    Frame,
+    FrameList,
+    SceneError,
+    check_size,
+    downscaled_frame,
+    parallel_map,
+    read_image,
+    resolve_downscale,
+)
 
 CAMERAS = "cameras_sphere.npz"
 

@@ -97,7 +97,8 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         usable, depth = (None if t is None else t.to(device) for t in (self.usable, self.depth))
-        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device), usable, depth)
+        return Split(self.cameras.to(device), self.names, self.pixels.to(device), self.offsets.to(device), usable,
+                     depth)
 
 
 @dataclass
@@ -333,7 +334,8 @@ def _split(frames: list[Frame], alpha: bool, deep: bool) -> Split:
     sizes = torch.tensor([0] + [f.image.shape[0] * f.image.shape[1] for f in frames])
     usable = depth = None
     if any(f.loss_mask is not None for f in frames):
-        keep = np.concatenate([np.ones(f.image.shape[:2], bool) if f.loss_mask is None else f.loss_mask for f in frames])
+        keep = np.concatenate([np.ones(f.image.shape[:2], bool) if f.loss_mask is None else f.loss_mask
+                               for f in frames])
         usable = torch.from_numpy(np.flatnonzero(keep))
     if any(f.depth is not None for f in frames):
         depth = torch.from_numpy(np.concatenate([
@@ -466,7 +468,8 @@ def visual_hull(split: Split, points: Tensor, radius: Tensor | float = 0.0,
         ix, iy = torch.where(inside, px, 0).long(), torch.where(inside, py, 0).long()  # pixel 0 when unseen
         for view in range(len(cameras)):
             i = start + view
-            alpha = _unit_float(split.pixels[split.offsets[i] : split.offsets[i + 1], 3]).view(1, int(h[view]), int(w[view]))
+            alpha = _unit_float(split.pixels[split.offsets[i] : split.offsets[i + 1], 3])
+            alpha = alpha.view(1, int(h[view]), int(w[view]))
             kernel = int(reach[view][constrains[view]].max()) if bool(constrains[view].any()) else 0
             if kernel > 0:
                 alpha = F.max_pool2d(alpha, 2 * kernel + 1, stride=1, padding=kernel)

@@ -21,8 +21,8 @@ import imageio.v3 as iio
 import numpy as np
 import trimesh
 
-from .convert import SPARSE_POINTS, write_model_transforms
 from .checks import nothing_to_lose
+from .convert import SPARSE_POINTS, write_model_transforms
 from .loaders import SceneError
 
 PHOTO_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")  # what COLMAP decodes

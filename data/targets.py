@@ -107,7 +107,8 @@ class MeshTarget:
         return torch.tensor([[-1.0] * 3, [1.0] * 3])
 
     def describe(self) -> str:
-        return f"{self.path}: mesh of {len(self.vertices):,} vertices and {len(self.faces):,} faces, scaled into [-1, 1]^3"
+        return (f"{self.path}: mesh of {len(self.vertices):,} vertices and {len(self.faces):,} faces, "
+                "scaled into [-1, 1]^3")
 
     def to_json(self) -> dict:
         return {"source": str(self.path), "to_unit": self.to_unit.tolist(), "aabb": self.box.tolist(),

@@ -67,15 +67,18 @@ class CoordinateField(Field):
         self.bounded_backend = REGISTRY[backend].bounded  # a surface field contracts unbounded space as its backend
         self.outputs = frozenset({"rgb"} if task == "image" else {"sdf"})
         given = {"hidden": hidden, "layers": layers, "lr_scale": lr_scale, "sine": sine}
-        self.decoder_options = {**REGISTRY[backend].decoder_defaults(task), **{k: v for k, v in given.items() if v is not None}}
+        self.decoder_options = {**REGISTRY[backend].decoder_defaults(task),
+                                **{k: v for k, v in given.items() if v is not None}}
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         finest = max(extent) if task == "image" else FINEST_PER_UNIT * max(extent)
         self.encoding = REGISTRY[backend].coordinate_encoding(extent, finest, **encoding_options)
-        hidden, layers, sine = self.decoder_options["hidden"], self.decoder_options["layers"], self.decoder_options.get("sine")
+        hidden, layers = self.decoder_options["hidden"], self.decoder_options["layers"]
+        sine = self.decoder_options.get("sine")
         out = 3 if task == "image" else 1 + geo_features  # an SDF decoder may add a geometry feature (NeuS)
         self.sees_coordinates = task == "sdf" and not sine
         if self.sees_coordinates:  # softplus (beta 100) layers, as NeuS / IDR, starting as a sphere
-            self.decoder = sphere_init(MLP(self.dims + self.encoding.out_dim, out, hidden, layers, "softplus"), self.dims)
+            self.decoder = sphere_init(MLP(self.dims + self.encoding.out_dim, out, hidden, layers, "softplus"),
+                                       self.dims)
         else:
             self.decoder = MLP(self.encoding.out_dim, out, hidden, layers, sine=sine or None)
 

@@ -166,7 +166,8 @@ class HashGridEncoding(Encoding):
         }
         encoding = tinycudann.Encoding(self.dims, config, dtype=torch.float32)
         if encoding.params.numel() != self.table.numel():
-            raise RuntimeError(f"tiny-cuda-nn grid has {encoding.params.numel()} parameters, expected {self.table.numel()}")
+            raise RuntimeError(f"tiny-cuda-nn grid has {encoding.params.numel()} parameters, "
+                               f"expected {self.table.numel()}")
         del encoding.params
         return encoding
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-
-from typing import Any
 
 from recon.fields.base import Field
 from recon.fields.cam import CamQuery
@@ -30,7 +30,8 @@ class RadianceHead(nn.Module):
         self.dir_encoding = SHEncoding(sh_degree)
         self.color_net = MLP(geo_dim + self.dir_encoding.out_dim, 3, hidden, layers=2)
 
-    def forward(self, features: torch.Tensor, dirs: torch.Tensor, at: CamQuery | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, dirs: torch.Tensor,
+                at: CamQuery | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(density [N], rgb [N, 3]). at: the query's coordinates for CAM."""
         geo = self.density_net(features, at)
         rgb = torch.sigmoid(self.color_net(torch.cat([geo, self.dir_encoding(dirs)], -1), at))

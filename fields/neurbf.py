@@ -287,7 +287,8 @@ class NeuRBFField(VectorMatrixField):
         shape = [max(2, round(r * float(a))) for a in self.aspect]
         ticks = [torch.linspace(0, 1, n, device=self.aabb.device) for n in shape]
         u = torch.stack(torch.meshgrid(*ticks, indexing="ij"), -1).reshape(-1, 3)
-        sigma = torch.cat([self._density(p, torch.ones(len(p), dtype=torch.bool, device=p.device)) for p in u.split(chunk)])
+        sigma = torch.cat([self._density(p, torch.ones(len(p), dtype=torch.bool, device=p.device))
+                           for p in u.split(chunk)])
         features = torch.cat([self.basis(self.appearance_factors(p)) for p in u.split(chunk)]).view(*shape, -1)
         lo, hi = features.amin((0, 1, 2)), features.amax((0, 1, 2))
         features = (features - lo) / (hi - lo).clamp(min=1e-12)  # min-max per channel over the volume
@@ -310,9 +311,11 @@ class NeuRBFField(VectorMatrixField):
             # Fill the reference: an instant-ngp grid (16 x 2 features, same table and finest level) and its
             # 3 x 64 MLP, minus this backbone, its bias and its MLP.
             out = 3 if dims == 2 else 1
-            grid = HashGridEncoding(s["grid_levels"], s["grid_features"], s["log2_table"], 16, grid_resolution, dims=dims)
+            grid = HashGridEncoding(s["grid_levels"], s["grid_features"], s["log2_table"], 16, grid_resolution,
+                                    dims=dims)
             width = grid.out_dim + s["features"]
-            reference = reference_grid_parameters(dims, s["log2_table"], grid_resolution) + mlp_parameters([32, 64, 64, out])
+            reference = (reference_grid_parameters(dims, s["log2_table"], grid_resolution)
+                         + mlp_parameters([32, 64, 64, out]))
             own = grid.table.numel() + width + mlp_parameters([width, 64, 64, out])
             per_kernel = s["features"] + dims + (dims * (dims + 1) // 2 if s["kernel"] == "ivq" else 1)
             kernels = max(1, (reference - own) // per_kernel)

@@ -79,7 +79,8 @@ class CellLists:
         kth = nearest_brute_force(cell_centres, centres, self.k)[1][:, -1].sqrt()
         radius = kth + 2 * half_diagonal + 1e-6  # the margin absorbs rounding in the distances
         lists = []
-        for cells, reach in zip(cell_centres.split(max(1, CHUNK // len(centres))), radius.split(max(1, CHUNK // len(centres)))):
+        for cells, reach in zip(cell_centres.split(max(1, CHUNK // len(centres))),
+                                radius.split(max(1, CHUNK // len(centres)))):
             within = torch.cdist(cells, centres) <= reach[:, None]
             lists.append(within)
         within = torch.cat(lists)  # [cells, K] bool

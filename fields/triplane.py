@@ -17,7 +17,6 @@ histogram and distortion losses.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,8 @@ class PlaneEncoding(Encoding):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         u = u.clamp(0, 1) * 2 - 1
-        coords = torch.stack([u[:, list(axes)] for axes in self.axes])[:, None]  # [P, 1, N, 2]: (x -> width, y -> height)
+        # [P, 1, N, 2]: (x -> width, y -> height)
+        coords = torch.stack([u[:, list(axes)] for axes in self.axes])[:, None]
         per_scale = []
         for planes in self.planes:
             samples = F.grid_sample(planes, coords, mode="bilinear", align_corners=True)[:, :, 0].transpose(1, 2)

@@ -55,7 +55,8 @@ class VectorMatrix(Encoding):
         shape = grid_shape(self.extent, self.upscaling.voxels())
         self.planes = nn.ParameterList(nn.Parameter(scale * torch.randn(1, components, *self._plane_size(axes, shape)))
                                        for axes, _ in self.modes)
-        self.lines = nn.ParameterList(nn.Parameter(scale * torch.randn(1, components, shape[c], 1)) for _, c in self.modes)
+        self.lines = nn.ParameterList(nn.Parameter(scale * torch.randn(1, components, shape[c], 1))
+                                      for _, c in self.modes)
 
     @staticmethod
     def _plane_size(axes: tuple[int, ...], shape: list[int]) -> tuple[int, int]:

@@ -148,7 +148,8 @@ class VoxelGridField(Field):
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         u, inside = self._inside(x)
-        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1), CamQuery(u, d)))
+        rgb = torch.sigmoid(self.color_net(torch.cat([self.feature_grid(u), self.view_encoding(d)], -1),
+                                           CamQuery(u, d)))
         return {"density": self._density(u, inside), "rgb": rgb}
 
     def grow(self, progress: float) -> bool:

@@ -73,7 +73,8 @@ def _evaluate_lattice(inside_fn: InsideFn, origin: Tensor, spacing: float, cells
     return values.view(shape)
 
 
-def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def remove_small_components(vertices: np.ndarray, faces: np.ndarray,
+                            min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Drop connected pieces whose area is below `min_fraction` of the largest piece's (floaters)."""
     mesh = trimesh.Trimesh(vertices, faces, process=False)
     if len(faces) == 0:

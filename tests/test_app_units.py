@@ -114,6 +114,7 @@ def test_every_backend_builds_an_sdf_from_images_at_its_cpu_preset(backend):
 
 def cameras_at(azimuths_deg, distance=4.0, height=1.0):
     from geometry import look_at
+
     from recon.data.cameras import Cameras
 
     a = np.radians(azimuths_deg)

@@ -3,12 +3,12 @@ pipeline reloads to identical outputs. Backend-specific behaviour has its own te
 
 import pytest
 import torch
+from test_fit import small_config
 
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene
 from recon.fields import REGISTRY, build_field
-from test_fit import small_config
 
 BOX = torch.tensor([[-1.0, -1.0, -0.5], [1.0, 1.0, 0.5]])
 SMALL = {
@@ -122,7 +122,8 @@ def test_bounded_backends_contract_unbounded_space_and_keep_it_on_reload():
 def test_a_parameter_budget_sizes_every_backend(name):
     from recon.fields import final_parameters, options_for_budget
 
-    for task, box, budget in (("radiance", BOX, 300_000), ("image", torch.tensor([[0.0, 0.0], [300.0, 200.0]]), 60_000)):
+    for task, box, budget in (("radiance", BOX, 300_000),
+                              ("image", torch.tensor([[0.0, 0.0], [300.0, 200.0]]), 60_000)):
         base = SMALL[name] if task == "radiance" else {}  # small backbones, so every budget can be met
         options = options_for_budget(name, box, task, budget, **base)
         count = final_parameters(name, box, task, **options)

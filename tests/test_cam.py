@@ -24,7 +24,8 @@ RADIANCE = {"hashgrid": {"levels": 4, "log2_table": 12, "max_resolution": 64},
 
 def queries(n: int, dims: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, dims, generator=g) * 2 - 1, torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
+    return (torch.rand(n, dims, generator=g) * 2 - 1,
+            torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1))
 
 
 def perturb(field) -> None:
@@ -123,7 +124,8 @@ def test_eight_bit_quantiser_is_min_max_straight_through():
     w = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0], requires_grad=True)
     q = quantize_straight_through(w, 8)
     steps = q.detach() / 2.0 * 127  # s = max |w| = 2: every value on the 127-step lattice
-    assert torch.allclose(steps, steps.round(), atol=1e-4) and (q.detach() - w.detach()).abs().max() <= 2.0 / 127 / 2 + 1e-6
+    assert (torch.allclose(steps, steps.round(), atol=1e-4)
+            and (q.detach() - w.detach()).abs().max() <= 2.0 / 127 / 2 + 1e-6)
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones(5))
 

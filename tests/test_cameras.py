@@ -11,9 +11,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from geometry import look_at
 
 from recon.data.cameras import Cameras
-from geometry import look_at
 from recon.data.scene import load_scene
 
 RADTAN = (0.06, -0.08, 0.0, 0.0, -0.001, 0.0004)  # k1 k2 k3 k4 p1 p2, fox-like

@@ -57,7 +57,8 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
                 ["export", "sdf", str(run), "--resolution", "2"], ["export", "pointcloud", str(run), "--points", "0"],
                 ["export", "video", str(run), "--path", "nowhere"],
                 ["fit", str(tiny_scene), "--quantize", "-1", "--out", str(tmp_path / "never")],
-                ["fit", str(tiny_scene), "-o", "levels=-3", "--out", str(tmp_path / "never")], ["export", "mesh", str(run), "--resolution", "4"],
+                ["fit", str(tiny_scene), "-o", "levels=-3", "--out", str(tmp_path / "never")],
+                ["export", "mesh", str(run), "--resolution", "4"],
                 ["export", "mesh", str(run), "--crop", "10", "10", "10", "11", "11", "11"],
                 ["export", "mesh", str(run), "--resolution", "16", "--level", "2"],  # no opacity reaches 2: no surface
                 ["render", str(run), "--downscale", "0"]):
@@ -109,7 +110,8 @@ def test_a_run_trained_on_a_gpu_loads_on_a_machine_without_one(tiny_scene, tmp_p
 
 def test_a_bad_kernels_setting_is_one_line_exit_2(tiny_scene, tmp_path):
     result = recon("fit", str(tiny_scene), "--out", str(tmp_path / "run"), env=os.environ | {"RECON_KERNELS": "gpu"})
-    assert result.returncode == 2 and result.stderr.strip() == "recon: error: RECON_KERNELS='gpu' is not one of auto, off, cpu"
+    assert (result.returncode == 2
+            and result.stderr.strip() == "recon: error: RECON_KERNELS='gpu' is not one of auto, off, cpu")
     assert not (tmp_path / "run").exists()
 
 

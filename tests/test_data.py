@@ -10,8 +10,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-
 from geometry import look_at
+
 from recon.data.convert import write_transforms
 from recon.data.scene import SceneError, load_scene, read_capture
 
@@ -387,8 +387,8 @@ def test_shared_lego_and_fox():
 
 
 def test_visual_hull_seed_keeps_every_cell_the_surface_crosses(tiny_scene):
-    from recon.data.synthetic import scene_sdf
     from recon.data.scene import visual_hull
+    from recon.data.synthetic import scene_sdf
     from recon.renderers import OccupancyGrid
 
     scene = load_scene(tiny_scene)

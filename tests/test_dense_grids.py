@@ -3,13 +3,13 @@ short fit) and TensoRF's vector-matrix factors (upscaling, L1)."""
 
 import pytest
 import torch
+from test_fit import small_config
 
 from recon.app.evaluate import evaluate
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
 from recon.data.scene import load_scene
 from recon.fields import build_field
-from test_fit import small_config
 
 BOX = torch.tensor([[-1.0, -1.0, -0.5], [1.0, 1.0, 0.5]])
 
@@ -48,7 +48,8 @@ def test_upscaling_keeps_the_function_and_reloads():
     grown = field.resolution
     assert all(b / a == pytest.approx(2 ** (1 / 3), rel=0.1) for a, b in zip(start, grown))
     after = field(x, d)
-    assert torch.allclose(before["density"], after["density"], rtol=1e-4) and torch.allclose(before["rgb"], after["rgb"], atol=1e-5)
+    assert (torch.allclose(before["density"], after["density"], rtol=1e-4)
+            and torch.allclose(before["rgb"], after["rgb"], atol=1e-5))
 
     pipeline = Pipeline(field, {"aabb": BOX.tolist(), "resolution": 8, "levels": 1, "step_size": 0.01},
                         Pipeline.build("voxel", {}, BOX, 1.0, 0.0, 0.0, 8, 64).tracer)
@@ -72,7 +73,8 @@ def test_voxel_field_fits_the_tiny_scene(tiny_scene):
     cfg = small_config(tiny_scene, field="voxel", field_options={"num_voxels": 48**3}, steps=300)
     trainer = Trainer(cfg, scene)
     trainer.run()
-    assert int(trainer.pipeline.field.density_grid.upscaling.done) == 4  # every milestone passed, the optimiser rebuilt each time
+    # every milestone passed, the optimiser rebuilt each time
+    assert int(trainer.pipeline.field.density_grid.upscaling.done) == 4
     result = evaluate(trainer.pipeline, scene.splits["test"], stride=1, chunk=8192)
     assert result["mean"]["psnr"] > 22.0, result["mean"]
 
@@ -91,6 +93,7 @@ def test_vector_matrix_upscaling_keeps_the_function_and_switches_l1():
     start = list(field.density_factors.planes[0].shape)
     assert field.update(0.15) and list(field.density_factors.planes[0].shape) != start
     after = field(x, d)
-    assert torch.allclose(before["density"], after["density"], rtol=1e-4) and torch.allclose(before["rgb"], after["rgb"], atol=1e-5)
+    assert (torch.allclose(before["density"], after["density"], rtol=1e-4)
+            and torch.allclose(before["rgb"], after["rgb"], atol=1e-5))
     assert (field.regularization() / field.density_factors.l1()).item() == pytest.approx(4e-5)
     assert l1_before is None  # none before the first upscale (see recon.fields.vm)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
 from geometry import look_at
+
 from recon.app.export import extract_mesh, point_cloud, signed_distance_volume, simplify
 from recon.app.metrics import mesh_distances
 from recon.app.pipeline import Pipeline, Tracer

@@ -66,7 +66,8 @@ def reference_encoding(enc: HashGridEncoding, points: np.ndarray) -> np.ndarray:
                         else:
                             index = (ix * PRIMES[0] ^ iy * PRIMES[1] ^ iz * PRIMES[2]) & (size - 1)
                         assert index < rows
-                        weight = (frac[0] if cx else 1 - frac[0]) * (frac[1] if cy else 1 - frac[1]) * (frac[2] if cz else 1 - frac[2])
+                        weight = ((frac[0] if cx else 1 - frac[0]) * (frac[1] if cy else 1 - frac[1])
+                                  * (frac[2] if cz else 1 - frac[2]))
                         feature += weight * table[offset + index]
             out[p, level * enc.features : (level + 1) * enc.features] = feature
         offset += rows
@@ -78,7 +79,8 @@ def test_hash_encoding_matches_naive_reference():
     enc = small_encoding()
     assert enc.dense_levels == 3
     rng = np.random.default_rng(1)
-    points = [rng.random((20, 3), dtype=np.float32), np.array([[0, 0, 0], [1, 1, 1], [1, 0, 1], [1, 0.3, 0.7], [0.2, 1, 1]], np.float32)]
+    points = [rng.random((20, 3), dtype=np.float32),
+              np.array([[0, 0, 0], [1, 1, 1], [1, 0, 1], [1, 0.3, 0.7], [0.2, 1, 1]], np.float32)]
     # On vertices of levels 0 and 3 (x * scale + 0.5 integral, up to fp32 rounding).
     for level in (0, 3):
         scale = enc.hash_levels.scale[level].item()
@@ -143,7 +145,8 @@ def real_sh(l: int, m: int, d: np.ndarray) -> float:
 
 def test_sh_matches_formula_and_is_orthonormal():
     sh = SHEncoding(4)
-    dirs = F.normalize(torch.tensor([[1.0, 0, 0], [0, 0, -1], [0.3, -0.5, 0.8], [-0.7, 0.2, -0.1], [0.1, 0.9, 0.4]], dtype=torch.float64), dim=-1)
+    dirs = F.normalize(torch.tensor([[1.0, 0, 0], [0, 0, -1], [0.3, -0.5, 0.8], [-0.7, 0.2, -0.1], [0.1, 0.9, 0.4]],
+                                    dtype=torch.float64), dim=-1)
     expected = [[real_sh(l, m, d.numpy()) for l in range(4) for m in range(-l, l + 1)] for d in dirs]
     np.testing.assert_allclose(sh(dirs).numpy(), expected, atol=1e-12)
     assert SHEncoding(2)(dirs).shape == (5, 4)

@@ -29,7 +29,8 @@ from recon.renderers.compositing import integrate
 def builds() -> list:
     kinds = [pytest.param("cpu", id="cpu")]
     reason = "no GPU: the CUDA build is checked on a GPU machine (BENCHMARKS.md records those runs)"
-    kinds.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)))
+    kinds.append(pytest.param("cuda", id="cuda",
+                              marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)))
     return kinds
 
 
@@ -47,7 +48,8 @@ def packed_samples(device: str, seed: int = 0) -> Samples:
     return Samples(ray_idx.to(device), t0.to(device), (t0 + 0.01).to(device), 100)
 
 
-@pytest.mark.parametrize("stop_eps, ahead", [(0.0, False), (1e-4, False), (1e-2, True)], ids=["no-stop", "ngp", "ahead"])
+@pytest.mark.parametrize("stop_eps, ahead", [(0.0, False), (1e-4, False), (1e-2, True)],
+                         ids=["no-stop", "ngp", "ahead"])
 def test_compositing_matches_the_twin(kernels, stop_eps, ahead):
     """Colour, opacity, weighted distance and weights, and the gradients of all four, with early termination
     (some rays turn opaque part way) and optical depth already crossed (front-to-back rendering)."""
@@ -144,7 +146,8 @@ def test_nearest_kernels_match_brute_force(kernels, monkeypatch, dims, k):
     device, _ = kernels
     monkeypatch.setenv("RECON_KERNELS", "cpu" if device == "cpu" else "auto")
     g = torch.Generator().manual_seed(dims)
-    centres = torch.cat([torch.rand(300, dims, generator=g), 0.5 + 0.03 * torch.randn(300, dims, generator=g)]).clamp(0, 1)
+    centres = torch.cat([torch.rand(300, dims, generator=g),
+                         0.5 + 0.03 * torch.randn(300, dims, generator=g)]).clamp(0, 1)
     points = torch.cat([torch.rand(5000, dims, generator=g), torch.tensor([[0.0] * dims, [1.0] * dims])])
     index, distance = NearestKernels(centres.to(device), k, "grid").query(points.to(device))
     expected_index, expected_distance = nearest_brute_force(points, centres, k)
@@ -182,7 +185,8 @@ print(torch.__version__, "built:", " ".join(sorted(n for n in dir(ext) if not n.
 
 
 @pytest.mark.skipif(not os.environ.get("RECON_CUDA_PYTHON"),
-                    reason="RECON_CUDA_PYTHON (a python with a CUDA build of torch, and recon) not set; .ci/run sets it")
+                    reason="RECON_CUDA_PYTHON (a python with a CUDA build of torch, and recon) not set; "
+                           ".ci/run sets it")
 def test_the_cuda_extension_builds_against_a_cuda_torch(tmp_path):
     """The whole first-use build on a GPU machine, done without one: recon's loader with a CUDA build of torch
     compiles both sources, links them against torch's CUDA libraries and the CUDA runtime, and imports the
@@ -213,7 +217,8 @@ def test_the_cuda_build_finds_the_toolkit_behind_an_nvcc_wrapper(monkeypatch, tm
     assert cpp_extension.CUDA_HOME == str(tmp_path)
 
 
-@pytest.mark.parametrize("levels, cone, near, cap", [(1, 0.0, 0.0, 1024), (3, 1 / 256, 0.2, 1024), (2, 1 / 128, 0.1, 7)])
+@pytest.mark.parametrize("levels, cone, near, cap",
+                         [(1, 0.0, 0.0, 1024), (3, 1 / 256, 0.2, 1024), (2, 1 / 128, 0.1, 7)])
 def test_marching_keeps_the_twins_intervals(kernels, levels, cone, near, cap):
     device, ext = kernels
     g = torch.Generator().manual_seed(levels)

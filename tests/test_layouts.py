@@ -64,7 +64,8 @@ def write_colmap_text(scene: Path, out: Path, points: int = 500) -> Path:
     lines = []
     for i, view in enumerate(views, start=1):
         rgba = view["image"] / 255.0
-        iio.imwrite(images / view["name"], (255 * (rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:])).round().astype(np.uint8))
+        iio.imwrite(images / view["name"],
+                    (255 * (rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:])).round().astype(np.uint8))
         c2w_cv = view["c2w"][:3, :3] @ FLIP
         w2c_rot, centre = c2w_cv.T, view["c2w"][:3, 3]
         x, y, z, qw = pycolmap.Rotation3d(w2c_rot).quat  # Eigen's (x, y, z, w)
@@ -160,14 +161,16 @@ def test_colmap_camera_models_project_as_colmap_does(model):
 def test_neus_cameras_and_masks(tiny_scene, reference, tmp_path):
     scene = load_scene(write_neus(tiny_scene, tmp_path / "neus"))
     assert "NeuS/IDR" in scene.summary["convention"] and not scene.unbounded
-    expected = np.linalg.inv(np.diag([0.8, 0.8, 0.8, 1.0]) + np.pad(np.array([[0.1], [-0.2], [0.05]]), ((0, 1), (3, 0))))
+    expected = np.linalg.inv(np.diag([0.8, 0.8, 0.8, 1.0])
+                             + np.pad(np.array([[0.1], [-0.2], [0.05]]), ((0, 1), (3, 0))))
     np.testing.assert_allclose(scene.to_unit.numpy(), expected, atol=1e-6)
     views = true_views(tiny_scene)
     for split in ("train", "test"):
         for i, name in enumerate(scene.splits[split].names):
             view = views[int(Path(name).stem)]
             ref_split = view["name"].split("_")[0]
-            j = next(k for k, n in enumerate(reference.splits[ref_split].names) if view["name"] == f"{ref_split}_{Path(n).name}")
+            j = next(k for k, n in enumerate(reference.splits[ref_split].names)
+                     if view["name"] == f"{ref_split}_{Path(n).name}")
             for got, want in zip(world_rays(scene, split, i), world_rays(reference, ref_split, j)):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
             alpha = scene.splits[split].image(i)[..., 3]

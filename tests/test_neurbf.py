@@ -70,7 +70,8 @@ def test_kernels_and_sinusoidal_composition_match_their_formulas():
             phis = torch.stack(phis)
             if normalize:
                 phis = phis / (phis.sum() + 1e-8)
-            expected = sum(rbf.features[j].double() * torch.sin(p * m.double()) for j, p in zip(index[n].tolist(), phis))
+            expected = sum(rbf.features[j].double() * torch.sin(p * m.double())
+                           for j, p in zip(index[n].tolist(), phis))
             assert torch.allclose(out[n].double(), expected, atol=1e-5), (kernel, n)
 
 
@@ -109,7 +110,8 @@ def fit(target, options: dict, steps: int, **overrides):
 
 def test_neurbf_fits_an_image_and_places_kernels_on_its_edges(tmp_path):
     y, x = np.mgrid[0:48, 0:64] / 48.0
-    image = np.stack([0.2 + 0.6 * ((x - 0.7) ** 2 + (y - 0.5) ** 2 < 0.08), 0.5 + 0.3 * np.sin(4 * x), 0.3 + 0.4 * y], -1)
+    image = np.stack([0.2 + 0.6 * ((x - 0.7) ** 2 + (y - 0.5) ** 2 < 0.08), 0.5 + 0.3 * np.sin(4 * x),
+                      0.3 + 0.4 * y], -1)
     path = tmp_path / "disc.png"
     imageio.imwrite(path, (image * 255).astype(np.uint8))
     trainer = fit(load_image(path), {"kernels": 300}, steps=300)

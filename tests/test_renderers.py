@@ -10,7 +10,6 @@ import torch
 
 from recon.cuda.twins import render_weights
 from recon.data.rays import Rays
-from recon.renderers.packing import ray_starts
 from recon.renderers import (
     OccupancyGrid,
     Samples,
@@ -21,6 +20,7 @@ from recon.renderers import (
     render_chunked,
     render_rays,
 )
+from recon.renderers.packing import ray_starts
 
 UNIT = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
 STEP = math.sqrt(3) * 2 / 1024  # instant-ngp's step: the box diagonal / 1024

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import trimesh
+from test_fit import small_config
 
 from recon.app.export import export_box, extract_mesh
 from recon.app.metrics import mesh_distances
@@ -17,7 +18,6 @@ from recon.data.rays import Rays
 from recon.data.scene import load_scene
 from recon.fields import build_field
 from recon.fields.surface import optical_depth
-from test_fit import small_config
 
 BOX = torch.tensor([[-1.0] * 3, [1.0] * 3])
 RADIUS = 0.5

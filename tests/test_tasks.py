@@ -16,8 +16,14 @@ from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
 from recon.data.loaders import SceneError
-from recon.data.targets import (load_image, load_mesh, open3d_available, sdf_samples, signed_distance,
-                                signed_distance_reference)
+from recon.data.targets import (
+    load_image,
+    load_mesh,
+    open3d_available,
+    sdf_samples,
+    signed_distance,
+    signed_distance_reference,
+)
 from recon.fields import REGISTRY, build_field
 from recon.fields.encodings import GaussianFourierEncoding
 
@@ -43,7 +49,8 @@ def test_every_backend_has_small_coordinate_configurations():
 def photo(tmp_path_factory):
     """A 48x40 image with smooth shading, a sharp disc and fine stripes: something to fit, not a constant."""
     y, x = np.mgrid[0:40, 0:48] / 40.0
-    image = np.stack([0.5 + 0.4 * np.sin(3 * x), 0.3 + 0.5 * y, 0.2 + 0.6 * ((x - 0.6) ** 2 + (y - 0.5) ** 2 < 0.1)], -1)
+    image = np.stack([0.5 + 0.4 * np.sin(3 * x), 0.3 + 0.5 * y,
+                      0.2 + 0.6 * ((x - 0.6) ** 2 + (y - 0.5) ** 2 < 0.1)], -1)
     image[:, ::6, 1] = 0.9
     path = tmp_path_factory.mktemp("image") / "photo.png"
     imageio.imwrite(path, (image.clip(0, 1) * 255).astype(np.uint8))
@@ -159,7 +166,8 @@ def test_image_field_box_is_in_pixels_and_images_load_as_rgb(photo, tmp_path):
     image = load_image(photo)
     assert (image.width, image.height) == (48, 40) and image.pixels.shape == (40, 48, 3)
     centres = image.pixel_centres()
-    assert centres[0].tolist() == [0.5, 0.5] and centres[47].tolist() == [47.5, 0.5] and centres[48].tolist() == [0.5, 1.5]
+    assert (centres[0].tolist() == [0.5, 0.5] and centres[47].tolist() == [47.5, 0.5]
+            and centres[48].tolist() == [0.5, 1.5])
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 3] = 0  # transparent: composited on white
     imageio.imwrite(tmp_path / "clear.png", rgba)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import viser
 import zstandard
+from test_fit import small_config
 from websockets.sync.client import connect
 
 from recon.app import viewer as viewer_module
@@ -17,7 +18,6 @@ from recon.app.evaluate import evaluate
 from recon.app.trainer import Trainer
 from recon.app.viewer import RenderSettings, Viewer, cameras_to_viser, render_frame, viser_camera_to_cameras
 from recon.data.scene import load_scene
-from test_fit import small_config
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -77,9 +77,10 @@ class Browser:
                               max_size=2**26)
 
     def look(self, wxyz, position, fov: float, size: tuple[int, int] = (120, 160)) -> None:
-        message = {"type": "ViewerCameraMessage", "wxyz": list(map(float, wxyz)), "position": list(map(float, position)),
-                   "fov": float(fov), "near": 0.01, "far": 100.0, "image_height": size[0], "image_width": size[1],
-                   "look_at": [0.0, 0.0, 0.0], "up_direction": [0.0, 0.0, 1.0]}
+        message = {"type": "ViewerCameraMessage", "wxyz": list(map(float, wxyz)),
+                   "position": list(map(float, position)), "fov": float(fov), "near": 0.01, "far": 100.0,
+                   "image_height": size[0], "image_width": size[1], "look_at": [0.0, 0.0, 0.0],
+                   "up_direction": [0.0, 0.0, 1.0]}
         self.socket.send(msgspec.msgpack.encode(message))
 
     def frames(self, seconds: float) -> int:
