@@ -2,10 +2,12 @@
 
 The scene is shown in the unit frame the field lives in. Each browser tab (client) has its own camera;
 one render thread serves them all, progressively: a small frame while the camera moves, the full
-resolution once it rests, a refresh when training has moved on. Rendering shares the field with the
-training step through one lock, taken per chunk of rays, so a step never waits longer than a chunk,
-and it sleeps after each frame so that it uses at most `share` of the wall time while training runs.
-A frame that fails is logged and dropped; it never stops training.
+resolution once it rests, a refresh when training has moved on. Tabs are served in turn (`pick_view`): a
+camera that moved goes first, then the view shown longest ago, so no tab starves another. Rendering shares
+the field with the training step through one lock, taken per chunk of rays, so a step never waits longer
+than a chunk; while training runs the thread rests after each frame so that its rendering (not its waits for
+the lock) takes at most `share` of the wall time, and a camera move ends the rest and any frame that the
+move made stale. A frame that fails is logged and dropped; it never stops training.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ class RenderSettings:
 
 
 def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int,
-                 lock: threading.Lock | None = None) -> np.ndarray:
+                 lock: Any = None, stale: Callable[[], bool] = lambda: False) -> np.ndarray | None:
     """One frame [H, W, 3] uint8 of `camera` (one camera) in the settings' mode, rendered `chunk` rays at a
-    time, each chunk under `lock` (the training step's)."""
+    time, each chunk under `lock` (the training step's); None once `stale()` says, between chunks, that the
+    frame is no longer wanted."""
     device = pipeline.device
     rays = camera.to(device).image_rays(0)
     height, width = int(camera.height[0]), int(camera.width[0])
@@ -85,6 +88,8 @@ def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, 
     guard = lock or threading.Lock()
     was_training = pipeline.field.training
     for start in range(0, len(rays), chunk):
+        if stale():
+            return None
         part = rays[start : start + chunk]
         with guard:
             pipeline.field.eval()
@@ -138,6 +143,50 @@ class ClientView:
     rendered: tuple = ()  # (camera time, rows, model version, wall time) of the frame on screen
 
 
+def pick_view(views: list[ClientView], resolution: int, version: int, training: bool,
+              now: float) -> tuple[ClientView | None, int]:
+    """The view to render next and its rows, or (None, 0) when none needs a frame. A view needs one when its
+    camera moved, when it rests on a preview, or when the model or the settings changed (while training: at
+    most every REFRESH_SECONDS). A moved camera goes first (the latest move first: previews answer the hand
+    on the mouse), then the view whose frame is oldest, so tabs are served in turn."""
+    moved, waiting = [], []
+    for view in views:
+        moving = now - view.camera_time < MOVING_SECONDS
+        rows = max(16, resolution // PREVIEW_DIVISOR) if moving else resolution
+        if not view.rendered:
+            moved.append((view.camera_time, view, rows))
+            continue
+        shown_camera, shown_rows, shown_version, shown_at = view.rendered
+        if shown_camera != view.camera_time:
+            moved.append((view.camera_time, view, rows))
+        elif not moving and (shown_rows < rows or (shown_version != version
+                                                   and (not training or now - shown_at > REFRESH_SECONDS))):
+            waiting.append((shown_at, view, rows))
+    if moved:
+        _, view, rows = max(moved, key=lambda job: job[0])
+        return view, rows
+    if waiting:
+        _, view, rows = min(waiting, key=lambda job: job[0])
+        return view, rows
+    return None, 0
+
+
+class WaitTimer:
+    """A lock's context manager that counts the seconds spent waiting to acquire it (`waited`), so the
+    viewer's share is reckoned on its own work, not on the training step it waits behind."""
+
+    def __init__(self, lock: Any):
+        self.lock, self.waited = lock, 0.0
+
+    def __enter__(self) -> None:
+        started = time.perf_counter()
+        self.lock.acquire()
+        self.waited += time.perf_counter() - started
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+
+
 @dataclass
 class Stats:
     text: str = "a trained run"  # replaced by the training's reports
@@ -160,6 +209,7 @@ class Viewer:
         self.stats = Stats()
         self.paused = threading.Event()
         self.stopped = threading.Event()
+        self.camera_moved = threading.Event()  # ends the render thread's rest
         self.views: dict[int, ClientView] = {}
         self.frames_sent = 0
         self.port = free_port(host, port)
@@ -261,6 +311,7 @@ class Viewer:
         @client.camera.on_update
         def _(_: Any) -> None:
             view.camera_time = time.perf_counter()
+            self.camera_moved.set()
 
     # ---- the training side -----------------------------------------------------------------
 
@@ -285,45 +336,33 @@ class Viewer:
 
     def _render_loop(self) -> None:
         while not self.stopped.is_set():
-            view, rows = self._next_job()
+            self.camera_moved.clear()
+            view, rows = pick_view(list(self.views.values()), self.settings.resolution, self.stats.version,
+                                   self.stats.training, time.perf_counter())
             if view is None:
-                time.sleep(0.01)
+                self.camera_moved.wait(0.01)
                 continue
-            started = time.perf_counter()
+            started, timer = time.perf_counter(), WaitTimer(self.lock)
+            camera_time, version = view.camera_time, self.stats.version
             try:
-                camera_time, version = view.camera_time, self.stats.version
                 cam = view.client.camera
                 camera = viser_camera_to_cameras(cam.wxyz, cam.position, cam.fov, cam.aspect, rows)
-                frame = render_frame(self.pipeline, camera, self.settings, self.chunk, self.lock)
-                view.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=85)
-                view.rendered = (camera_time, rows, version, time.perf_counter())
-                self.frames_sent += 1
+                frame = render_frame(self.pipeline, camera, self.settings, self.chunk, timer,
+                                     stale=lambda: view.camera_time != camera_time or self.stopped.is_set())
+                if frame is not None:
+                    view.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=85)
+                    view.rendered = (camera_time, rows, version, time.perf_counter())
+                    self.frames_sent += 1
             except Exception:  # a view that fails to render is dropped; training goes on
                 log.exception("viewer: frame dropped")
-                view.rendered = (view.camera_time, rows, self.stats.version, time.perf_counter())
-            spent = time.perf_counter() - started
+                view.rendered = (camera_time, rows, version, time.perf_counter())
+            spent = time.perf_counter() - started - timer.waited  # rendering, not waiting behind a step
             if self.stats.training and not self.paused.is_set():
-                self.stopped.wait(spent * (1 - self.share) / self.share)
-
-    def _next_job(self) -> tuple[ClientView | None, int]:
-        """The first view that needs a frame, and the rows to render it at, or (None, 0). A view needs one
-        when its camera moved, when it rests on a preview, or when the model or the settings changed (while
-        training: at most every REFRESH_SECONDS)."""
-        now = time.perf_counter()
-        for view in list(self.views.values()):
-            moving = now - view.camera_time < MOVING_SECONDS
-            rows = max(16, self.settings.resolution // PREVIEW_DIVISOR) if moving else self.settings.resolution
-            if not view.rendered:
-                return view, rows
-            shown_camera, shown_rows, shown_version, shown_at = view.rendered
-            changed = shown_version != self.stats.version and (not self.stats.training
-                                                               or now - shown_at > REFRESH_SECONDS)
-            if shown_camera != view.camera_time or (not moving and (shown_rows < rows or changed)):
-                return view, rows
-        return None, 0
+                self.camera_moved.wait(spent * (1 - self.share) / self.share)
 
     def close(self) -> None:
         self.stopped.set()
+        self.camera_moved.set()
         self.thread.join(timeout=5)
         self.server.stop()
 

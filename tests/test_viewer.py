@@ -16,7 +16,16 @@ from websockets.sync.client import connect
 from recon.app import viewer as viewer_module
 from recon.app.evaluate import evaluate
 from recon.app.trainer import Trainer
-from recon.app.viewer import RenderSettings, Viewer, cameras_to_viser, render_frame, viser_camera_to_cameras
+from recon.app.viewer import (
+    REFRESH_SECONDS,
+    ClientView,
+    RenderSettings,
+    Viewer,
+    cameras_to_viser,
+    pick_view,
+    render_frame,
+    viser_camera_to_cameras,
+)
 from recon.data.scene import load_scene
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -57,6 +66,8 @@ def test_frames_in_every_mode_and_a_crop_that_leaves_nothing(trained, tiny_scene
     far_away = torch.tensor([[5.0, 5.0, 5.0], [6.0, 6.0, 6.0]])
     empty = render_frame(pipeline, camera, RenderSettings(crop=far_away), chunk=300)
     assert (empty == 255).all()  # nothing inside the crop box: white
+    chunks = iter([False, False, True])  # the camera moves after two of the frame's six chunks: dropped
+    assert render_frame(pipeline, camera, RenderSettings(), chunk=300, stale=lambda: next(chunks)) is None
     same = viser_camera_to_cameras(wxyz, position, fov, aspect, int(cameras.height[0]))
     reference = pipeline.render_view(cameras, 0)["rgb"]
     ours = render_frame(pipeline, same, RenderSettings(), chunk=999)
@@ -118,6 +129,62 @@ def test_server_renders_for_a_browser_camera_and_survives_a_failing_frame(traine
         assert "frame dropped" in caplog.text and viewer.thread.is_alive()
     finally:
         browser.close()
+        viewer.close()
+
+
+def test_tabs_are_served_in_turn_and_a_moved_camera_first():
+    """Every view needs a refresh (training moved on): the one shown longest ago goes first, so a second tab
+    is not starved by the first; a camera that moves jumps the queue, at preview size."""
+    now = 100.0
+    first = ClientView("first", camera_time=1.0, rendered=(1.0, 64, 0, now - REFRESH_SECONDS - 0.5))
+    second = ClientView("second", camera_time=2.0, rendered=(2.0, 64, 0, now - REFRESH_SECONDS - 1.0))
+    assert pick_view([first, second], 64, 1, True, now) == (second, 64)
+    second.rendered = (2.0, 64, 1, now)  # served; now the first's turn, though it comes first in the list
+    assert pick_view([first, second], 64, 1, True, now) == (first, 64)
+    first.rendered = (1.0, 64, 1, now)
+    assert pick_view([first, second], 64, 1, True, now) == (None, 0)  # nothing changed since
+    second.camera_time = now - 0.01  # moving: a preview, ahead of any refresh
+    assert pick_view([first, second], 64, 2, True, now) == (second, 16)
+    fresh = ClientView("fresh", camera_time=now)  # a new tab, never shown
+    assert pick_view([first, fresh], 64, 1, True, now)[0] is fresh
+
+
+def test_a_camera_move_ends_the_viewers_rest_and_every_tab_gets_frames_while_training(trained, tiny_scene):
+    """While training (simulated: the model version moves on every 50 ms) the render thread rests 9999 times a
+    frame's rendering after each frame (share 1e-4: minutes); a camera move ends that rest, and two tabs both
+    get frames."""
+    pipeline, scene = trained
+    cameras = scene.splits["train"].cameras
+    viewer = Viewer(pipeline, cameras, port=18100, chunk=2048, resolution=48, share=1e-4)
+    viewer.stats.training = True
+    ticking = True
+
+    def train() -> None:
+        while ticking:
+            viewer.stats.version += 1
+            time.sleep(0.05)
+
+    import threading
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    tabs = [Browser(viewer.port), Browser(viewer.port)]
+    try:
+        for tab, index in zip(tabs, (2, 7)):
+            tab.look(*cameras_to_viser(cameras, index)[:3])
+        assert all(tab.frames(20) >= 1 for tab in tabs)  # the second tab is not starved by the first
+        wxyz, position, fov, _ = cameras_to_viser(cameras, 4)
+        started = time.time()
+        tabs[0].look(wxyz, position, fov)
+        frames, deadline = 0, started + 15
+        while not frames and time.time() < deadline:
+            frames = tabs[0].frames(0.2)
+        # A full rest after even a 2 ms frame lasts 20 s: a frame within 15 s came from the move waking it.
+        assert frames >= 1, "the camera move did not end the render thread's rest"
+    finally:
+        ticking = False
+        for tab in tabs:
+            tab.close()
         viewer.close()
 
 
