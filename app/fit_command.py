@@ -29,7 +29,7 @@ from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
-from recon.app.view_command import VIEWER_ROWS, viewer_options, wait_for_ctrl_c
+from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
 from recon.data.checks import FRACTION
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
@@ -313,8 +313,8 @@ def fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = No
                    help="start the web viewer even without a terminal")
     p.add_argument("--no-viewer", dest="viewer", action="store_false", help="do not start the web viewer")
     p.add_argument("--keep-viewer", action="store_true", help="keep the viewer up after training, until Ctrl-C")
-    p.add_argument("--viewer-share", **number_option(FRACTION, 0.25, "the most of the wall time the viewer's "
-                                                                    "rendering takes while training"))
+    p.add_argument("--viewer-share", **number_option(FRACTION, VIEWER_SHARE, "the most of the wall time the "
+                                                     "viewer's rendering takes while training"))
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

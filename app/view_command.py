@@ -10,6 +10,10 @@ from recon.data.checks import Number
 from recon.data.scene import load_scene
 
 VIEWER_ROWS = {"cpu": 192, "gpu": 800}  # the viewer's resting frame height by machine preset
+# The viewer's rendering's share of the wall time while training (--viewer-share). Its lock hand-offs and image
+# encoding cost training about as much again: at 0.15 lego trains at 73% of its rays/s with a client dragging
+# its camera (BENCHMARKS.md), what 0.25 cost while waits behind a step still counted as rendering.
+VIEWER_SHARE = 0.15
 
 
 def viewer_options(p: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ resolution once it rests, a refresh when training has moved on. Tabs are served 
 camera that moved goes first, then the view shown longest ago, so no tab starves another. Rendering shares
 the field with the training step through one lock, taken per chunk of rays, so a step never waits longer
 than a chunk; while training runs the thread rests after each frame so that its rendering (not its waits for
-the lock) takes at most `share` of the wall time, and a camera move ends the rest and any frame that the
-move made stale. A frame that fails is logged and dropped; it never stops training.
+the lock) takes at most `share` of the wall time; a camera move shortens the rest to a preview's and drops
+any frame the move made stale. A frame that fails is logged and dropped; it never stops training.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class Viewer:
 
     def __init__(self, pipeline: Pipeline, train_cameras: Cameras | None = None,
                  thumbnails: list[np.ndarray] | None = None,
-                 host: str = "127.0.0.1", port: int = 8080, share: float = 0.25, chunk: int = 8192,
+                 host: str = "127.0.0.1", port: int = 8080, share: float = 1.0, chunk: int = 8192,
                  resolution: int = 256, on_export: Callable[[torch.Tensor | None], Any] | None = None,
                  on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None):
         self.pipeline, self.share, self.chunk = pipeline, share, chunk
@@ -209,7 +209,8 @@ class Viewer:
         self.stats = Stats()
         self.paused = threading.Event()
         self.stopped = threading.Event()
-        self.camera_moved = threading.Event()  # ends the render thread's rest
+        self.camera_moved = threading.Event()  # shortens the render thread's rest
+        self.preview_seconds = 0.0  # what the last preview frame took to render
         self.views: dict[int, ClientView] = {}
         self.frames_sent = 0
         self.port = free_port(host, port)
@@ -356,9 +357,23 @@ class Viewer:
             except Exception:  # a view that fails to render is dropped; training goes on
                 log.exception("viewer: frame dropped")
                 view.rendered = (camera_time, rows, version, time.perf_counter())
-            spent = time.perf_counter() - started - timer.waited  # rendering, not waiting behind a step
+            ended = time.perf_counter()
+            spent = ended - started - timer.waited  # rendering, not waiting behind a step
+            if rows < self.settings.resolution:
+                self.preview_seconds = spent
             if self.stats.training and not self.paused.is_set():
-                self.camera_moved.wait(spent * (1 - self.share) / self.share)
+                self._rest(ended, spent)
+
+    def _rest(self, ended: float, spent: float) -> None:
+        """Rest after a frame that took `spent` seconds so that rendering keeps its share of the time; a camera
+        move shortens the rest to what a preview's would be (so a drag after a full frame is answered within
+        a preview's rest, and a drag's previews are still paced at the share)."""
+        ratio = (1 - self.share) / self.share
+        until = ended + spent * ratio
+        while not self.stopped.is_set() and (left := until - time.perf_counter()) > 0:
+            if self.camera_moved.wait(left):
+                self.camera_moved.clear()
+                until = min(until, ended + self.preview_seconds * ratio)
 
     def close(self) -> None:
         self.stopped.set()

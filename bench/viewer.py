@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from recon.app.config import FitConfig
 from recon.app.trainer import Trainer
+from recon.app.view_command import VIEWER_SHARE
 from recon.app.viewer import RenderSettings, Viewer, cameras_to_viser, render_frame, viser_camera_to_cameras
 from recon.data.scene import load_scene
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("scene")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rows", type=int, default=192, help="the viewer's resting frame height while training")
-    parser.add_argument("--share", type=float, default=0.25)
+    parser.add_argument("--share", type=float, default=VIEWER_SHARE)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     scene = load_scene(args.scene)
