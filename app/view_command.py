@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from recon.app.cli_shared import load_run, number_option, require_task
+from recon.app.config import FitConfig
+from recon.app.run import RunDir
 from recon.data.checks import Number
 from recon.data.scene import load_scene
 
@@ -30,6 +33,20 @@ def wait_for_ctrl_c() -> None:
         pass
 
 
+def run_summary(run: RunDir, cfg: FitConfig) -> str:
+    """A finished run in a line of markdown: its field, training and test scores (from metrics.json)."""
+    head = f"**{run.path.name}** · {cfg.field}"
+    try:
+        metrics = json.loads(run.metrics.read_text())
+        train, mean = metrics["train"], metrics["mean"]
+        return (f"{head} · {train['steps']} steps in {train['seconds']:.0f} s · test PSNR {mean['psnr']:.2f} dB · "
+                f"SSIM {mean['ssim']:.4f}")
+    except FileNotFoundError:
+        return f"{head} · not evaluated (`recon eval {run.path}`)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{head} · metrics.json unreadable"
+
+
 def cmd_view(args: argparse.Namespace) -> None:
     from recon.app.viewer import start_viewer
 
@@ -37,7 +54,7 @@ def cmd_view(args: argparse.Namespace) -> None:
     require_task(cfg, "recon view", "radiance")
     scene = load_scene(cfg.scene, downscale=cfg.downscale)
     viewer = start_viewer(pipeline, scene, run, args.host, args.port, share=1.0, chunk=cfg.eval_chunk,
-                          resolution=VIEWER_ROWS[cfg.preset])
+                          resolution=VIEWER_ROWS[cfg.preset], summary=run_summary(run, cfg))
     print(f"viewer: {viewer.url} (Ctrl-C to quit)")
     try:
         wait_for_ctrl_c()

@@ -196,17 +196,20 @@ class Stats:
 
 class Viewer:
     """A viser server for one pipeline. `train_cameras` / `thumbnails` draw the training views;
-    `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame."""
+    `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame.
+    `summary` (markdown) shows a finished run: its text in place of the training's reports, and no training
+    controls."""
 
     def __init__(self, pipeline: Pipeline, train_cameras: Cameras | None = None,
                  thumbnails: list[np.ndarray] | None = None,
                  host: str = "127.0.0.1", port: int = 8080, share: float = 1.0, chunk: int = 8192,
                  resolution: int = 256, on_export: Callable[[torch.Tensor | None], Any] | None = None,
-                 on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None):
+                 on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None,
+                 summary: str | None = None):
         self.pipeline, self.share, self.chunk = pipeline, share, chunk
         self.lock = threading.RLock()
         self.settings = RenderSettings(resolution=resolution, crop=crop)
-        self.stats = Stats()
+        self.stats = Stats() if summary is None else Stats(text=summary)
         self.paused = threading.Event()
         self.stopped = threading.Event()
         self.camera_moved = threading.Event()  # shortens the render thread's rest
@@ -218,7 +221,7 @@ class Viewer:
         self.url = f"http://{host}:{self.port}"
         self._on_export, self._on_crop = on_export, on_crop
         self._build_scene(train_cameras, thumbnails)
-        self._build_gui()
+        self._build_gui(trains=summary is None)
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(lambda client: self.views.pop(client.client_id, None))
         self.thread = threading.Thread(target=self._render_loop, name="recon-viewer", daemon=True)
@@ -252,9 +255,13 @@ class Viewer:
         with client.atomic():
             client.camera.wxyz, client.camera.position = wxyz, position
 
-    def _build_gui(self) -> None:
+    def _build_gui(self, trains: bool) -> None:
         gui = self.server.gui
         self.stats_text = gui.add_markdown(self.stats.text)
+        self.pause_button = self._pause_control(gui) if trains else None
+        self._render_controls(gui)
+
+    def _pause_control(self, gui: Any) -> Any:
         pause = gui.add_button("Pause training")
 
         @pause.on_click
@@ -266,6 +273,9 @@ class Viewer:
                 self.paused.set()
                 pause.label = "Resume training"
 
+        return pause
+
+    def _render_controls(self, gui: Any) -> None:
         mode = gui.add_dropdown("Render", MODES, initial_value=self.settings.mode)
         mode.on_update(lambda _: self._set(mode=mode.value))
         rows = gui.add_slider("Resolution", 16, 1024, 8, self.settings.resolution)
@@ -332,6 +342,10 @@ class Viewer:
     def training_done(self) -> None:
         self.stats.training = False
         self.stats_text.content = self.stats.text + " · done"
+        if self.pause_button is not None:  # nothing left to pause (--keep-viewer)
+            self.pause_button.remove()
+            self.pause_button = None
+        self.paused.clear()
 
     # ---- rendering -------------------------------------------------------------------------
 
@@ -397,7 +411,7 @@ def thumbnails(split: Any, side: int = THUMBNAIL_SIDE) -> list[np.ndarray]:
 
 
 def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int, share: float, chunk: int,
-                 resolution: int, export_resolution: int = 256) -> Viewer:
+                 resolution: int, export_resolution: int = 256, summary: str | None = None) -> Viewer:
     """The viewer for a radiance run: its training views, its stored crop box (which "Use for export"
     replaces), and a mesh export into RUN/export that is then shown in the scene."""
     import json
@@ -430,5 +444,6 @@ def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int,
                                process=False)
 
     viewer = Viewer(pipeline, cameras, thumbnails(scene.splits["train"]), host=host, port=port, share=share,
-                    chunk=chunk, resolution=resolution, on_export=export, on_crop=save_crop, crop=crop)
+                    chunk=chunk, resolution=resolution, on_export=export, on_crop=save_crop, crop=crop,
+                    summary=summary)
     return viewer

@@ -204,6 +204,40 @@ def test_every_tab_gets_frames_while_training(trained, tiny_scene):
         viewer.close()
 
 
+def test_a_finished_run_shows_its_summary_and_no_training_controls(trained, tmp_path):
+    """`recon view`: the run's scores in the panel in place of training reports, and no pause button; a fit's
+    viewer loses its pause button once training is done (--keep-viewer)."""
+    import json
+
+    from recon.app.config import FitConfig
+    from recon.app.run import RunDir
+    from recon.app.view_command import run_summary
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    cfg = FitConfig(scene="scene", out=str(run.path), field="vm")
+    assert run_summary(run, cfg) == f"**run** · vm · not evaluated (`recon eval {run.path}`)"
+    run.metrics.write_text(json.dumps({"train": {"steps": 150, "seconds": 12.3},
+                                       "mean": {"psnr": 27.456, "ssim": 0.91234}}))
+    summary = run_summary(run, cfg)
+    assert summary == "**run** · vm · 150 steps in 12 s · test PSNR 27.46 dB · SSIM 0.9123"
+    run.metrics.write_text("{")
+    assert run_summary(run, cfg) == "**run** · vm · metrics.json unreadable"
+
+    pipeline, scene = trained
+    finished = Viewer(pipeline, scene.splits["train"].cameras, port=18110, resolution=32, summary=summary)
+    live = Viewer(pipeline, scene.splits["train"].cameras, port=18120, resolution=32)
+    try:
+        assert finished.pause_button is None and finished.stats_text.content == summary
+        assert live.pause_button is not None
+        live.paused.set()
+        live.training_done()
+        assert live.pause_button is None and not live.paused.is_set()
+    finally:
+        finished.close()
+        live.close()
+
+
 def test_training_with_a_watching_browser_reaches_the_same_floor(tiny_scene):
     scene = load_scene(tiny_scene)
     trainer = Trainer(small_config(tiny_scene), scene)
