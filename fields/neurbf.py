@@ -258,7 +258,7 @@ class NeuRBFField(VectorMatrixField):
         super().__init__(aabb, extra_appearance=rbf_features, **backbone)
         if kernels is None:
             # TensoRF's 16 / 48 components at this resolution, minus this backbone (its own MLP included).
-            reference = final_parameters("vm", aabb, **{k: v for k, v in vm_options.items() if k == "num_voxels"})
+            reference = final_parameters("vm", aabb, num_voxels=self.density_factors.upscaling.final)
             kernels = max(1, (reference - final_parameters("vm", aabb, **backbone)) // (rbf_features + 3 + 6))
         self.init_at, self.init_grid = init_at, init_grid
         extent = (self.aabb[1] - self.aabb[0])
