@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import math
 import time
 from datetime import datetime, timezone
@@ -81,63 +82,23 @@ def metrics_document(task: str, run_name: str, scene: str, pipeline: Pipeline, t
     }
 
 
-ARC_GAP_DEG = 120  # training cameras leaving a wider gap around the target are forward-facing: orbit an arc
-RING_UP_MAX_DEG = 30  # the camera ring's normal replaces the mean up vector when this close to it
-DEPTH_COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255  # viridis
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255
+# Depth colour maps, far to near: viridis, grey (dark far, light near, short of the white background) and a
+# rainbow (hue from violet far to red near: the most distinct steps, as turbo gives).
+COLORMAPS = {
+    "viridis": VIRIDIS,
+    "grey": np.array([[0.08] * 3, [0.85] * 3]),
+    "rainbow": np.array([colorsys.hsv_to_rgb(hue, 1.0, 0.95) for hue in np.linspace(0.78, 0.0, 8)]),
+}
 
 
-def orbit_cameras(reference: Cameras, frames: int) -> Cameras:
-    """Cameras circling the training cameras' centre of attention at their mean height and distance,
-    about the normal of the plane their centres lie in (or their mean up vector, see RING_UP_MAX_DEG).
-
-    When the training cameras leave a gap wider than ARC_GAP_DEG around it (a forward-facing capture),
-    the path sweeps back and forth over the arc they cover instead of going behind the scene.
-    """
-    centres = reference.c2w[:, :, 3]
-    up = reference.c2w[:, :, 1].mean(0)
-    up = up / up.norm()
-    # Cameras on a ring or a part of one: the ring's plane gives the up axis (the mean of the cameras' up
-    # vectors tilts towards a partial ring's middle). A planar grid facing the scene does not: keep the mean.
-    ring_normal = torch.linalg.svd(centres - centres.mean(0)).Vh[-1]
-    ring_normal = ring_normal * torch.sign(ring_normal @ up)
-    if ring_normal @ up > math.cos(math.radians(RING_UP_MAX_DEG)):
-        up = ring_normal
-    # The point closest to every optical axis (least squares) is what the cameras look at.
-    forward = -reference.c2w[:, :, 2]
-    projector = torch.eye(3) - forward[:, :, None] * forward[:, None, :]
-    target = torch.linalg.lstsq(projector.sum(0), (projector @ centres[:, :, None]).sum(0)).solution[:, 0]
-    offsets = centres - target
-    height = (offsets @ up).mean()
-    radius = (offsets - (offsets @ up)[:, None] * up).norm(dim=1).mean()
-    side = torch.linalg.svd(torch.eye(3) - up[:, None] * up[None]).U[:, 0]
-    side2 = torch.linalg.cross(up, side)
-    azimuths = torch.atan2(offsets @ side2, offsets @ side).sort().values
-    gaps = torch.diff(azimuths, append=azimuths[:1] + 2 * math.pi)
-    widest = int(gaps.argmax())
-    steps = torch.arange(frames) / frames
-    if gaps[widest] > math.radians(ARC_GAP_DEG):
-        start, span = azimuths[(widest + 1) % len(azimuths)], 2 * math.pi - gaps[widest]
-        angles = start + span * (1 - torch.cos(2 * math.pi * steps)) / 2  # there and back, easing at the ends
-    else:
-        angles = 2 * math.pi * steps
-    c2w = []
-    for angle in angles.tolist():
-        position = target + up * height + radius * (math.cos(angle) * side + math.sin(angle) * side2)
-        back = (position - target) / (position - target).norm()  # OpenGL cameras look down -z
-        right = torch.linalg.cross(up, back)
-        right = right / right.norm()
-        c2w.append(torch.stack([right, torch.linalg.cross(back, right), back, position], dim=1))
-    first = reference[[0] * frames]
-    return Cameras(c2w=torch.stack(c2w), fx=first.fx, fy=first.fy, cx=first.cx, cy=first.cy, width=first.width,
-                   height=first.height, distortion=torch.zeros_like(first.distortion),
-                   fisheye=torch.zeros_like(first.fisheye))
-
-
-def colorize_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: float) -> np.ndarray:
-    """Depth [H, W] as viridis RGB [H, W, 3] in [0, 1] (near bright), faded to white where nothing was hit."""
-    x = np.clip((far - depth) / max(far - near, 1e-9), 0, 1) * (len(DEPTH_COLORS) - 1)
-    anchors = np.arange(len(DEPTH_COLORS))
-    rgb = np.stack([np.interp(x, anchors, DEPTH_COLORS[:, c]) for c in range(3)], -1)
+def colorize_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: float,
+                   colors: np.ndarray = VIRIDIS) -> np.ndarray:
+    """Depth [H, W] as RGB [H, W, 3] in [0, 1], interpolating `colors` (far to near: near is the last), faded
+    to white where nothing was hit."""
+    x = np.clip((far - depth) / max(far - near, 1e-9), 0, 1) * (len(colors) - 1)
+    anchors = np.arange(len(colors))
+    rgb = np.stack([np.interp(x, anchors, colors[:, c]) for c in range(3)], -1)
     return rgb * opacity[..., None] + (1 - opacity[..., None])
 
 

@@ -117,13 +117,13 @@ def cmd_export_pointcloud(args: argparse.Namespace) -> None:
 
 def cmd_export_video(args: argparse.Namespace) -> None:
     run, cfg, pipeline, _ = load_run(args.run)
-    cameras = path_cameras(cfg, args.path, args.frames, args.downscale)
-    output = export_output(run, cfg, args, f"video-{args.path}.mp4")
+    path = path_cameras(cfg, args)
+    output = export_output(run, cfg, args, f"video-{path.name}.mp4")
     frames = output.parent / f"{output.stem}-frames"
     if args.output and not args.overwrite and frames.is_dir() and any(frames.iterdir()):
         raise UserError(f"{frames}: the video's frames would go here, and it holds files (pass --overwrite)")
-    render_cameras(pipeline, cameras, frames, cfg.eval_chunk, video=output, fps=args.fps, with_depth=True)
-    print(f"wrote {output} ({len(cameras)} frames, colour and depth side by side; PNGs in {frames})")
+    render_cameras(pipeline, path.cameras, frames, cfg.eval_chunk, video=output, fps=path.fps, with_depth=True)
+    print(f"wrote {output} ({len(path.cameras)} frames, colour and depth side by side; PNGs in {frames})")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

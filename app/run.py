@@ -5,7 +5,8 @@
     RUN/checkpoints/     step-NNNNNNN.pt (atomic) and `latest`
     RUN/log.jsonl        one JSON record per logged step
     RUN/metrics.json     evaluation results (schema in the README)
-    RUN/renders/         rendered test views and orbits
+    RUN/renders/         rendered test views, orbits and camera-path videos
+    RUN/camera_paths/    camera paths saved from the viewer (nerfstudio's camera_path.json)
     RUN/export/          meshes, SDF volumes, point clouds, videos (crop.json: the stored export box)
 
 `--overwrite` replaces only a folder that holds exactly that, never one with anything else in it.
@@ -24,7 +25,7 @@ from recon.data.checks import contains, nothing_to_lose
 
 # Everything a run writes at its top level; a folder holding anything else is not (only) a run.
 RUN_ENTRIES = frozenset({"config.json", "scene.json", "checkpoints", "log.jsonl", "metrics.json", "renders", "export",
-                         "crop.json", "refined_poses.json"})
+                         "crop.json", "refined_poses.json", "camera_paths"})
 
 
 class UserError(Exception):
@@ -45,6 +46,7 @@ class RunDir:
     log = property(lambda self: self.path / "log.jsonl")
     metrics = property(lambda self: self.path / "metrics.json")
     renders = property(lambda self: self.path / "renders")
+    camera_paths = property(lambda self: self.path / "camera_paths")
 
     def check_new(self, overwrite: bool, scene: Path) -> None:
         """Refuse, before any work, a folder a new run cannot be written to without losing something: a

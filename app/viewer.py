@@ -13,114 +13,34 @@ any frame the move made stale. A frame that fails is logged and dropped; it neve
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import viser
-import viser.transforms as vtf
 
-from recon.app.evaluate import colorize_depth, to_uint8
+from recon.app.evaluate import COLORMAPS, to_uint8
+from recon.app.frames import MODES, RenderSettings, render_frame
 from recon.app.pipeline import Pipeline
+from recon.app.viewer_paths import CameraPathPanel
+from recon.app.viser_cameras import cameras_to_viser, pose_to_viser, viser_camera_to_cameras
+from recon.data.camera_paths import home_pose
 from recon.data.cameras import Cameras
-from recon.data.rays import Rays
 from recon.data.scene import world_to_unit_box
 
 log = logging.getLogger("recon.viewer")
 
-MODES = ("colour", "depth", "opacity", "normals")
-OPENCV_FROM_OPENGL = np.diag([1.0, -1.0, -1.0])  # camera axes: x right, y down, z forward <-> y up, z back
 MOVING_SECONDS = 0.15  # a camera updated this recently is moving: preview resolution
 PREVIEW_DIVISOR = 4
 REFRESH_SECONDS = 2.0  # while training, a resting view is re-rendered this often
-NEAR_FRACTION = 0.01  # of the scene box diagonal: the viewer's near plane (a camera inside the box)
+MIN_ROWS = 16  # the resolution slider's minimum, also for a value typed into its box
 THUMBNAIL_SIDE = 96
-
-
-def viser_camera_to_cameras(wxyz: np.ndarray, position: np.ndarray, fov: float, aspect: float, height: int) -> Cameras:
-    """viser's camera (OpenCV axes, T_world_camera as a quaternion and position, vertical fov in radians) as
-    one pinhole camera of `height` rows in recon's convention (OpenGL axes), principal point centred."""
-    rotation = vtf.SO3(np.asarray(wxyz, dtype=np.float64)).as_matrix() @ OPENCV_FROM_OPENGL
-    c2w = torch.from_numpy(np.concatenate([rotation, np.asarray(position, dtype=np.float64)[:, None]], 1)).float()
-    width = max(1, round(height * aspect))
-    focal = height / 2 / math.tan(fov / 2)
-    one = lambda v: torch.tensor([float(v)])  # noqa: E731
-    return Cameras(c2w=c2w[None], fx=one(focal), fy=one(focal), cx=one(width / 2), cy=one(height / 2),
-                   width=torch.tensor([width]), height=torch.tensor([height]), distortion=torch.zeros(1, 6),
-                   fisheye=torch.zeros(1, dtype=torch.bool))
-
-
-def cameras_to_viser(cameras: Cameras, i: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(wxyz, position, vertical fov, aspect) of camera i in viser's convention."""
-    c2w = cameras.c2w[i].double().cpu().numpy()
-    wxyz = vtf.SO3.from_matrix(c2w[:, :3] @ OPENCV_FROM_OPENGL).wxyz
-    height, width = int(cameras.height[i]), int(cameras.width[i])
-    fov = 2 * math.atan(height / 2 / float(cameras.fy[i]))
-    return wxyz, c2w[:, 3], fov, width / height
-
-
-@dataclass
-class RenderSettings:
-    mode: str = "colour"
-    resolution: int = 256  # rows of a resting frame
-    max_samples: int = 1024  # per ray
-    crop: torch.Tensor | None = None  # [2, 3] unit-frame box to render inside (None: the scene box)
-
-
-def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int,
-                 lock: Any = None, stale: Callable[[], bool] = lambda: False) -> np.ndarray | None:
-    """One frame [H, W, 3] uint8 of `camera` (one camera) in the settings' mode, rendered `chunk` rays at a
-    time, each chunk under `lock` (the training step's); None once `stale()` says, between chunks, that the
-    frame is no longer wanted."""
-    device = pipeline.device
-    rays = camera.to(device).image_rays(0)
-    height, width = int(camera.height[0]), int(camera.width[0])
-    box = pipeline.tracer.aabb if settings.crop is None else settings.crop.to(device)
-    near = max(pipeline.tracer.near, NEAR_FRACTION * float((pipeline.tracer.aabb[1] - pipeline.tracer.aabb[0]).norm()))
-    white = torch.ones(3, device=device)
-    keys = ("rgb", "depth", "opacity") + (("normal",) if settings.mode == "normals" else ())
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-    guard = lock or threading.Lock()
-    was_training = pipeline.field.training
-    for start in range(0, len(rays), chunk):
-        if stale():
-            return None
-        part = rays[start : start + chunk]
-        with guard:
-            pipeline.field.eval()
-            out = pipeline.render_rays_chunked(part, white, chunk, near=near, aabb=box,
-                                               max_samples=settings.max_samples)
-            if settings.mode == "normals":
-                out["normal"] = surface_normals(pipeline, part, out)
-            pipeline.field.train(was_training)
-        for key in parts:
-            parts[key].append(out[key])
-    image = {key: torch.cat(values).view(height, width, -1).squeeze(-1).cpu() for key, values in parts.items()}
-    if settings.mode == "colour":
-        return to_uint8(image["rgb"])
-    if settings.mode == "opacity":
-        return to_uint8(image["opacity"][..., None].expand(height, width, 3))
-    if settings.mode == "normals":
-        shaded = (image["normal"] * 0.5 + 0.5) * image["opacity"][..., None] + (1 - image["opacity"][..., None])
-        return to_uint8(shaded)
-    depth, opacity = image["depth"].numpy(), image["opacity"].numpy()
-    hit = depth[opacity > 0.5]
-    near_far = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
-    return to_uint8(torch.from_numpy(colorize_depth(depth, opacity, *near_far)).float())
-
-
-def surface_normals(pipeline: Pipeline, rays: Rays, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Unit normals [R, 3] at each ray's expected depth: the SDF's gradient, or minus the density's."""
-    field = pipeline.field
-    points = rays.origins + rays.dirs * out["depth"][:, None]
-    output = "sdf" if "sdf" in field.outputs else "density"
-    gradient = field.gradient(points, output)
-    return torch.nn.functional.normalize(gradient if output == "sdf" else -gradient, dim=-1)
+CROP_COLOUR = (255, 150, 0)
 
 
 def free_port(host: str, port: int, tries: int = 20) -> int:
@@ -196,7 +116,9 @@ class Stats:
 
 class Viewer:
     """A viser server for one pipeline. `train_cameras` / `thumbnails` draw the training views;
-    `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame.
+    `on_export` (optional) makes a mesh for the "export mesh" button and returns it in the unit frame;
+    `on_crop` (optional) stores the crop box whenever it is typed or dragged. Camera paths are kept in the
+    world frame `to_unit` maps to the unit frame, and saved and rendered into `output_dir` (None: not saved).
     `summary` (markdown) shows a finished run: its text in place of the training's reports, and no training
     controls."""
 
@@ -205,10 +127,11 @@ class Viewer:
                  host: str = "127.0.0.1", port: int = 8080, share: float = 1.0, chunk: int = 8192,
                  resolution: int = 256, on_export: Callable[[torch.Tensor | None], Any] | None = None,
                  on_crop: Callable[[torch.Tensor], None] | None = None, crop: torch.Tensor | None = None,
-                 summary: str | None = None):
+                 summary: str | None = None, to_unit: torch.Tensor | None = None, output_dir: Path | None = None):
         self.pipeline, self.share, self.chunk = pipeline, share, chunk
         self.lock = threading.RLock()
         self.settings = RenderSettings(resolution=resolution, crop=crop)
+        self.settings_version = 0  # bumped by every change of the settings: a frame in flight is dropped
         self.stats = Stats() if summary is None else Stats(text=summary)
         self.paused = threading.Event()
         self.stopped = threading.Event()
@@ -220,8 +143,10 @@ class Viewer:
         self.server = viser.ViserServer(host=host, port=self.port, verbose=False)
         self.url = f"http://{host}:{self.port}"
         self._on_export, self._on_crop = on_export, on_crop
+        self.mesh = None  # the exported mesh's scene node
         self._build_scene(train_cameras, thumbnails)
-        self._build_gui(trains=summary is None)
+        self._build_gui(trains=summary is None, thumbnails=thumbnails)
+        self.paths = CameraPathPanel(self, torch.eye(4) if to_unit is None else to_unit, output_dir)
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(lambda client: self.views.pop(client.client_id, None))
         self.thread = threading.Thread(target=self._render_loop, name="recon-viewer", daemon=True)
@@ -231,9 +156,21 @@ class Viewer:
 
     def _build_scene(self, cameras: Cameras | None, thumbnails: list[np.ndarray] | None) -> None:
         scene = self.server.scene
-        box = self.pipeline.tracer.aabb.cpu().numpy()
-        scene.add_box("/scene-box", color=(90, 90, 90), dimensions=tuple(box[1] - box[0]), wireframe=True,
-                      position=tuple(box.mean(0)))
+        aabb = self.pipeline.tracer.aabb.cpu()
+        self.scene_box = scene.add_box("/scene-box", color=(90, 90, 90), dimensions=tuple((aabb[1] - aabb[0]).tolist()),
+                                       wireframe=True, position=tuple(aabb.mean(0).tolist()))
+        crop = aabb if self.settings.crop is None else self.settings.crop
+        self.crop_box = scene.add_box("/crop-box", color=CROP_COLOUR, dimensions=tuple((crop[1] - crop[0]).tolist()),
+                                      wireframe=True, position=tuple(crop.mean(0).tolist()))
+        # One translation gizmo per corner: dragging either reshapes the box (rotations would leave it
+        # axis-aligned no more).
+        handle_scale = 0.2 * float((aabb[1] - aabb[0]).max())
+        self.crop_handles = [scene.add_transform_controls(f"/crop-{name}", scale=handle_scale, disable_rotations=True,
+                                                         position=tuple(corner.tolist()))
+                             for name, corner in (("min", crop[0]), ("max", crop[1]))]
+        for handle in self.crop_handles:
+            handle.on_update(lambda _: self._crop_dragged())
+        self.frustums: list[Any] = []
         self.home = None
         if cameras is None:
             return
@@ -241,7 +178,7 @@ class Viewer:
         scene.set_up_direction(tuple((up / up.norm()).tolist()))
         centres = cameras.c2w[:, :, 3]
         spread = float((centres - centres.mean(0)).norm(dim=-1).mean())
-        self.home = cameras_to_viser(cameras, 0)[:2]  # a new tab starts at the first training camera
+        self.home = pose_to_viser(home_pose(cameras))  # behind and above the cameras: the model, not a photo
         for i in range(len(cameras)):
             wxyz, position, fov, aspect = cameras_to_viser(cameras, i)
             frustum = scene.add_camera_frustum(f"/train/{i:04d}", fov=fov, aspect=aspect, scale=0.04 * spread,
@@ -249,17 +186,20 @@ class Viewer:
                                                image=None if thumbnails is None else thumbnails[i], wxyz=wxyz,
                                                position=position)
             frustum.on_click(lambda event, wxyz=wxyz, position=position: self._jump(event.client, wxyz, position))
+            self.frustums.append(frustum)
 
     @staticmethod
     def _jump(client: Any, wxyz: np.ndarray, position: np.ndarray) -> None:
         with client.atomic():
             client.camera.wxyz, client.camera.position = wxyz, position
 
-    def _build_gui(self, trains: bool) -> None:
+    def _build_gui(self, trains: bool, thumbnails: list[np.ndarray] | None) -> None:
         gui = self.server.gui
         self.stats_text = gui.add_markdown(self.stats.text)
         self.pause_button = self._pause_control(gui) if trains else None
         self._render_controls(gui)
+        self._crop_controls(gui)
+        self._scene_controls(gui, thumbnails)
 
     def _pause_control(self, gui: Any) -> Any:
         pause = gui.add_button("Pause training")
@@ -278,38 +218,104 @@ class Viewer:
     def _render_controls(self, gui: Any) -> None:
         mode = gui.add_dropdown("Render", MODES, initial_value=self.settings.mode)
         mode.on_update(lambda _: self._set(mode=mode.value))
-        rows = gui.add_slider("Resolution", 16, 1024, 8, self.settings.resolution)
-        rows.on_update(lambda _: self._set(resolution=int(rows.value)))
+        rows = gui.add_slider("Resolution", MIN_ROWS, 1024, 8, self.settings.resolution)
+        rows.on_update(lambda _: self._set(resolution=max(MIN_ROWS, int(rows.value))))
         samples = gui.add_slider("Max samples / ray", 16, 1024, 16, self.settings.max_samples)
-        samples.on_update(lambda _: self._set(max_samples=int(samples.value)))
-        box = self.pipeline.tracer.aabb.cpu() if self.settings.crop is None else self.settings.crop
+        samples.on_update(lambda _: self._set(max_samples=max(16, int(samples.value))))
+        with gui.add_folder("Depth", expand_by_default=False):
+            colormap = gui.add_dropdown("Colour map", tuple(COLORMAPS), initial_value=self.settings.colormap)
+            colormap.on_update(lambda _: self._set(colormap=colormap.value))
+            automatic = gui.add_checkbox("Automatic range", True, hint="each frame's 2nd to 98th percentile")
+            near_far = gui.add_vector2("Near / far (unit frame)", (0.0, 2.0), step=0.01)
+
+        def depth_range(_: Any) -> None:
+            near, far = near_far.value
+            if automatic.value or far > near:
+                self._set(depth_range=None if automatic.value else (float(near), float(far)))
+
+        automatic.on_update(depth_range)
+        near_far.on_update(depth_range)
+        with gui.add_folder("Split view", expand_by_default=False):
+            split = gui.add_checkbox("Split", False)
+            right = gui.add_dropdown("Right side", MODES, initial_value="depth")
+            divider = gui.add_slider("Divider", 0.0, 1.0, 0.01, self.settings.split)
+
+        def split_changed(_: Any) -> None:
+            self._set(split_mode=right.value if split.value else None, split=float(divider.value))
+
+        for control in (split, right, divider):
+            control.on_update(split_changed)
+
+    def _crop_controls(self, gui: Any) -> None:
+        aabb = self.pipeline.tracer.aabb.cpu()
+        box = aabb if self.settings.crop is None else self.settings.crop
         with gui.add_folder("Crop box (unit frame)"):
-            low = gui.add_vector3("Min", tuple(box[0].tolist()), step=0.01)
-            high = gui.add_vector3("Max", tuple(box[1].tolist()), step=0.01)
-            save = gui.add_button("Use for export")
-
-        def crop_changed(_: Any) -> None:
-            crop = torch.tensor([low.value, high.value], dtype=torch.float32)
-            if (crop[1] > crop[0]).all():
-                self._set(crop=crop)
-
-        low.on_update(crop_changed)
-        high.on_update(crop_changed)
-        if self._on_crop:
-            save.on_click(lambda _: self.settings.crop is not None and self._on_crop(self.settings.crop))
+            self.crop_low = gui.add_vector3("Min", tuple(box[0].tolist()), step=0.01)
+            self.crop_high = gui.add_vector3("Max", tuple(box[1].tolist()), step=0.01)
+            reset = gui.add_button("Reset to the scene box")
+        for control in (self.crop_low, self.crop_high):
+            control.on_update(lambda _: self.set_crop(torch.tensor([self.crop_low.value, self.crop_high.value],
+                                                                   dtype=torch.float32)))
+        reset.on_click(lambda _: self.set_crop(aabb.clone()))
         if self._on_export:
             export = gui.add_button("Export mesh")
             export.on_click(lambda _: threading.Thread(target=self._export, daemon=True).start())
 
+    def _crop_dragged(self) -> None:
+        """A corner handle moved: the box the two handles span (either may pass the other)."""
+        corners = torch.tensor(np.stack([handle.position for handle in self.crop_handles]), dtype=torch.float32)
+        self.set_crop(torch.stack([corners.min(0).values, corners.max(0).values]))
+
+    def set_crop(self, box: torch.Tensor) -> None:
+        """Crop to `box` [2, 3] (unit frame; min, max: an empty box is ignored, as while the numbers are typed),
+        from the typed numbers or a dragged handle: the render, the drawn box, the handles, the numbers and
+        `on_crop` (crop.json) follow."""
+        if not (box[1] > box[0]).all() or (self.settings.crop is not None and torch.equal(box, self.settings.crop)):
+            return
+        self._set(crop=box)
+        self.crop_box.position = tuple(box.mean(0).tolist())
+        self.crop_box.dimensions = tuple((box[1] - box[0]).tolist())
+        for handle, corner in zip(self.crop_handles, box):
+            handle.position = tuple(corner.tolist())
+        self.crop_low.value, self.crop_high.value = tuple(box[0].tolist()), tuple(box[1].tolist())
+        if self._on_crop:
+            self._on_crop(box)
+
+    def _scene_controls(self, gui: Any, thumbnails: list[np.ndarray] | None) -> None:
+        with gui.add_folder("Scene", expand_by_default=False):
+            home = gui.add_button("Home view")
+            toggles = {"Training cameras": lambda: self.frustums, "Scene box": lambda: [self.scene_box],
+                       "Crop box": lambda: [self.crop_box, *self.crop_handles],
+                       "Exported mesh": lambda: [self.mesh] if self.mesh is not None else []}
+            for label, nodes in toggles.items():
+                checkbox = gui.add_checkbox(label, True)
+                checkbox.on_update(lambda _, checkbox=checkbox, nodes=nodes: self._show(nodes(), checkbox.value))
+            self.show_mesh = checkbox
+            if thumbnails is not None:
+                photos = gui.add_checkbox("Thumbnails", True)
+
+                @photos.on_update
+                def _(_: Any) -> None:
+                    for frustum, image in zip(self.frustums, thumbnails):
+                        frustum.image = image if photos.value else None
+
+        home.on_click(lambda event: self.home is not None and self._jump(event.client, *self.home))
+
+    @staticmethod
+    def _show(nodes: list[Any], visible: bool) -> None:
+        for node in nodes:
+            node.visible = visible
+
     def _set(self, **changes: Any) -> None:
         for key, value in changes.items():
             setattr(self.settings, key, value)
+        self.settings_version += 1  # a frame in flight is dropped
         self.stats.version += 1  # every view re-renders
 
     def _export(self) -> None:
         try:
             mesh = self._on_export(self.settings.crop)
-            self.server.scene.add_mesh_trimesh("/export/mesh", mesh)
+            self.mesh = self.server.scene.add_mesh_trimesh("/export/mesh", mesh, visible=self.show_mesh.value)
         except Exception:  # an export that fails must not take the viewer down
             log.exception("viewer: mesh export failed")
 
@@ -358,12 +364,13 @@ class Viewer:
                 self.camera_moved.wait(0.01)
                 continue
             started, timer = time.perf_counter(), WaitTimer(self.lock)
-            camera_time, version = view.camera_time, self.stats.version
+            camera_time, version, settings_version = view.camera_time, self.stats.version, self.settings_version
             try:
                 cam = view.client.camera
                 camera = viser_camera_to_cameras(cam.wxyz, cam.position, cam.fov, cam.aspect, rows)
                 frame = render_frame(self.pipeline, camera, self.settings, self.chunk, timer,
-                                     stale=lambda: view.camera_time != camera_time or self.stopped.is_set())
+                                     stale=lambda: (view.camera_time != camera_time or self.stopped.is_set()
+                                                    or self.settings_version != settings_version))
                 if frame is not None:
                     view.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=85)
                     view.rendered = (camera_time, rows, version, time.perf_counter())
@@ -412,8 +419,9 @@ def thumbnails(split: Any, side: int = THUMBNAIL_SIDE) -> list[np.ndarray]:
 
 def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int, share: float, chunk: int,
                  resolution: int, export_resolution: int = 256, summary: str | None = None) -> Viewer:
-    """The viewer for a radiance run: its training views, its stored crop box (which "Use for export"
-    replaces), and a mesh export into RUN/export that is then shown in the scene."""
+    """The viewer for a radiance run: its training views, its crop box kept in sync with RUN/crop.json (which
+    every export uses), a mesh export into RUN/export that is then shown in the scene, and camera paths saved
+    in RUN/camera_paths and rendered into RUN/renders."""
     import json
 
     import trimesh
@@ -445,5 +453,5 @@ def start_viewer(pipeline: Pipeline, scene: Any, run: Any, host: str, port: int,
 
     viewer = Viewer(pipeline, cameras, thumbnails(scene.splits["train"]), host=host, port=port, share=share,
                     chunk=chunk, resolution=resolution, on_export=export, on_crop=save_crop, crop=crop,
-                    summary=summary)
+                    summary=summary, to_unit=to_unit, output_dir=run.path)
     return viewer

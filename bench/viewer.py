@@ -19,9 +19,11 @@ import viser
 from websockets.sync.client import connect
 
 from recon.app.config import FitConfig
+from recon.app.frames import RenderSettings, render_frame
 from recon.app.trainer import Trainer
 from recon.app.view_command import VIEWER_SHARE
-from recon.app.viewer import RenderSettings, Viewer, cameras_to_viser, render_frame, viser_camera_to_cameras
+from recon.app.viewer import Viewer
+from recon.app.viser_cameras import cameras_to_viser, viser_camera_to_cameras
 from recon.data.scene import load_scene
 
 

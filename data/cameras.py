@@ -48,12 +48,7 @@ class Cameras:
 
     def transformed(self, to_unit: Tensor) -> Cameras:
         """Apply a similarity x' = s R x + t (4x4) to the poses; camera axes stay unit length."""
-        m = to_unit.to(self.c2w.device, torch.float64)
-        a, t = m[:3, :3], m[:3, 3]
-        rot = a / a[:, 0].norm()
-        c2w = self.c2w.double()
-        new = torch.cat([rot @ c2w[:, :, :3], (c2w[:, :, 3] @ a.T + t)[:, :, None]], dim=2)
-        return replace(self, c2w=new.to(self.c2w.dtype))
+        return replace(self, c2w=transform_poses(self.c2w, to_unit))
 
     def rays(self, cam: Tensor, px: Tensor, py: Tensor) -> Rays:
         """Rays through pixel coordinates px, py [R] of cameras cam [R]; distortion undone."""
@@ -146,6 +141,15 @@ class AppearanceCodes(torch.nn.Module):
         m = self.transform[cam] if cam is not None else self.transform.mean(0).expand(len(rgb), 3, 4)
         clear = (1 - opacity)[:, None] * background
         return torch.einsum("rij,rj->ri", m[:, :, :3], rgb - clear) + m[:, :, 3] * opacity[:, None] + clear
+
+
+def transform_poses(c2w: Tensor, similarity: Tensor) -> Tensor:
+    """Camera-to-world poses [N, 3, 4] moved by a similarity x' = s R x + t (4x4); camera axes stay unit length."""
+    m = similarity.to(c2w.device, torch.float64)
+    a, t = m[:3, :3], m[:3, 3]
+    poses = c2w.double()
+    moved = torch.cat([a / a[:, 0].norm() @ poses[:, :, :3], (poses[:, :, 3] @ a.T + t)[:, :, None]], dim=2)
+    return moved.to(c2w.dtype)
 
 
 def _distort_radial_tangential(x: Tensor, y: Tensor, k) -> tuple[Tensor, ...]:

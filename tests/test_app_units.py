@@ -9,10 +9,10 @@ from scipy.signal import convolve2d
 
 from recon.app.checkpoint import latest_checkpoint, load_checkpoint, load_resizing, save_checkpoint
 from recon.app.config import PRESETS, FitConfig
-from recon.app.evaluate import orbit_cameras
 from recon.app.metrics import ground_truth_on_white, psnr, ssim
 from recon.app.pipeline import Pipeline
 from recon.app.schedules import FINAL_LEARNING_RATE_FACTOR, Progress, learning_rate_factor
+from recon.data.camera_paths import orbit_cameras
 from recon.fields import REGISTRY
 
 

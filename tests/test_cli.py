@@ -1,6 +1,7 @@
 """The command line end to end: fit, eval, render, resume, Ctrl-C / SIGTERM and bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import torch
 import trimesh
 
 from recon.app.cli import main
+from recon.data.camera_paths import CameraPath, Keyframe
+from recon.data.scene import load_scene
 
 TINY = ["-o", "levels=4", "-o", "log2_table=12", "-o", "max_resolution=64", "--batch-rays", "256",
         "--grid-resolution", "16", "--device", "cpu"]
@@ -40,6 +43,21 @@ def test_fit_eval_render_and_resume(tiny_scene, tmp_path):
     assert (run / "renders" / "orbit.mp4").stat().st_size > 0
     frames = sorted((run / "renders" / "orbit-render").glob("*.png"))
     assert len(frames) == 4 and iio.imread(frames[0]).shape[:2] == (24, 24)  # the 48-pixel scene, halved
+
+    # A camera path through training views 0 and 3 (world frame, as the viewer saves it): 1 s at 3 fps, and
+    # its first frame is training view 0.
+    scene = load_scene(tiny_scene)
+    train = scene.splits["train"].cameras
+    world = train.transformed(torch.linalg.inv(scene.to_unit))
+    fov = math.degrees(2 * math.atan(24 / float(train.fy[0])))
+    CameraPath([Keyframe(world.c2w[0], fov), Keyframe(world.c2w[3], fov)], seconds=1.0, fps=3, height=48,
+               width=48).save(tmp_path / "walk.json")
+    main(["render", str(run), "--camera-path", str(tmp_path / "walk.json")])
+    walk = sorted((run / "renders" / "walk-render").glob("*.png"))
+    assert len(walk) == 3 and (run / "renders" / "walk.mp4").stat().st_size > 0
+    main(["render", str(run), "--path", "train"])
+    first_view = iio.imread(run / "renders" / "train-render" / "0000.png").astype(float)
+    assert abs(iio.imread(walk[0]).astype(float) - first_view).mean() < 1.0
 
     main(["export", "mesh", str(run), "--resolution", "32", "--format", "obj"])
     mesh = trimesh.load(run / "export" / "mesh-32.obj", force="mesh")

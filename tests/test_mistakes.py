@@ -64,6 +64,8 @@ BAD_VALUES = [
     (["render", "RUN", "--downscale", "0"], "--downscale"),
     (["render", "RUN", "--downscale", "100"], "--downscale 100"),
     (["render", "RUN", "--path", "nowhere"], "--path"),
+    (["render", "RUN", "--camera-path", "nowhere.json"], "nowhere.json: not a readable JSON file"),
+    (["export", "video", "RUN", "--camera-path", "RUN/config.json"], "config.json: no 'camera_path' list"),
     (["export", "mesh", "RUN", "--resolution", "4"], "--resolution"),
     (["export", "mesh", "RUN", "--level", "nan"], "--level"),
     (["export", "mesh", "RUN", "--simplify", "2"], "--simplify"),

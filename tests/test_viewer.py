@@ -15,17 +15,10 @@ from websockets.sync.client import connect
 
 from recon.app import viewer as viewer_module
 from recon.app.evaluate import evaluate
+from recon.app.frames import MODES, RenderSettings, render_frame
 from recon.app.trainer import Trainer
-from recon.app.viewer import (
-    REFRESH_SECONDS,
-    ClientView,
-    RenderSettings,
-    Viewer,
-    cameras_to_viser,
-    pick_view,
-    render_frame,
-    viser_camera_to_cameras,
-)
+from recon.app.viewer import REFRESH_SECONDS, ClientView, Viewer, pick_view
+from recon.app.viser_cameras import cameras_to_viser, viser_camera_to_cameras
 from recon.data.scene import load_scene
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -58,7 +51,7 @@ def test_frames_in_every_mode_and_a_crop_that_leaves_nothing(trained, tiny_scene
     cameras = scene.splits["test"].cameras
     wxyz, position, fov, aspect = cameras_to_viser(cameras, 0)
     camera = viser_camera_to_cameras(wxyz, position, fov, aspect * 1.5, 32)  # a wider browser window
-    for mode in viewer_module.MODES:
+    for mode in MODES:
         frame = render_frame(pipeline, camera, RenderSettings(mode=mode), chunk=300)
         assert frame.shape == (32, 48, 3) and frame.dtype == np.uint8, mode
     colour = render_frame(pipeline, camera, RenderSettings(), chunk=300)
@@ -87,12 +80,15 @@ class Browser:
         self.socket = connect(f"ws://127.0.0.1:{port}", subprotocols=[f"viser-v{viser.__version__}"],
                               max_size=2**26)
 
+    def send(self, message: dict) -> None:
+        self.socket.send(msgspec.msgpack.encode(message))
+
     def look(self, wxyz, position, fov: float, size: tuple[int, int] = (120, 160)) -> None:
         message = {"type": "ViewerCameraMessage", "wxyz": list(map(float, wxyz)),
                    "position": list(map(float, position)), "fov": float(fov), "near": 0.01, "far": 100.0,
                    "image_height": size[0], "image_width": size[1], "look_at": [0.0, 0.0, 0.0],
                    "up_direction": [0.0, 0.0, 1.0]}
-        self.socket.send(msgspec.msgpack.encode(message))
+        self.send(message)
 
     def frames(self, seconds: float) -> int:
         count, deadline = 0, time.time() + seconds
@@ -282,5 +278,94 @@ def test_a_real_browser_shows_the_rendered_field(trained, tmp_path):
 
         pixels = imageio.imread(shot)[..., :3].astype(float)
         assert pixels.std() > 10  # not a blank page: the panel, the frustums and the rendered field
+    finally:
+        viewer.close()
+
+
+def test_the_crop_gizmo_and_the_typed_numbers_keep_crop_json_in_sync(trained, tmp_path):
+    """Dragging a corner handle (viser's transform controls, driven over the websocket as the browser does) or
+    typing the numbers moves the render's crop, the other controls and RUN/crop.json (world frame)."""
+    import json
+
+    from recon.app.run import RunDir
+    from recon.app.viewer import start_viewer
+    from recon.data.scene import world_to_unit_box
+
+    pipeline, scene = trained
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    viewer = start_viewer(pipeline, scene, run, "127.0.0.1", 18130, share=1.0, chunk=2048, resolution=24)
+    browser = Browser(viewer.port)
+    aabb = pipeline.tracer.aabb.cpu()
+
+    def stored() -> torch.Tensor:
+        return world_to_unit_box(torch.tensor(json.loads((run.path / "crop.json").read_text())["world_box"]),
+                                 scene.to_unit)
+
+    def drag(handle: str, position: tuple[float, float, float]) -> None:
+        before = viewer.settings.crop
+        browser.send({"type": "TransformControlsUpdateMessage", "name": handle, "wxyz": [1.0, 0.0, 0.0, 0.0],
+                      "position": list(position), "owner": ""})
+        deadline = time.time() + 10
+        while viewer.settings.crop is before and time.time() < deadline:
+            time.sleep(0.05)
+
+    try:
+        browser.look(*cameras_to_viser(scene.splits["train"].cameras, 0)[:3])
+        drag("/crop-max", (0.2, 0.3, 0.4))
+        expected = torch.stack([aabb[0], torch.tensor([0.2, 0.3, 0.4])])
+        assert torch.allclose(viewer.settings.crop, expected) and torch.allclose(stored(), expected, atol=1e-5)
+        assert np.allclose(viewer.crop_high.value, (0.2, 0.3, 0.4)) and np.allclose(viewer.crop_box.position,
+                                                                                     expected.mean(0))
+        drag("/crop-min", (0.5, 0.5, 0.5))  # past the other corner: the box the two corners span
+        expected = torch.tensor([[0.2, 0.3, 0.4], [0.5, 0.5, 0.5]])
+        assert torch.allclose(stored(), expected, atol=1e-5)
+        assert np.allclose(viewer.crop_handles[0].position, expected[0]) and np.allclose(viewer.crop_low.value,
+                                                                                         expected[0])
+        viewer.crop_low.value = (-0.1, -0.2, -0.3)  # typed
+        expected = torch.tensor([[-0.1, -0.2, -0.3], [0.5, 0.5, 0.5]])
+        assert torch.allclose(stored(), expected, atol=1e-5)
+        assert np.allclose(viewer.crop_handles[0].position, expected[0])
+        viewer.crop_high.value = (-0.5, 0.5, 0.5)  # an empty box is not taken
+        assert torch.allclose(stored(), expected, atol=1e-5)
+    finally:
+        browser.close()
+        viewer.close()
+
+
+def test_a_camera_path_made_in_the_viewer_saves_loads_and_renders_a_video(trained, tmp_path):
+    """Keyframes from a tab's view, saved as camera_path.json in the world frame, loaded back, rendered to an
+    MP4 of seconds x fps frames whose first frame is the first keyframe's view."""
+    from types import SimpleNamespace
+
+    import imageio.v3 as iio
+
+    from recon.app.run import RunDir
+    from recon.app.viewer import start_viewer
+    from recon.data.camera_paths import load_camera_path
+
+    pipeline, scene = trained
+    cameras = scene.splits["train"].cameras
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    viewer = start_viewer(pipeline, scene, run, "127.0.0.1", 18140, share=1.0, chunk=4096, resolution=24)
+    panel = viewer.paths
+    try:
+        for i in (0, 5):
+            wxyz, position, fov, aspect = cameras_to_viser(cameras, i)
+            panel.add_keyframe(SimpleNamespace(wxyz=wxyz, position=position, fov=fov, aspect=aspect))
+        panel.seconds.value, panel.fps.value, panel.height.value = 1.0, 4, int(cameras.height[0])
+        panel.name.value = "two views"
+        assert panel.save().startswith("saved") and "4 frames" in panel.status.content
+        path, frames = load_camera_path(run.path / "camera_paths" / "twoviews.json")
+        world = cameras.transformed(torch.linalg.inv(scene.to_unit))
+        assert len(frames) == 4 and torch.allclose(frames.c2w[[0, -1]], world.c2w[[0, 5]], atol=1e-4)
+        panel._edit(lambda keys: [])
+        assert panel.load().startswith("loaded") and len(panel.path.keyframes) == 2
+        assert panel.render_video().startswith("wrote")
+        video = iio.imread(run.renders / "twoviews.mp4", index=None)
+        assert video.shape == (4, int(cameras.height[0]), int(cameras.width[0]), 3)
+        reference = (pipeline.render_view(cameras, 0)["rgb"].clamp(0, 1) * 255).numpy()
+        assert np.abs(video[0].astype(float) - reference).mean() < 6  # the first keyframe's view (H.264)
     finally:
         viewer.close()

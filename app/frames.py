@@ -1,0 +1,119 @@
+"""What the viewer shows of one camera: the field's buffers rendered a chunk at a time under the training
+lock, shaded in a render mode (colour, depth in a colour map, opacity, normals), optionally two modes split
+side by side at a divider, as nerfstudio's viewer does."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from recon.app.evaluate import COLORMAPS, colorize_depth, to_uint8
+from recon.app.pipeline import Pipeline
+from recon.data.cameras import Cameras
+
+MODES = ("colour", "depth", "opacity", "normals")
+NEAR_FRACTION = 0.01  # of the scene box diagonal: the viewer's near plane (a camera inside the box)
+DIVIDER = np.array([255, 200, 0], dtype=np.uint8)  # the split view's divider line
+
+
+@dataclass
+class RenderSettings:
+    mode: str = "colour"
+    resolution: int = 256  # rows of a resting frame
+    max_samples: int = 1024  # per ray
+    crop: torch.Tensor | None = None  # [2, 3] unit-frame box to render inside (None: the scene box)
+    colormap: str = "viridis"  # depth's
+    depth_range: tuple[float, float] | None = None  # unit-frame near, far; None: each frame's 2nd-98th percentile
+    split_mode: str | None = None  # the right side's mode (None: no split)
+    split: float = 0.5  # the divider, as a fraction of the width
+
+
+def render_buffers(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int, lock: Any = None,
+                   stale: Callable[[], bool] = lambda: False,
+                   sdf_normals: bool = False) -> dict[str, torch.Tensor] | None:
+    """rgb [H, W, 3], depth and opacity [H, W] (and the SDF's unit normals [H, W, 3] if asked) of `camera` (one
+    camera), `chunk` rays at a time, each chunk under `lock`; None once `stale()` says, between chunks, that
+    the frame is no longer wanted."""
+    device = pipeline.device
+    rays = camera.to(device).image_rays(0)
+    height, width = int(camera.height[0]), int(camera.width[0])
+    aabb = pipeline.tracer.aabb
+    box = aabb if settings.crop is None else settings.crop.to(device)
+    near = max(pipeline.tracer.near, NEAR_FRACTION * float((aabb[1] - aabb[0]).norm()))
+    white = torch.ones(3, device=device)
+    keys = ("rgb", "depth", "opacity") + (("normal",) if sdf_normals else ())
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    guard = lock or threading.Lock()
+    was_training = pipeline.field.training
+    for start in range(0, len(rays), chunk):
+        if stale():
+            return None
+        part = rays[start : start + chunk]
+        with guard:
+            pipeline.field.eval()
+            out = pipeline.render_rays_chunked(part, white, chunk, near=near, aabb=box,
+                                               max_samples=settings.max_samples)
+            if sdf_normals:
+                points = part.origins + part.dirs * out["depth"][:, None]
+                out["normal"] = torch.nn.functional.normalize(pipeline.field.gradient(points, "sdf"), dim=-1)
+            pipeline.field.train(was_training)
+        for key in parts:
+            parts[key].append(out[key])
+    image = {key: torch.cat(values).view(height, width, -1).squeeze(-1).cpu() for key, values in parts.items()}
+    image["dirs"] = rays.dirs.view(height, width, 3).cpu()
+    image["origins"] = rays.origins.view(height, width, 3).cpu()
+    return image
+
+
+def depth_normals(points: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Unit normals [H, W, 3] of the surface through the rendered points [H, W, 3]: the cross product of its
+    central differences across columns and rows (one-sided at the borders), turned to face the camera
+    (against the rays' dirs). A density field's own gradient is noise off its surface; its depth is not."""
+    across = torch.gradient(points, dim=1)[0]
+    down = torch.gradient(points, dim=0)[0]
+    normal = torch.nn.functional.normalize(torch.linalg.cross(across, down), dim=-1)
+    facing = (normal * dirs).sum(-1, keepdim=True) > 0
+    return torch.where(facing, -normal, normal)
+
+
+def shade(image: dict[str, torch.Tensor], mode: str, settings: RenderSettings) -> np.ndarray:
+    """The buffers as uint8 [H, W, 3] in `mode`; normals mapped n * 0.5 + 0.5 and faded to white where nothing
+    was hit."""
+    opacity = image["opacity"]
+    if mode == "colour":
+        return to_uint8(image["rgb"])
+    if mode == "opacity":
+        return to_uint8(opacity[..., None].expand(*opacity.shape, 3))
+    if mode == "normals":
+        normal = image.get("normal")
+        if normal is None:
+            normal = depth_normals(image["origins"] + image["dirs"] * image["depth"][..., None], image["dirs"])
+        return to_uint8((normal * 0.5 + 0.5) * opacity[..., None] + (1 - opacity[..., None]))
+    depth, alpha = image["depth"].numpy(), opacity.numpy()
+    if settings.depth_range is None:
+        hit = depth[alpha > 0.5]
+        near_far = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
+    else:
+        near_far = settings.depth_range
+    return to_uint8(torch.from_numpy(colorize_depth(depth, alpha, *near_far, COLORMAPS[settings.colormap])).float())
+
+
+def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int,
+                 lock: Any = None, stale: Callable[[], bool] = lambda: False) -> np.ndarray | None:
+    """One frame [H, W, 3] uint8 of `camera` (one camera) in the settings' mode (the split mode right of the
+    divider, if set), rendered `chunk` rays at a time under `lock`; None when `stale()` dropped it."""
+    modes = (settings.mode,) if settings.split_mode is None else (settings.mode, settings.split_mode)
+    sdf = "sdf" in pipeline.field.outputs and "normals" in modes
+    image = render_buffers(pipeline, camera, settings, chunk, lock, stale, sdf_normals=sdf)
+    if image is None:
+        return None
+    frame = shade(image, modes[0], settings)
+    if len(modes) == 2:
+        column = int(round(settings.split * frame.shape[1]))
+        frame[:, column:] = shade(image, modes[1], settings)[:, column:]
+        frame[:, max(column - 1, 0) : column + 1] = DIVIDER
+    return frame
