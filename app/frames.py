@@ -4,6 +4,7 @@ side by side at a divider, as nerfstudio's viewer does."""
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from recon.data.cameras import Cameras
 
 MODES = ("colour", "depth", "opacity", "normals")
 NEAR_FRACTION = 0.01  # of the scene box diagonal: the viewer's near plane (a camera inside the box)
+NORMAL_SMOOTHING = 1.0  # pixels: the Gaussian the rendered points are averaged over before their normals
 DIVIDER = np.array([255, 200, 0], dtype=np.uint8)  # the split view's divider line
 
 
@@ -69,10 +71,21 @@ def render_buffers(pipeline: Pipeline, camera: Cameras, settings: RenderSettings
     return image
 
 
-def depth_normals(points: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+def depth_normals(points: torch.Tensor, dirs: torch.Tensor, weights: torch.Tensor | None = None,
+                  sigma: float = NORMAL_SMOOTHING) -> torch.Tensor:
     """Unit normals [H, W, 3] of the surface through the rendered points [H, W, 3]: the cross product of its
-    central differences across columns and rows (one-sided at the borders), turned to face the camera
-    (against the rays' dirs). A density field's own gradient is noise off its surface; its depth is not."""
+    central differences across columns and rows (one-sided at the borders), turned to face the camera (against
+    the rays' dirs). The points are first averaged over a Gaussian of `sigma` pixels, weighted by `weights`
+    [H, W] (the opacity: empty pixels do not pull the surface): a density field's expected depth wobbles with
+    its texture, and its own gradient is noise off the surface."""
+    if sigma > 0:
+        radius = max(1, math.ceil(2 * sigma))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=points.dtype) / sigma) ** 2)
+        kernel = (taps[:, None] * taps[None])[None, None]
+        weight = (torch.ones_like(points[..., 0]) if weights is None else weights.to(points.dtype))[None, None]
+        blur = lambda x: torch.nn.functional.conv2d(x, kernel, padding=radius)  # noqa: E731
+        total = blur(weight)
+        points = (blur(points.permute(2, 0, 1)[:, None] * weight) / total.clamp(min=1e-12))[:, 0].permute(1, 2, 0)
     across = torch.gradient(points, dim=1)[0]
     down = torch.gradient(points, dim=0)[0]
     normal = torch.nn.functional.normalize(torch.linalg.cross(across, down), dim=-1)
@@ -91,7 +104,8 @@ def shade(image: dict[str, torch.Tensor], mode: str, settings: RenderSettings) -
     if mode == "normals":
         normal = image.get("normal")
         if normal is None:
-            normal = depth_normals(image["origins"] + image["dirs"] * image["depth"][..., None], image["dirs"])
+            points = image["origins"] + image["dirs"] * image["depth"][..., None]
+            normal = depth_normals(points, image["dirs"], opacity)
         return to_uint8((normal * 0.5 + 0.5) * opacity[..., None] + (1 - opacity[..., None]))
     depth, alpha = image["depth"].numpy(), opacity.numpy()
     if settings.depth_range is None:

@@ -117,5 +117,5 @@ def test_depth_normals_of_a_plane_and_a_sphere():
     inside[1:-1, 1:-1] &= hit[:-2, 1:-1] & hit[2:, 1:-1] & hit[1:-1, :-2] & hit[1:-1, 2:]
     inside[[0, -1]] = False
     inside[:, [0, -1]] = False
-    error = torch.rad2deg(torch.acos((depth_normals(points, dirs) * truth).sum(-1).clamp(-1, 1)))[inside]
+    error = torch.rad2deg(torch.acos((depth_normals(points, dirs, hit.float()) * truth).sum(-1).clamp(-1, 1)))[inside]
     assert error.median() < 1.0 and error.quantile(0.95) < 5.0
