@@ -13,6 +13,7 @@ any frame the move made stale. A frame that fails is logged and dropped; it neve
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -67,27 +68,26 @@ def pick_view(views: list[ClientView], resolution: int, version: int, training: 
               now: float) -> tuple[ClientView | None, int]:
     """The view to render next and its rows, or (None, 0) when none needs a frame. A view needs one when its
     camera moved, when it rests on a preview, or when the model or the settings changed (while training: at
-    most every REFRESH_SECONDS). A moved camera goes first (the latest move first: previews answer the hand
-    on the mouse), then the view whose frame is oldest, so tabs are served in turn."""
+    most every REFRESH_SECONDS). A moved camera goes first (previews answer the hand on the mouse), then a view
+    that waits for a refresh; within each, the view whose frame is oldest (never shown: first), so tabs are
+    served in turn, also while several cameras move at once."""
     moved, waiting = [], []
     for view in views:
         moving = now - view.camera_time < MOVING_SECONDS
         rows = max(16, resolution // PREVIEW_DIVISOR) if moving else resolution
         if not view.rendered:
-            moved.append((view.camera_time, view, rows))
+            moved.append((-math.inf, view, rows))
             continue
         shown_camera, shown_rows, shown_version, shown_at = view.rendered
         if shown_camera != view.camera_time:
-            moved.append((view.camera_time, view, rows))
+            moved.append((shown_at, view, rows))
         elif not moving and (shown_rows < rows or (shown_version != version
                                                    and (not training or now - shown_at > REFRESH_SECONDS))):
             waiting.append((shown_at, view, rows))
-    if moved:
-        _, view, rows = max(moved, key=lambda job: job[0])
-        return view, rows
-    if waiting:
-        _, view, rows = min(waiting, key=lambda job: job[0])
-        return view, rows
+    for jobs in (moved, waiting):
+        if jobs:
+            _, view, rows = min(jobs, key=lambda job: job[0])
+            return view, rows
     return None, 0
 
 
@@ -139,11 +139,13 @@ class Viewer:
         self.preview_seconds = 0.0  # what the last preview frame took to render
         self.views: dict[int, ClientView] = {}
         self.frames_sent = 0
+        self.render_seconds = 0.0  # the render thread's own work (not its waits for the lock), all frames
         self.port = free_port(host, port)
         self.server = viser.ViserServer(host=host, port=self.port, verbose=False)
         self.url = f"http://{host}:{self.port}"
         self._on_export, self._on_crop = on_export, on_crop
         self.mesh = None  # the exported mesh's scene node
+        self.controls: dict[str, Any] = {}  # the render settings' GUI controls, by label
         self._build_scene(train_cameras, thumbnails)
         self._build_gui(trains=summary is None, thumbnails=thumbnails)
         self.paths = CameraPathPanel(self, torch.eye(4) if to_unit is None else to_unit, output_dir)
@@ -216,35 +218,35 @@ class Viewer:
         return pause
 
     def _render_controls(self, gui: Any) -> None:
-        mode = gui.add_dropdown("Render", MODES, initial_value=self.settings.mode)
-        mode.on_update(lambda _: self._set(mode=mode.value))
-        rows = gui.add_slider("Resolution", MIN_ROWS, 1024, 8, self.settings.resolution)
-        rows.on_update(lambda _: self._set(resolution=max(MIN_ROWS, int(rows.value))))
-        samples = gui.add_slider("Max samples / ray", 16, 1024, 16, self.settings.max_samples)
-        samples.on_update(lambda _: self._set(max_samples=max(16, int(samples.value))))
+        """The render settings' controls, kept by label in `self.controls`."""
+        controls = self.controls
+        controls["Render"] = gui.add_dropdown("Render", MODES, initial_value=self.settings.mode)
+        controls["Resolution"] = gui.add_slider("Resolution", MIN_ROWS, 1024, 8, self.settings.resolution)
+        controls["Max samples / ray"] = gui.add_slider("Max samples / ray", 16, 1024, 16, self.settings.max_samples)
         with gui.add_folder("Depth", expand_by_default=False):
-            colormap = gui.add_dropdown("Colour map", tuple(COLORMAPS), initial_value=self.settings.colormap)
-            colormap.on_update(lambda _: self._set(colormap=colormap.value))
-            automatic = gui.add_checkbox("Automatic range", True, hint="each frame's 2nd to 98th percentile")
-            near_far = gui.add_vector2("Near / far (unit frame)", (0.0, 2.0), step=0.01)
-
-        def depth_range(_: Any) -> None:
-            near, far = near_far.value
-            if automatic.value or far > near:
-                self._set(depth_range=None if automatic.value else (float(near), float(far)))
-
-        automatic.on_update(depth_range)
-        near_far.on_update(depth_range)
+            controls["Colour map"] = gui.add_dropdown("Colour map", tuple(COLORMAPS),
+                                                      initial_value=self.settings.colormap)
+            controls["Automatic range"] = gui.add_checkbox("Automatic range", True,
+                                                           hint="each frame's 2nd to 98th percentile")
+            controls["Near / far"] = gui.add_vector2("Near / far (unit frame)", (0.0, 2.0), step=0.01)
         with gui.add_folder("Split view", expand_by_default=False):
-            split = gui.add_checkbox("Split", False)
-            right = gui.add_dropdown("Right side", MODES, initial_value="depth")
-            divider = gui.add_slider("Divider", 0.0, 1.0, 0.01, self.settings.split)
+            controls["Split"] = gui.add_checkbox("Split", False)
+            controls["Right side"] = gui.add_dropdown("Right side", MODES, initial_value="depth")
+            controls["Divider"] = gui.add_slider("Divider", 0.0, 1.0, 0.01, self.settings.split)
 
-        def split_changed(_: Any) -> None:
-            self._set(split_mode=right.value if split.value else None, split=float(divider.value))
+        def changed(_: Any) -> None:
+            near, far = controls["Near / far"].value
+            automatic = controls["Automatic range"].value
+            self._set(mode=controls["Render"].value,
+                      resolution=max(MIN_ROWS, int(controls["Resolution"].value)),  # a typed 2 is not 2 rows
+                      max_samples=max(16, int(controls["Max samples / ray"].value)),
+                      colormap=controls["Colour map"].value,
+                      depth_range=None if automatic or far <= near else (float(near), float(far)),
+                      split_mode=controls["Right side"].value if controls["Split"].value else None,
+                      split=float(controls["Divider"].value))
 
-        for control in (split, right, divider):
-            control.on_update(split_changed)
+        for control in controls.values():
+            control.on_update(changed)
 
     def _crop_controls(self, gui: Any) -> None:
         aabb = self.pipeline.tracer.aabb.cpu()
@@ -287,10 +289,11 @@ class Viewer:
             toggles = {"Training cameras": lambda: self.frustums, "Scene box": lambda: [self.scene_box],
                        "Crop box": lambda: [self.crop_box, *self.crop_handles],
                        "Exported mesh": lambda: [self.mesh] if self.mesh is not None else []}
-            for label, nodes in toggles.items():
-                checkbox = gui.add_checkbox(label, True)
+            shown = {label: gui.add_checkbox(label, True) for label in toggles}
+            for label, checkbox in shown.items():
+                nodes = toggles[label]
                 checkbox.on_update(lambda _, checkbox=checkbox, nodes=nodes: self._show(nodes(), checkbox.value))
-            self.show_mesh = checkbox
+            self.show_mesh = shown["Exported mesh"]
             if thumbnails is not None:
                 photos = gui.add_checkbox("Thumbnails", True)
 
@@ -368,8 +371,12 @@ class Viewer:
             try:
                 cam = view.client.camera
                 camera = viser_camera_to_cameras(cam.wxyz, cam.position, cam.fov, cam.aspect, rows)
+                # A full frame the camera moved away from is dropped; a preview is cheap and still shows
+                # roughly where the camera is, so it goes out (a camera that never rests still gets frames).
                 frame = render_frame(self.pipeline, camera, self.settings, self.chunk, timer,
-                                     stale=lambda: (view.camera_time != camera_time or self.stopped.is_set()
+                                     stale=lambda: ((rows >= self.settings.resolution
+                                                     and view.camera_time != camera_time)
+                                                    or self.stopped.is_set()
                                                     or self.settings_version != settings_version))
                 if frame is not None:
                     view.client.scene.set_background_image(frame, format="jpeg", jpeg_quality=85)
@@ -380,6 +387,7 @@ class Viewer:
                 view.rendered = (camera_time, rows, version, time.perf_counter())
             ended = time.perf_counter()
             spent = ended - started - timer.waited  # rendering, not waiting behind a step
+            self.render_seconds += spent
             if rows < self.settings.resolution:
                 self.preview_seconds = spent
             if self.stats.training and not self.paused.is_set():

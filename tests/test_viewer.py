@@ -130,7 +130,8 @@ def test_server_renders_for_a_browser_camera_and_survives_a_failing_frame(traine
 
 def test_tabs_are_served_in_turn_and_a_moved_camera_first():
     """Every view needs a refresh (training moved on): the one shown longest ago goes first, so a second tab
-    is not starved by the first; a camera that moves jumps the queue, at preview size."""
+    is not starved by the first; a camera that moves jumps the queue, at preview size, and moving cameras
+    take turns."""
     now = 100.0
     first = ClientView("first", camera_time=1.0, rendered=(1.0, 64, 0, now - REFRESH_SECONDS - 0.5))
     second = ClientView("second", camera_time=2.0, rendered=(2.0, 64, 0, now - REFRESH_SECONDS - 1.0))
@@ -141,6 +142,11 @@ def test_tabs_are_served_in_turn_and_a_moved_camera_first():
     assert pick_view([first, second], 64, 1, True, now) == (None, 0)  # nothing changed since
     second.camera_time = now - 0.01  # moving: a preview, ahead of any refresh
     assert pick_view([first, second], 64, 2, True, now) == (second, 16)
+    first.camera_time = now - 0.02  # both moving: the one shown longest ago first, then the other
+    second.rendered = (2.0, 64, 1, now - 0.5)
+    assert pick_view([first, second], 64, 2, True, now) == (second, 16)
+    second.rendered = (second.camera_time, 16, 2, now)
+    assert pick_view([first, second], 64, 2, True, now) == (first, 16)
     fresh = ClientView("fresh", camera_time=now)  # a new tab, never shown
     assert pick_view([first, fresh], 64, 1, True, now)[0] is fresh
 
@@ -328,6 +334,11 @@ def test_the_crop_gizmo_and_the_typed_numbers_keep_crop_json_in_sync(trained, tm
         assert np.allclose(viewer.crop_handles[0].position, expected[0])
         viewer.crop_high.value = (-0.5, 0.5, 0.5)  # an empty box is not taken
         assert torch.allclose(stored(), expected, atol=1e-5)
+        version = viewer.settings_version
+        viewer.controls["Resolution"].value = 2  # typed into the slider's box: its minimum, and a new version
+        assert viewer.settings.resolution == 16 and viewer.settings_version > version
+        viewer.controls["Split"].value = True
+        assert viewer.settings.split_mode == "depth" and viewer.settings.crop is not None  # the crop stays
     finally:
         browser.close()
         viewer.close()
@@ -368,4 +379,59 @@ def test_a_camera_path_made_in_the_viewer_saves_loads_and_renders_a_video(traine
         reference = (pipeline.render_view(cameras, 0)["rgb"].clamp(0, 1) * 255).numpy()
         assert np.abs(video[0].astype(float) - reference).mean() < 6  # the first keyframe's view (H.264)
     finally:
+        viewer.close()
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (apt-get install chromium) and playwright")
+def test_real_browser_tabs_while_training_both_get_frames_and_a_drag_gets_one_at_once(trained):
+    """Two Chromium tabs while training runs (simulated: the model version moves on every 50 ms): both are
+    served, and after a mouse drag in either (viser's orbit controls), a frame of the moved camera follows
+    within seconds (bench/viewer_browser.py measures how fast on lego)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    import threading
+
+    pipeline, scene = trained
+    viewer = Viewer(pipeline, scene.splits["train"].cameras, port=18160, chunk=2048, resolution=48, share=0.25)
+    viewer.stats.training = True
+    ticking = threading.Event()
+
+    def train() -> None:
+        while not ticking.wait(0.05):
+            viewer.stats.version += 1
+
+    threading.Thread(target=train, daemon=True).start()
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--use-gl=swiftshader"])
+            tabs = []
+            for _ in range(2):
+                known = set(viewer.views)
+                page = browser.new_page(viewport={"width": 640, "height": 480})
+                page.goto(viewer.url)
+                deadline = time.time() + 60
+                while set(viewer.views) == known and time.time() < deadline:
+                    page.wait_for_timeout(50)
+                tabs.append((page, viewer.views[(set(viewer.views) - known).pop()]))
+            deadline = time.time() + 60
+            while not all(view.rendered for _, view in tabs) and time.time() < deadline:
+                time.sleep(0.1)
+            assert all(view.rendered for _, view in tabs)  # both tabs served while training
+            for page, view in tabs:
+                moved_before = view.camera_time
+                page.mouse.move(150, 240)
+                page.mouse.down()
+                for step in range(1, 9):
+                    page.mouse.move(150 + 10 * step, 240 + 3 * step)
+                    page.wait_for_timeout(25)
+                page.mouse.up()
+                stopped = time.perf_counter()
+                deadline = stopped + 10
+                shown = lambda: view.rendered[0] == view.camera_time and view.rendered[3] > stopped  # noqa: E731
+                while not shown() and time.perf_counter() < deadline:
+                    time.sleep(0.02)
+                assert view.camera_time > moved_before  # the drag moved this tab's camera
+                assert shown() and view.rendered[3] - stopped < 5.0
+            browser.close()
+    finally:
+        ticking.set()
         viewer.close()
