@@ -52,15 +52,23 @@ class Cameras:
 
     def rays(self, cam: Tensor, px: Tensor, py: Tensor) -> Rays:
         """Rays through pixel coordinates px, py [R] of cameras cam [R]; distortion undone."""
+        return self.rays_along(cam, self.lens_directions(cam, px, py))
+
+    def lens_directions(self, cam: Tensor, px: Tensor, py: Tensor) -> Tensor:
+        """Directions [R, 3] in the OpenCV camera frame (not unit length) through pixel coordinates px, py of
+        cameras cam: the lens's distortion undone (Newton's method; pinhole scenes skip it)."""
         xd = (px - self.cx[cam]) / self.fx[cam]
         yd = (py - self.cy[cam]) / self.fy[cam]
         k = self.distortion[cam].unbind(-1)
-        # Pinhole scenes skip the Newton iterations.
         x, y = _undistort_radial_tangential(xd, yd, k) if self.distortion.any() else (xd, yd)
         d = torch.stack([x, y, torch.ones_like(x)], -1)
         if self.fisheye.any():
             d = torch.where(self.fisheye[cam, None], _undistort_fisheye(xd, yd, k), d)
-        d_gl = d * d.new_tensor([1.0, -1.0, -1.0])
+        return d
+
+    def rays_along(self, cam: Tensor, directions: Tensor) -> Rays:
+        """Rays of cameras cam [R] along OpenCV camera-frame directions [R, 3] (`lens_directions`)."""
+        d_gl = directions * directions.new_tensor([1.0, -1.0, -1.0])
         c2w = self.c2w[cam]
         dirs = torch.einsum("rij,rj->ri", c2w[:, :, :3], d_gl)
         return Rays(c2w[:, :, 3].contiguous(), torch.nn.functional.normalize(dirs, dim=-1))
@@ -141,6 +149,37 @@ class AppearanceCodes(torch.nn.Module):
         m = self.transform[cam] if cam is not None else self.transform.mean(0).expand(len(rgb), 3, 4)
         clear = (1 - opacity)[:, None] * background
         return torch.einsum("rij,rj->ri", m[:, :, :3], rgb - clear) + m[:, :, 3] * opacity[:, None] + clear
+
+
+@dataclass
+class LensTable:
+    """The undistorted direction through every pixel centre, computed once per distinct lens (intrinsics,
+    distortion and image size), so that training reads its rays' directions instead of running Newton's
+    method on every batch. Cameras sharing a lens (one phone, one setting) share one table."""
+
+    lens_of: Tensor  # [N] int64: each camera's lens
+    starts: Tensor  # [L + 1] int64: lens l's pixels are directions[starts[l]:starts[l + 1]], row-major
+    directions: Tensor  # [sum of the lenses' H * W, 3] OpenCV camera frame, as Cameras.lens_directions
+
+    @staticmethod
+    def of(cameras: Cameras) -> LensTable:
+        lenses = torch.stack([cameras.fx, cameras.fy, cameras.cx, cameras.cy, cameras.width, cameras.height,
+                              cameras.fisheye, *cameras.distortion.unbind(1)], 1).double()
+        unique, lens_of = torch.unique(lenses, dim=0, return_inverse=True)
+        first = torch.stack([(lens_of == lens).nonzero()[0, 0] for lens in range(len(unique))])
+        directions = []
+        for i in first.tolist():
+            w, h = int(cameras.width[i]), int(cameras.height[i])
+            py, px = torch.meshgrid(torch.arange(h, device=cameras.c2w.device) + 0.5,
+                                    torch.arange(w, device=cameras.c2w.device) + 0.5, indexing="ij")
+            cam = torch.full((h * w,), i, dtype=torch.long, device=cameras.c2w.device)
+            directions.append(cameras.lens_directions(cam, px.reshape(-1), py.reshape(-1)))
+        sizes = torch.tensor([0] + [len(d) for d in directions], device=cameras.c2w.device)
+        return LensTable(lens_of, sizes.cumsum(0), torch.cat(directions))
+
+    def lookup(self, cam: Tensor, pixel: Tensor) -> Tensor:
+        """Directions [R, 3] of cameras cam [R] at row-major pixel indices [R] (pixel centres)."""
+        return self.directions[self.starts[self.lens_of[cam]] + pixel]
 
 
 def transform_poses(c2w: Tensor, similarity: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cameras import Cameras
+from .cameras import Cameras, LensTable
 from .checks import FINITE, POSITIVE, Number, checked_field
 from .colmap import find_colmap, read_colmap
 from .loaders import HOLDOUT, IMAGE_EXTENSIONS, LONE, NGP_KEYS, Capture, Frame, SceneError, read_transforms
@@ -85,15 +86,21 @@ class Split:
             index = self.usable[index]
         cam = torch.searchsorted(self.offsets, index, right=True) - 1
         local = index - self.offsets[cam]
-        width = self.cameras.width[cam]
-        px = (local % width).to(torch.float32) + 0.5
-        py = (local // width).to(torch.float32) + 0.5
-        rays = self.cameras.rays(cam, px, py)
+        if self.cameras.distortion.any():  # a lens: its table, not Newton's method per batch
+            rays = self.cameras.rays_along(cam, self.lens.lookup(cam, local))
+        else:
+            width = self.cameras.width[cam]
+            rays = self.cameras.rays(cam, (local % width).float() + 0.5, (local // width).float() + 0.5)
         depths = None
         if self.depth is not None:  # z-depth along the viewing axis (-z of the OpenGL camera) -> distance
             cosine = -(rays.dirs * self.cameras.c2w[cam, :, 2]).sum(-1)
             depths = self.depth[index] / cosine.clamp_min(1e-6)
         return Batch(rays, _unit_float(self.pixels[index]), cam, depths)
+
+    @cached_property
+    def lens(self) -> LensTable:
+        """Every pixel centre's undistorted direction (built on first use; a replaced Split builds its own)."""
+        return LensTable.of(self.cameras)
 
     def to(self, device: torch.device | str) -> Split:
         usable, depth = (None if t is None else t.to(device) for t in (self.usable, self.depth))

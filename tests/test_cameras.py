@@ -195,3 +195,37 @@ def test_downscaled_pixels_cover_the_same_rays():
     px, py, _ = cams.project(point)
     hx, hy, _ = half.project(point)
     assert torch.allclose(hx, px / 2, atol=1e-5) and torch.allclose(hy, py / 2, atol=1e-5)
+
+
+def test_the_lens_table_is_the_newton_solve_at_every_pixel_and_training_reads_it():
+    """Three cameras, two lenses (two share a radial-tangential lens; a fisheye of another size): one table
+    per lens, equal at every pixel centre to the Newton solve it replaces, and a training batch's rays are the
+    rays Cameras.rays casts through the same pixels."""
+    from dataclasses import replace
+
+    from recon.data.cameras import LensTable
+    from recon.data.scene import Split
+
+    shared, fish = make_cameras(2, dist=RADTAN), make_cameras(1, size=(24, 20), dist=FISHEYE, fisheye=True)
+    cams = Cameras(**{name: torch.cat([getattr(shared, name), getattr(fish, name)]) for name in (
+        "c2w", "fx", "fy", "cx", "cy", "width", "height", "distortion", "fisheye")})
+    table = LensTable.of(cams)
+    assert table.lens_of[0] == table.lens_of[1] != table.lens_of[2] and len(table.starts) == 3
+    assert len(table.directions) == 40 * 30 + 24 * 20
+    for i in range(3):
+        pixels = torch.arange(int(cams.width[i] * cams.height[i]))
+        cam = torch.full_like(pixels, i)
+        px, py = (pixels % cams.width[i]).float() + 0.5, (pixels // cams.width[i]).float() + 0.5
+        assert torch.equal(table.lookup(cam, pixels), cams.lens_directions(cam, px, py))
+
+    sizes = torch.tensor([0, 1200, 1200, 480])
+    split = Split(cams, ["a", "b", "c"], torch.zeros(int(sizes.sum()), 3, dtype=torch.uint8), sizes.cumsum(0))
+    batch = split.sample(500, torch.Generator().manual_seed(0))
+    index = torch.randint(int(sizes.sum()), (500,), generator=torch.Generator().manual_seed(0))
+    cam = torch.searchsorted(split.offsets, index, right=True) - 1
+    local = index - split.offsets[cam]
+    rays = cams.rays(cam, (local % cams.width[cam]).float() + 0.5, (local // cams.width[cam]).float() + 0.5)
+    assert torch.equal(batch.cameras, cam)
+    assert torch.allclose(batch.rays.dirs, rays.dirs, atol=1e-6) and torch.equal(batch.rays.origins, rays.origins)
+    moved = replace(split, cameras=cams.downscaled(2))  # new intrinsics: a new table
+    assert len(moved.lens.directions) == 20 * 15 + 12 * 10
