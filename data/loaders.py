@@ -80,6 +80,7 @@ class Capture:
     downscale_note: str | None  # why, when it was chosen automatically
     ngp_doc: dict | None = None  # a transforms JSON whose instant-ngp keys set the box
     points: np.ndarray | None = None  # [N, 3] sparse points (COLMAP): the box comes from them
+    points_what: str = "sparse points"  # what the points are, for the summary
     to_unit: np.ndarray | None = None  # [4, 4] a normalisation the layout gives (NeuS scale_mat)
 
 

@@ -21,6 +21,8 @@ from torch import Tensor
 from .cameras import Cameras, LensTable
 from .checks import FINITE, POSITIVE, Number, checked_field
 from .colmap import find_colmap, read_colmap
+from .llff import POSES as LLFF_POSES
+from .llff import read_llff
 from .loaders import HOLDOUT, IMAGE_EXTENSIONS, LONE, NGP_KEYS, Capture, Frame, SceneError, read_transforms
 from .neus import CAMERAS as NEUS_CAMERAS
 from .neus import read_neus
@@ -215,7 +217,7 @@ def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None
         rule = "the layout's normalisation: the unit sphere's cube"
     elif capture.points is not None:
         every_camera = torch.cat([split.cameras.c2w for split in world.values()])
-        to_unit, aabb, aabb_scale, rule = points_bounds(capture.points, every_camera)
+        to_unit, aabb, aabb_scale, rule = points_bounds(capture.points, every_camera, capture.points_what)
     else:
         to_unit, aabb, rule = _carved_bounds(world["train"])
         aabb_scale = 1.0
@@ -263,6 +265,8 @@ def read_capture(source: Path, downscale: int, budget: float | None = None) -> C
     folder = source if source.is_dir() else source.parent
     if source.name == NEUS_CAMERAS or (source.is_dir() and (folder / NEUS_CAMERAS).is_file()):
         return read_neus(folder / NEUS_CAMERAS, downscale, budget)
+    if source.name == LLFF_POSES or (source.is_dir() and (folder / LLFF_POSES).is_file()):
+        return read_llff(folder / LLFF_POSES, downscale, budget)
     if source.is_file() or any((folder / name).is_file() for name in ("transforms.json", "transforms_train.json")):
         return read_transforms(source, downscale, budget)
     colmap = find_colmap(folder)
@@ -271,9 +275,11 @@ def read_capture(source: Path, downscale: int, budget: float | None = None) -> C
     if any(p.suffix.lstrip(".") in IMAGE_EXTENSIONS for p in folder.iterdir()):
         raise SceneError(folder, "images without camera poses; find them with `recon process images "
                                  f"{folder} SCENE` (structure from motion), or give transforms.json, a COLMAP "
-                                 "model (sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
+                                 "model (sparse/0 with images/), NeuS cameras_sphere.npz with image/ or LLFF "
+                                 "poses_bounds.npy with images/")
     raise SceneError(folder, "no scene found: expected transforms.json, transforms_train.json, a COLMAP model "
-                             "(sparse/0 with images/) or NeuS cameras_sphere.npz with image/")
+                             "(sparse/0 with images/), NeuS cameras_sphere.npz with image/ or LLFF "
+                             "poses_bounds.npy with images/ or images_N/")
 
 
 def _world_box(aabb: Tensor, to_unit: Tensor) -> Tensor:
@@ -283,7 +289,7 @@ def _world_box(aabb: Tensor, to_unit: Tensor) -> Tensor:
     return torch.stack([world.min(0).values, world.max(0).values]).float()
 
 
-def points_bounds(points: np.ndarray, c2w: Tensor) -> tuple[Tensor, Tensor, float, str]:
+def points_bounds(points: np.ndarray, c2w: Tensor, what: str = "sparse points") -> tuple[Tensor, Tensor, float, str]:
     """COLMAP's frame has no up and no scale: the cameras' mean up becomes +z, the box around the
     central POINT_QUANTILES of the sparse points becomes the unit box (largest half-extent 1), and
     the box grows by powers of two (instant-ngp's aabb_scale) until every camera is inside it."""
@@ -293,11 +299,11 @@ def points_bounds(points: np.ndarray, c2w: Tensor) -> tuple[Tensor, Tensor, floa
         rotated = torch.from_numpy(points) @ rotation.T
         q = torch.tensor(POINT_QUANTILES, dtype=torch.float64)
         lo, hi = torch.quantile(rotated, q[0], dim=0), torch.quantile(rotated, q[1], dim=0)
-        what = f"the central {POINT_QUANTILES[1] - POINT_QUANTILES[0]:.0%} of {len(points)} sparse points"
+        what = f"the central {POINT_QUANTILES[1] - POINT_QUANTILES[0]:.0%} of {len(points)} {what}"
     else:  # too few points to trust: the cameras' look-at region
         lo, hi = (v.double() @ rotation.T for v in _look_at_region(c2w))
         lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
-        what = f"the cameras' look-at region (only {len(points)} sparse points)"
+        what = f"the cameras' look-at region (only {len(points)} {what})"
     centre, scale = (lo + hi) / 2, 2 / (hi - lo).max()
     to_unit = torch.eye(4, dtype=torch.float64)
     to_unit[:3, :3] = scale * rotation

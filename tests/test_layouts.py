@@ -262,3 +262,70 @@ def test_exif_orientation_is_ignored_as_colmap_ignores_it(tmp_path):
     picture.save(tmp_path / "photo.png", exif=exif)
     assert Image.open(tmp_path / "photo.png").getexif()[0x0112] == 6
     np.testing.assert_array_equal(read_image(tmp_path / "photo.png"), pixels)
+
+
+def write_llff(out: Path, c2w_opengl: np.ndarray, focal: float, size: tuple[int, int], folders: tuple[int, ...],
+               bounds: tuple[float, float] = (2.0, 6.0)) -> Path:
+    """poses_bounds.npy as LLFF's imgs2poses writes it (rotation columns down, right, back; a fifth column of
+    full-size height, width, focal; near and far) and images_N/ folders of plain images of the sizes it implies."""
+    n = len(c2w_opengl)
+    to_llff = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # right, up, back -> down, right, back
+    rows = []
+    for pose in c2w_opengl:
+        matrix = np.concatenate([pose[:3, :3] @ to_llff, pose[:3, 3:4], [[size[1]], [size[0]], [focal]]], axis=1)
+        rows.append(np.concatenate([matrix.reshape(-1), bounds]))
+    out.mkdir(parents=True)
+    np.save(out / "poses_bounds.npy", np.array(rows))
+    for factor in folders:
+        folder = out / ("images" if factor == 1 else f"images_{factor}")
+        folder.mkdir()
+        for i in range(n):
+            image = np.full((size[1] // factor, size[0] // factor, 3), 40 * (i % 6), np.uint8)
+            iio.imwrite(folder / f"image{i:03d}.png", image)
+    return out
+
+
+def original_llff_c2w(table: np.ndarray) -> np.ndarray:
+    """The original NeRF loader's step (load_llff.py): poses [3, 5, N] become [right, up, back] by taking
+    column 1, minus column 0 and column 2, before its rescaling and recentring."""
+    poses = table[:, :-2].reshape([-1, 3, 5]).transpose([1, 2, 0])
+    poses = np.concatenate([poses[:, 1:2, :], -poses[:, 0:1, :], poses[:, 2:, :]], 1)
+    return poses[:, :4, :].transpose([2, 0, 1])
+
+
+def test_llff_poses_follow_the_original_loader_and_images_n_follows_downscale(tmp_path):
+    """A forward-facing grid of 9 cameras looking down -z at a scene 2 to 6 units away: the poses are the
+    original loader's, images_N is read for --downscale N (its focal the full one over N), every 8th image is
+    held out, and the box covers the frusta between the bounds with every camera inside."""
+    from geometry import look_at
+
+    eyes = [(x, y, 0.0) for y in (-0.5, 0.0, 0.5) for x in (-0.6, 0.0, 0.6)]
+    c2w = np.stack([look_at(np.array(eye), target=np.array([0.0, 0.0, -4.0]), up=np.array([0.0, 1.0, 0.0]))
+                    for eye in eyes])
+    folder = write_llff(tmp_path / "ff", c2w, focal=40.0, size=(48, 32), folders=(1, 2))
+    table = np.load(folder / "poses_bounds.npy")
+    np.testing.assert_allclose(original_llff_c2w(table)[:, :, :3], c2w[:, :3, :3], atol=1e-12)
+
+    scene = load_scene(folder, downscale=2)
+    assert "LLFF" in scene.summary["convention"] and "images_2/" in scene.summary["convention"]
+    assert scene.summary["views"] == {"train": 7, "test": 2}  # images 0 and 8 held out
+    train = scene.splits["train"]
+    assert Path(train.names[0]).parent.name == "images_2" and int(train.cameras.width[0]) == 24
+    assert float(train.cameras.fx[0]) == pytest.approx(20.0) and float(train.cameras.cx[0]) == 12.0
+    world = train.cameras.transformed(torch.linalg.inv(scene.to_unit))
+    kept = [i for i in range(9) if i % 8]
+    np.testing.assert_allclose(world.c2w.numpy(), original_llff_c2w(table)[kept][:, :3, :4], atol=1e-5)
+    assert "near and far bounds" in scene.summary["bounds"]["rule"]
+    centre = torch.tensor([0.0, 0.0, -4.0, 1.0]) @ scene.to_unit.T  # the middle of the bounds, in the box
+    assert ((centre[:3] > scene.aabb[0]) & (centre[:3] < scene.aabb[1])).all()
+    positions = train.cameras.c2w[:, :, 3]
+    assert ((positions > scene.aabb[0]) & (positions < scene.aabb[1])).all()
+
+    shrunk = load_scene(folder, downscale=4)  # no images_4/: images/ read and shrunk
+    assert int(shrunk.splits["train"].cameras.width[0]) == 12 and "images/" in shrunk.summary["convention"]
+    shutil.rmtree(folder / "images")
+    with pytest.raises(SceneError, match="no images_4/ .* this capture has --downscale 2"):
+        load_scene(folder, downscale=4)
+    (folder / "images_2" / "image003.png").unlink()
+    with pytest.raises(SceneError, match="8 images for the 9 poses"):
+        load_scene(folder, downscale=2)
