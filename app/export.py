@@ -26,7 +26,6 @@ from torch import Tensor
 from recon.app.evaluate import to_uint8
 from recon.app.pipeline import Pipeline
 from recon.app.run import UserError
-from recon.data.camera_paths import Ring
 from recon.data.cameras import Cameras
 from recon.data.rays import Rays
 from recon.data.scene import world_to_unit_box
@@ -71,19 +70,6 @@ def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tens
     if (cut[1] <= cut[0]).any():
         raise UserError(f"--crop {crop.flatten().tolist()}: the crop box is empty or outside the scene")
     return cut
-
-
-def focus_box(cameras: Cameras, within: Tensor) -> Tensor | None:
-    """The box the training cameras frame (unit frame), cut by `within`: centred where their optical axes
-    meet (`Ring.target`), its half-size what their median view covers there (distance x tan(fov / 2)). An
-    unbounded capture's object, not the room or the fog around it; None when the cameras do not frame a
-    point inside `within` (a forward-facing capture: their axes meet far away or nowhere)."""
-    target = Ring.of(cameras).target
-    distance = (cameras.c2w[:, :, 3] - target).norm(dim=-1).median()
-    half = distance * (cameras.height / 2 / cameras.fy).median()
-    box = torch.stack([torch.maximum(target - half, within[0]), torch.minimum(target + half, within[1])])
-    inside = bool(((target > within[0]) & (target < within[1])).all())
-    return box if inside and (box[1] > box[0]).all() else None
 
 
 def memory_needed(box: Tensor, resolution: int) -> int:
@@ -279,13 +265,7 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     if method not in METHODS:
         raise UserError(f"--method {method}: unknown (known: {', '.join(METHODS)})")
     started = time.perf_counter()
-    box = export_box(pipeline, to_unit, crop)
-    rule = "the crop box" if crop is not None else "the field's box"
-    if crop is None and not is_sdf(pipeline) and not torch.equal(box, pipeline.tracer.aabb.cpu()):
-        focus = focus_box(train_cameras.to("cpu"), box)  # an unbounded scene: its object, not the fog around it
-        if focus is not None:
-            box, rule = focus, "the training cameras' focus (--crop for another box)"
-    box = box.to(pipeline.device)
+    box = export_box(pipeline, to_unit, crop).to(pipeline.device)
     vertices, faces, voxel = surface(pipeline, train_cameras, box, resolution, level, method, clean, simplify_to, chunk)
     normals = torch.from_numpy(np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)).float()
     verts = torch.from_numpy(vertices).float().to(pipeline.device)
@@ -300,7 +280,7 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     else:
         level_meaning, level = "opacity 1 - exp(-sigma * voxel)", OPACITY_LEVEL if level is None else level
     info = {"method": method, "resolution": resolution, "voxel_unit": voxel, "level": level,
-            "level_meaning": level_meaning, "unit_box": box.tolist(), "box": rule,
+            "level_meaning": level_meaning, "unit_box": box.tolist(),
             "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
             "simplify": simplify_to, "vertices": len(mesh.vertices), "faces": len(faces),
             "seconds": round(time.perf_counter() - started, 2)}

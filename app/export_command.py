@@ -80,8 +80,7 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
     mesh.save(output)
     run.write_json(output.with_suffix(".json"), {"mesh": output.name,
                                                  "crop_world_box": None if crop is None else crop.tolist(), **info})
-    print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s; "
-          f"the box: {info['box']}")
+    print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s")
 
 
 def cmd_export_sdf(args: argparse.Namespace) -> None:

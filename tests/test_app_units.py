@@ -147,15 +147,3 @@ def test_orbit_circles_surrounding_captures_and_sweeps_forward_facing_ones(captu
     else:  # forward-facing: never behind the scene, and the whole covered arc is swept
         assert azimuths.min() >= -61 and azimuths.max() <= 51
         assert azimuths.min() < -58 and azimuths.max() > 48
-
-
-def test_the_focus_box_is_what_the_cameras_frame_around_where_they_look():
-    from recon.app.export import focus_box
-
-    cameras = cameras_at(np.arange(0, 360, 30))  # 4 away, 1 up, looking at the origin; tan(fov / 2) = 32 / 50
-    half = 17**0.5 * 32 / 50
-    box = focus_box(cameras, torch.tensor([[-8.0] * 3, [8.0] * 3]))
-    assert torch.allclose(box, torch.tensor([[-half] * 3, [half] * 3]), atol=1e-4)
-    inner = torch.tensor([[-1.0, -1.0, -0.5], [1.0, 1.0, 0.5]])
-    assert torch.equal(focus_box(cameras, inner), inner)  # cut by the box it must stay in
-    assert focus_box(cameras, torch.tensor([[2.0] * 3, [3.0] * 3])) is None  # they look at a point outside it
