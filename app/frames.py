@@ -36,10 +36,10 @@ class RenderSettings:
 
 def render_buffers(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, chunk: int, lock: Any = None,
                    stale: Callable[[], bool] = lambda: False,
-                   sdf_normals: bool = False) -> dict[str, torch.Tensor] | None:
-    """rgb [H, W, 3], depth and opacity [H, W] (and the SDF's unit normals [H, W, 3] if asked) of `camera` (one
-    camera), `chunk` rays at a time, each chunk under `lock`; None once `stale()` says, between chunks, that
-    the frame is no longer wanted."""
+                   sdf_normals: bool = False, depth_normals_needed: bool = False) -> dict[str, torch.Tensor] | None:
+    """rgb [H, W, 3], depth and opacity [H, W] (and if asked the SDF's unit normals [H, W, 3], or the rays'
+    origins and dirs [H, W, 3] that depth normals need) of `camera` (one camera), `chunk` rays at a time, each
+    chunk under `lock`; None once `stale()` says, between chunks, that the frame is no longer wanted."""
     device = pipeline.device
     rays = camera.to(device).image_rays(0)
     height, width = int(camera.height[0]), int(camera.width[0])
@@ -66,8 +66,9 @@ def render_buffers(pipeline: Pipeline, camera: Cameras, settings: RenderSettings
         for key in parts:
             parts[key].append(out[key])
     image = {key: torch.cat(values).view(height, width, -1).squeeze(-1).cpu() for key, values in parts.items()}
-    image["dirs"] = rays.dirs.view(height, width, 3).cpu()
-    image["origins"] = rays.origins.view(height, width, 3).cpu()
+    if depth_normals_needed:
+        image["dirs"] = rays.dirs.view(height, width, 3).cpu()
+        image["origins"] = rays.origins.view(height, width, 3).cpu()
     return image
 
 
@@ -121,8 +122,10 @@ def render_frame(pipeline: Pipeline, camera: Cameras, settings: RenderSettings, 
     """One frame [H, W, 3] uint8 of `camera` (one camera) in the settings' mode (the split mode right of the
     divider, if set), rendered `chunk` rays at a time under `lock`; None when `stale()` dropped it."""
     modes = (settings.mode,) if settings.split_mode is None else (settings.mode, settings.split_mode)
-    sdf = "sdf" in pipeline.field.outputs and "normals" in modes
-    image = render_buffers(pipeline, camera, settings, chunk, lock, stale, sdf_normals=sdf)
+    sdf = "sdf" in pipeline.field.outputs
+    normals = "normals" in modes
+    image = render_buffers(pipeline, camera, settings, chunk, lock, stale, sdf_normals=sdf and normals,
+                           depth_normals_needed=normals and not sdf)
     if image is None:
         return None
     frame = shade(image, modes[0], settings)

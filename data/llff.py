@@ -22,13 +22,13 @@ import numpy as np
 from .loaders import (
     AUTO,
     HOLDOUT,
-    IMAGE_EXTENSIONS,
     LONE,
     Capture,
     Frame,
     FrameList,
     SceneError,
     downscaled_frame,
+    images_in,
     parallel_map,
     read_image,
     resolve_downscale,
@@ -92,25 +92,21 @@ def image_folders(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-
-
 def choose_folder(folder: Path, folders: dict[int, Path], downscale: int,
                   budget: float | None) -> tuple[int, list[Path], Path]:
     """The factor and images to read: images_N for --downscale N, else images/ shrunk N times; automatic:
     the smallest factor whose pixels fit the budget, among the folders there are."""
     if downscale == AUTO:
         for factor in sorted(folders):
-            images = _images(folders[factor])
+            images = images_in(folders[factor])
             if resolve_downscale(AUTO, images, budget)[0] == 1:
                 return factor, images, folders[factor]
         factor = max(folders)
-        return factor, _images(folders[factor]), folders[factor]
+        return factor, images_in(folders[factor]), folders[factor]
     if downscale in folders:
-        return downscale, _images(folders[downscale]), folders[downscale]
+        return downscale, images_in(folders[downscale]), folders[downscale]
     if 1 in folders:
-        return downscale, _images(folders[1]), folders[1]
+        return downscale, images_in(folders[1]), folders[1]
     have = ", ".join(f"--downscale {n}" for n in sorted(folders))
     raise SceneError(folder, f"no images_{downscale}/ (nor images/ to shrink) for --downscale {downscale}; "
                              f"this capture has {have}")

@@ -231,6 +231,13 @@ def check_size(image_path: Path, image: np.ndarray, stated: tuple[int, int], sou
         raise SceneError(image_path, f"image is {size[0]}x{size[1]} but {source} says {stated[0]}x{stated[1]}")
 
 
+def images_in(folder: Path) -> list[Path]:
+    """The images in a folder, sorted by name (none when it is not a folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lstrip(".") in IMAGE_EXTENSIONS)
+
+
 def read_image(path: Path) -> np.ndarray:
     """[H, W, 3 or 4] uint8 or uint16. Greyscale is expanded to RGB (grey + alpha to RGBA)."""
     try:

@@ -14,7 +14,6 @@ import numpy as np
 
 from .colmap import OPENCV_TO_OPENGL
 from .loaders import (
-    IMAGE_EXTENSIONS,
     LONE,
     Capture,
     Frame,
@@ -22,6 +21,7 @@ from .loaders import (
     SceneError,
     check_size,
     downscaled_frame,
+    images_in,
     parallel_map,
     read_image,
     resolve_downscale,
@@ -32,10 +32,10 @@ CAMERAS = "cameras_sphere.npz"
 
 def read_neus(file: Path, downscale: int, budget: float | None = None) -> Capture:
     folder = file.parent
-    images = _images(folder / "image")
+    images = images_in(folder / "image")
     if not images:
         raise SceneError(folder / "image", f"no images beside {file.name}")
-    masks = _images(folder / "mask")
+    masks = images_in(folder / "mask")
     if masks and len(masks) != len(images):
         raise SceneError(folder / "mask", f"{len(masks)} masks for {len(images)} images")
     try:
@@ -63,12 +63,6 @@ def read_neus(file: Path, downscale: int, budget: float | None = None) -> Captur
     with_masks = f"masks from {folder / 'mask'} as alpha" if masks else "no masks"
     convention = f"NeuS/IDR {file} ({with_masks}); the unit sphere from scale_mat_0; every 8th image held out for test"
     return Capture(convention, {LONE: frames}, downscale, note, to_unit=np.linalg.inv(scale_mat))
-
-
-def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lstrip(".") in IMAGE_EXTENSIONS)
 
 
 def _decompose(file: Path, i: int, world_mat: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
