@@ -21,13 +21,16 @@ from recon.data.checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Number
 from recon.fields import REGISTRY
 
 # Defaults that depend on the machine; a field backend adds its own (its class's `presets`).
-# gpu: instant-ngp's. cpu: what a 2-core CPU trains fastest with (BENCHMARKS.md, issue 3).
+# gpu: instant-ngp's (the proposal sampler's: nerfacto's). cpu: what a 2-core CPU trains fastest with (BENCHMARKS.md,
+# issue 3; the proposal sampler's: mip-NeRF 360's counts, a third of nerfacto's samples, issue 32).
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"batch_rays": 4096, "sample_budget": 2**18, "occupancy_resolution": 128, "samples_per_diagonal": 1024,
-            "eval_chunk": 2**16, "batch_points": 2**18},
+            "eval_chunk": 2**16, "batch_points": 2**18, "proposal_samples": [256, 96], "field_samples": 48},
     "cpu": {"batch_rays": 1024, "sample_budget": 2**15, "occupancy_resolution": 64, "samples_per_diagonal": 256,
-            "eval_chunk": 2**13, "batch_points": 2**16},
+            "eval_chunk": 2**13, "batch_points": 2**16, "proposal_samples": [64, 64], "field_samples": 32},
 }
+SAMPLERS = ("auto", "occupancy", "proposal")
+PROPOSAL_DISTORTION = 0.002  # nerfacto's distortion weight, the default with the proposal sampler
 TASKS = ("radiance", "image", "mesh-sdf")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -56,6 +59,13 @@ def _one_of(names: tuple[str, ...]):
             raise ValueError(f"must be one of {', '.join(names)}")
         return value
     return check
+
+
+def _sample_counts(counts: Any) -> list[int]:
+    """--proposal-samples: one to three counts, each 1..4096."""
+    if not isinstance(counts, list) or not 1 <= len(counts) <= 3:
+        raise ValueError("must be one to three sample counts")
+    return [Number(int, 1, 4096)(count) for count in counts]
 
 
 def _six_finite(box: Any) -> list[float]:
@@ -110,13 +120,21 @@ class FitConfig:
     occupancy_warmup: float = option(0.02, check=Number(float, 0, 1))  # progress during which every cell is refreshed
     samples_per_diagonal: int | None = option(None, "marching step = the box diagonal / this (instant-ngp: 1024)",
                                               POSITIVE_INT)
+    sampler: str = option("auto", "how rays are sampled: marching an occupancy grid, or proposal density fields "
+                          "(mip-NeRF 360, nerfacto); auto: proposal for unbounded scenes, else occupancy",
+                          choices=SAMPLERS)
+    proposal_samples: list[int] | None = option(None, "proposal sampler: samples per ray of each proposal level",
+                                                _sample_counts, type=int, nargs="+", metavar="N")
+    field_samples: int | None = option(None, "proposal sampler: the field's samples per ray", Number(int, 1, 4096),
+                                       metavar="N")
     eval_stride: int | None = option(None, "evaluate every k-th test view after the fit (default: all on a GPU, at "
                                      "most 25 on a CPU)", POSITIVE_INT, metavar="K")
     eval_chunk: int | None = option(None, check=POSITIVE_INT)  # rays (or points) per chunk when rendering whole images
     batch_points: int | None = option(None, "image and mesh inputs: pixels or points per step", POSITIVE_INT)
     sdf_pool: int = option(2**20, "mesh inputs: training points with exact distances", POSITIVE_INT)
-    distortion: float = option(0.0, "mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off)",
-                               NON_NEGATIVE, metavar="WEIGHT")
+    distortion: float | None = option(None, "mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off; "
+                                      f"default {PROPOSAL_DISTORTION} with the proposal sampler, else 0)", NON_NEGATIVE,
+                                      metavar="WEIGHT")
     # L1 on the expected depth (unit frame, box half-size 1): at 1 a 1% depth error costs what a colour MSE of
     # 0.01 does; 0.1 barely moved 300-step fits (tests/test_fit.py).
     depth_weight: float = option(1.0, "scenes with depth maps: weight of the L1 depth loss (0 ignores them)",
@@ -134,10 +152,12 @@ class FitConfig:
     tcnn: bool = option(False, "use tiny-cuda-nn if installed (untested)", action="store_true")
     scene_from_run: str | None = option(None)  # the scene relative to the run folder, for runs that move
 
-    def resolved(self, device: torch.device, task: str = "radiance") -> FitConfig:
+    def resolved(self, device: torch.device, task: str = "radiance", unbounded: bool = False) -> FitConfig:
         """A copy for `task` with the preset chosen (by device unless given) and every option it sets filled
         in; a backend's own presets are for its radiance field, so they apply to that task only (and to an
-        SDF from images, `--model sdf`, those of them its coordinate encoding shares, e.g. a grid's size)."""
+        SDF from images, `--model sdf`, those of them its coordinate encoding shares, e.g. a grid's size).
+        The sampler "auto" becomes proposal for an `unbounded` scene, else occupancy; the distortion weight
+        follows it."""
         preset = self.preset or ("gpu" if device.type == "cuda" else "cpu")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -147,7 +167,10 @@ class FitConfig:
         if field_defaults and self.model == "sdf":
             shared = inspect.signature(backend.coordinate_encoding).parameters
             field_defaults = {key: value for key, value in field_defaults.items() if key in shared}
-        return dataclasses.replace(self, preset=preset, task=task,
+        sampler = self.sampler if self.sampler != "auto" else "proposal" if unbounded else "occupancy"
+        distortion = self.distortion if self.distortion is not None else (
+            PROPOSAL_DISTORTION if sampler == "proposal" else 0.0)
+        return dataclasses.replace(self, preset=preset, task=task, sampler=sampler, distortion=distortion,
                                    field_options={**field_defaults, **self.field_options}, **unset)
 
     def to_json(self) -> dict[str, Any]:

@@ -61,8 +61,8 @@ class Mesh:
 def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tensor:
     """Where to mesh, in the unit frame: a density field's inner box (the scene box for bounded scenes), an
     SDF field's own box, cut by the crop box."""
-    surface = pipeline.is_surface or not pipeline.grid_config
-    box = pipeline.field.aabb.cpu() if surface else torch.tensor(pipeline.grid_config["aabb"])
+    surface = pipeline.is_surface or pipeline.tracer is None
+    box = pipeline.field.aabb.cpu() if surface else pipeline.inner_box
     if crop is None:
         return box
     crop_unit = world_to_unit_box(crop, to_unit)

@@ -108,6 +108,17 @@ def viewer_skipped(args: argparse.Namespace, task: Task) -> str | None:
     return None if sys.stdout.isatty() else "no terminal; --viewer starts it"
 
 
+def sampler_summary(trainer: Trainer) -> str:
+    """How the rays of a radiance fit are sampled, as config.json records it ("" for other tasks)."""
+    cfg = trainer.cfg
+    if not isinstance(trainer.task, RadianceTask):
+        return ""
+    if cfg.sampler == "occupancy":
+        return "   sampler: occupancy grid"
+    counts = " + ".join(str(n) for n in cfg.proposal_samples)
+    return f"   sampler: proposal ({counts} proposal, {cfg.field_samples} field samples per ray)"
+
+
 def parameter_counts(field: Field) -> str:
     """The field's parameters now and, for a backend that grows while training (DVGO, TensoRF), at the end
     (metrics.json's count)."""
@@ -137,7 +148,7 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         trainer.load_state_dict(load_checkpoint(checkpoint))
         print(f"resuming {run.path} from step {trainer.step}")
     print(f"run folder: {run.path}   field: {cfg.field} ({parameter_counts(trainer.pipeline.field)})   "
-          f"device: {trainer.device} (preset {cfg.preset})")
+          f"device: {trainer.device} (preset {cfg.preset})" + sampler_summary(trainer))
 
     def checkpoint_now(t: Trainer) -> Path:
         return save_checkpoint(run.checkpoints, t.step, t.state_dict())

@@ -8,20 +8,24 @@ no tracer and no grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from recon.app.checkpoint import load_resizing
 from recon.data.cameras import AppearanceCodes, Cameras
 from recon.data.rays import Rays
 from recon.fields import Field, build_field
+from recon.fields.proposal import ProposalDensity
 from recon.fields.surface import SurfaceInBackground
-from recon.renderers import OccupancyGrid, render_chunked, render_rays
+from recon.renderers import OccupancyGrid, Proposal, Samples, march, propose, ray_aabb, render_chunked, render_rays
 
 BACKGROUND = ("hashgrid", {"levels": 8, "log2_table": 17})  # the density field around an SDF in unbounded scenes
+PROPOSAL_RESOLUTIONS = (128, 256)  # nerfacto's proposal fields' finest levels, the first level's coarsest
 
 
 @dataclass
@@ -40,7 +44,8 @@ class Tracer:
 
 class Pipeline:
     def __init__(self, field: Field, grid_config: dict[str, Any] | None = None, tracer: Tracer | None = None,
-                 appearance: AppearanceCodes | None = None, background: Field | None = None):
+                 appearance: AppearanceCodes | None = None, background: Field | None = None,
+                 proposal_config: dict[str, Any] | None = None):
         self.field, self.tracer = field, tracer
         self.appearance = appearance  # per-training-image colour transforms; views render with their mean
         self.background = background  # an SDF field's surroundings in an unbounded scene (density, NeRF++)
@@ -50,18 +55,26 @@ class Pipeline:
         self.grid = None if grid_config is None else OccupancyGrid(
             aabb=torch.tensor(grid_config["aabb"]), resolution=grid_config["resolution"],
             levels=grid_config["levels"], step_size=grid_config["step_size"])
+        # The other sampler (renderers.proposal): density fields that place a fixed number of samples per ray.
+        self.proposal_config = proposal_config
+        self.proposals = None if proposal_config is None else torch.nn.ModuleList(
+            _proposal_field(proposal_config, resolution) for resolution in proposal_config["resolutions"])
+        self.anneal = 1.0  # the proposal weights' exponent while resampling (training sets it; renders use 1)
 
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
               quantize: float = 0.0, cam: dict[str, Any] | None = None, model: str = "radiance",
-              surface_box: torch.Tensor | None = None) -> "Pipeline":
+              surface_box: torch.Tensor | None = None, proposal_samples: list[int] | None = None,
+              field_samples: int = 48) -> "Pipeline":
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
         (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off; model "sdf": a NeuS
         SDF field (fields.surface) instead of a density. In an
         unbounded scene a bounded backend contracts space outside the inner box (Field.set_contraction); an SDF
         field covers the inner box (or `surface_box`, unit frame, where the object is elsewhere) and a density
-        field (BACKGROUND) the space around it, as NeRF++ does, so the background is not carved into the surface."""
+        field (BACKGROUND) the space around it, as NeRF++ does, so the background is not carved into the surface.
+        proposal_samples: sample with proposal fields (renderers.proposal), one level per count, then
+        `field_samples` per ray for the field, instead of marching an occupancy grid (None)."""
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
@@ -79,8 +92,16 @@ class Pipeline:
         if cam:
             field.enable_cam(**cam)
         step_size = float(torch.linalg.norm(inner[1] - inner[0])) / samples_per_diagonal
+        tracer = Tracer(scene_aabb.clone(), step_size, cone_angle, near)
+        if proposal_samples:
+            # nerfacto's: the proposal fields contract space beyond the inner box; spacing in disparity out there.
+            proposal = {"aabb": scene_aabb.tolist(), "inner": inner.tolist() if levels > 1 else None,
+                        "resolutions": list(PROPOSAL_RESOLUTIONS[:len(proposal_samples)]),
+                        "samples": list(proposal_samples), "field_samples": field_samples,
+                        "spacing": "piecewise" if levels > 1 else "linear"}
+            return cls(field, None, tracer, background=background, proposal_config=proposal)
         grid_config = {"aabb": inner.tolist(), "resolution": grid_resolution, "levels": levels, "step_size": step_size}
-        return cls(field, grid_config, Tracer(scene_aabb.clone(), step_size, cone_angle, near), background=background)
+        return cls(field, grid_config, tracer, background=background)
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Pipeline":
@@ -93,9 +114,11 @@ class Pipeline:
             appearance.load_state_dict(codes)
         background = state.get("background")
         pipeline = cls(_field_from_state(state["field"]), state["grid_config"], tracer, appearance,
-                       None if background is None else _field_from_state(background))
+                       None if background is None else _field_from_state(background), state.get("proposal_config"))
         if pipeline.grid is not None:
             load_resizing(pipeline.grid, state["grid"])
+        if pipeline.proposals is not None:
+            pipeline.proposals.load_state_dict(state["proposals"])
         return pipeline
 
     def to(self, device: torch.device | str) -> "Pipeline":
@@ -104,8 +127,11 @@ class Pipeline:
             self.background.to(device)
         if self.appearance is not None:
             self.appearance.to(device)
-        if self.tracer is not None:
+        if self.grid is not None:
             self.grid.to(device)
+        if self.proposals is not None:
+            self.proposals.to(device)
+        if self.tracer is not None:
             self.tracer.aabb = self.tracer.aabb.to(device)
         return self
 
@@ -126,18 +152,52 @@ class Pipeline:
 
     def density_fn(self, x: torch.Tensor) -> torch.Tensor:
         """The occupancy grid's closure (renderers.DensityFn): the model's density over the grid's step."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            return self.model.occupancy_density(x, self.grid.step_size)
+        return self._autocast(functools.partial(self.model.occupancy_density, step=self.grid.step_size), x)
 
-    def _trace_args(self) -> dict[str, Any]:
+    @property
+    def inner_box(self) -> torch.Tensor:
+        """[2, 3] the scene's inner box (unit frame): the whole box of a bounded scene, the finest cascade of an
+        unbounded one, which a density field's mesh covers."""
+        if self.grid_config is not None:
+            return torch.tensor(self.grid_config["aabb"])
+        config = self.proposal_config
+        return torch.tensor(config["inner"] if config["inner"] is not None else config["aabb"])
+
+    def sample(self, rays: Rays, generator: torch.Generator | None = None, near: float | None = None,
+               aabb: torch.Tensor | None = None, max_samples: int = 1024) -> Samples | Proposal:
+        """The samples along `rays` in `aabb` (default the tracer's) from `near` on: marched through the occupancy
+        grid (at most `max_samples` per ray), or placed by the proposal fields (their losses come along). A
+        generator jitters them (training)."""
         t = self.tracer
-        return {"grid": self.grid, "aabb": t.aabb, "step_size": t.step_size, "cone_angle": t.cone_angle, "near": t.near}
+        aabb, near = t.aabb if aabb is None else aabb, t.near if near is None else near
+        if self.proposals is None:
+            return march(rays, self.grid, aabb, t.step_size, t.cone_angle, near, generator, max_samples)
+        config = self.proposal_config
+        t_near, t_far = ray_aabb(rays.origins, rays.dirs, aabb)
+        density_fns = [functools.partial(self._autocast, proposal.density) for proposal in self.proposals]
+        return propose(rays, t_near.clamp(min=near), t_far, density_fns, config["samples"], config["field_samples"],
+                       config["spacing"], generator, self.anneal if generator is not None else 1.0)
 
-    def render(self, rays: Rays, background: torch.Tensor | None,
-               generator: torch.Generator | None = None) -> dict[str, Any]:
+    @staticmethod
+    def _autocast(function, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            return function(x)
+
+    def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None,
+               train_proposals: bool = True) -> dict[str, Any]:
         """Differentiable render of a ray batch (training); an SDF field adds "eikonal", the mean of
-        (|grad sdf| - 1)^2 over the samples."""
-        out = render_rays(rays, self.field_fn, background=background, generator=generator, **self._trace_args())
+        (|grad sdf| - 1)^2 over the samples; the proposal sampler adds "spacing", the samples in its normalised
+        spacing (where the distortion loss is measured), and, when `train_proposals`, "interlevel", its loss
+        (else the proposal fields run without grad, as nerfacto's do between their updates)."""
+        with record_function("sample"), torch.set_grad_enabled(torch.is_grad_enabled() and train_proposals):
+            sampled = self.sample(rays, generator)
+        proposal = sampled if isinstance(sampled, Proposal) else None
+        out = render_rays(rays, self.field_fn, sampled if proposal is None else proposal.samples, background)
+        if proposal is not None:
+            out["spacing"] = proposal.spacing
+        if proposal is not None and train_proposals:
+            with record_function("interlevel"):
+                out["interlevel"] = proposal.interlevel(out["weights"])
         gradient = out["extras"].get("sdf_gradient")
         if gradient is not None and len(gradient):
             out["eikonal"] = (gradient.norm(dim=-1) - 1).square().mean()
@@ -148,9 +208,11 @@ class Pipeline:
                             aabb: torch.Tensor | None = None, max_samples: int = 1024) -> dict[str, torch.Tensor]:
         """rgb, depth, opacity of many rays without grad; `near` and `aabb` override the tracer's (rays starting
         at a surface, a crop box), `max_samples` caps the samples per ray (the viewer)."""
-        args = self._trace_args() | ({} if near is None else {"near": near}) | ({} if aabb is None else {"aabb": aabb})
-        return render_chunked(rays, self.field_fn, background=background, chunk=chunk, max_samples_per_ray=max_samples,
-                              **args)
+        def sample_fn(part: Rays) -> Samples:
+            sampled = self.sample(part, near=near, aabb=aabb, max_samples=max_samples)
+            return sampled.samples if isinstance(sampled, Proposal) else sampled
+
+        return render_chunked(rays, self.field_fn, sample_fn, background=background, chunk=chunk)
 
     @torch.no_grad()
     def render_view(self, cameras: Cameras, index: int, chunk: int = 16384,
@@ -175,7 +237,15 @@ class Pipeline:
             "grid_config": self.grid_config,
             "tracer": None if self.tracer is None else self.tracer.to_json(),
             "appearance": None if self.appearance is None else self.appearance.state_dict(),
+            "proposal_config": self.proposal_config,
+            "proposals": None if self.proposals is None else self.proposals.state_dict(),
         }
+
+
+def _proposal_field(config: dict[str, Any], resolution: int) -> ProposalDensity:
+    field = ProposalDensity(torch.tensor(config["aabb"]), max_resolution=resolution)
+    field.set_contraction(None if config["inner"] is None else torch.tensor(config["inner"]))
+    return field
 
 
 def _field_state(field: Field) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Tasks: how a training batch is drawn, what its loss is, and how the result is scored.
 
-- `RadianceTask`: posed images -> a radiance field, rendered through the occupancy grid (the core task);
+- `RadianceTask`: posed images -> a radiance field, rendered through the occupancy grid or proposal sampling
+  (the core task);
 - `ImageTask`: an image -> pixel coordinates to colour, L2;
 - `MeshSDFTask`: a mesh -> its signed distance, from torch-ngp's surface / near-surface / uniform points,
   with instant-ngp's MAPE loss.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import imageio.v2 as imageio
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +36,12 @@ from recon.fields import build_field
 from recon.renderers import distortion
 
 EIKONAL_WEIGHT = MASK_WEIGHT = 0.1  # NeuS's igr_weight and mask_weight
+INTERLEVEL_WEIGHT = 1.0  # mip-NeRF 360's and nerfacto's weight of the proposal (interlevel) loss
+# nerfacto anneals the proposal weights over its first 1000 of 30k steps with slope 10; recon's schedules run on
+# progress, so over its first 5%; it trains the proposal fields every step at first, then every 5th step, the
+# period rising over the first 5000 steps (a sixth of its run).
+PROPOSAL_ANNEAL, ANNEAL_SLOPE = 0.05, 10.0
+PROPOSAL_EVERY, PROPOSAL_WARMUP = (1, 5), 1 / 6
 MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
 IOU_POINTS = 2**20  # held-out uniform points of the SDF IoU
 NORMAL_POINTS = 2**16  # held-out surface points of the normal angular error
@@ -135,13 +143,16 @@ class RadianceTask(Task):
         self.pipeline = pipeline or Pipeline.build(cfg.field, options, scene.aabb, scene.aabb_scale, scene.near,
                                                    scene.cone_angle, cfg.occupancy_resolution, cfg.samples_per_diagonal,
                                                    cfg.quantize, cam_options(cfg, type(self)), cfg.model,
-                                                   surface_box(cfg, scene)).to(device)
+                                                   surface_box(cfg, scene),
+                                                   cfg.proposal_samples if cfg.sampler == "proposal" else None,
+                                                   cfg.field_samples).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
         if cfg.appearance and self.pipeline.appearance is None:
             self.pipeline.appearance = AppearanceCodes(len(self.train)).to(device)
         self.device = device
         self.batch_rays = cfg.batch_rays  # resized every step to spend about cfg.sample_budget samples
+        self.train_proposals = True  # whether this step's loss trains the proposal fields (before_step)
 
     def prepare(self) -> None:
         """An RGBA scene: mark empty, for good, every grid cell some training view sees as wholly transparent,
@@ -149,7 +160,7 @@ class RadianceTask(Task):
         Not for an SDF field: its distance must be learnt positive out there too (space no sample visits keeps
         whatever sign it has, and the zero level set, the mesh, would wander there); its grid prunes itself
         from NeuS's opacity instead."""
-        if not self.scene.splits["train"].has_alpha or self.pipeline.is_surface:
+        if not self.scene.splits["train"].has_alpha or self.pipeline.is_surface or self.pipeline.grid is None:
             return
         grid = self.pipeline.grid
         centres, half_diagonals = grid.cell_centres()
@@ -157,7 +168,14 @@ class RadianceTask(Task):
         grid.seed(opaque.view(grid.levels, -1).to(grid.values.device))
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
-        if step % self.cfg.occupancy_every == 0:
+        if self.pipeline.proposals is not None:
+            # nerfacto's schedules: proposal weights^a, a from 0 to 1 early on; the proposal fields learn every
+            # step at first, then every PROPOSAL_EVERY[1] steps.
+            done = min(progress / PROPOSAL_ANNEAL, 1.0)
+            self.pipeline.anneal = ANNEAL_SLOPE * done / ((ANNEAL_SLOPE - 1) * done + 1)
+            every = round(float(np.interp(progress, [0, PROPOSAL_WARMUP], PROPOSAL_EVERY)))
+            self.train_proposals = step % every == 0
+        elif step % self.cfg.occupancy_every == 0:
             with record_function("occupancy_update"):
                 self.pipeline.grid.update(self.pipeline.density_fn, warmup=progress < self.cfg.occupancy_warmup,
                                           generator=generator)
@@ -175,13 +193,15 @@ class RadianceTask(Task):
             cam = cam.to(self.device)
             if self.poses is not None:
                 rays = self.poses(rays, cam, self.train.cameras.c2w)
-        out = self.pipeline.render(rays, background, generator=generator)
+        out = self.pipeline.render(rays, background, generator=generator, train_proposals=self.train_proposals)
         if self.pipeline.appearance is not None:
             out["rgb"] = self.pipeline.appearance(out["rgb"], out["opacity"], background, cam)
         photometric = F.mse_loss(out["rgb"], target)
         loss = photometric
-        if self.cfg.distortion:
-            loss = loss + self.cfg.distortion * distortion(out["weights"], out["samples"]).mean()
+        if self.cfg.distortion:  # measured in the proposal sampler's spacing, as mip-NeRF 360 does
+            loss = loss + self.cfg.distortion * distortion(out["weights"], out.get("spacing", out["samples"])).mean()
+        if "interlevel" in out:
+            loss = loss + INTERLEVEL_WEIGHT * out["interlevel"]
         if batch.depths is not None and self.cfg.depth_weight:  # L1 on the expected depth where a depth map has one
             depths = batch.depths.to(self.device)
             known = depths > 0

@@ -57,7 +57,7 @@ class Trainer:
     def __init__(self, cfg: FitConfig, target: Scene | ImageTarget | MeshTarget, device: torch.device | None = None):
         self.device = device or resolve_device(cfg.device)
         kind = task_class(target)
-        self.cfg = cfg = cfg.resolved(self.device, kind.kind)
+        self.cfg = cfg = cfg.resolved(self.device, kind.kind, getattr(target, "unbounded", False))
         if cfg.params:  # the backend's size option fills the budget; config.json records the value chosen
             cfg.field_options = options_for_budget(cfg.field, target.box, kind.field_task, cfg.params,
                                                    **cfg.field_options)
@@ -75,10 +75,12 @@ class Trainer:
         self._items_since_log = self._samples_since_log = self._steps_since_log = 0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        groups = self.pipeline.field.optimizer_groups(self.cfg.lr)
-        if self.pipeline.background is not None:
-            background = self.pipeline.background.optimizer_groups(self.cfg.lr)
-            groups += [{**g, "name": f"background-{g['name']}"} for g in background]
+        pipeline = self.pipeline
+        groups = pipeline.field.optimizer_groups(self.cfg.lr)
+        others = {"background": pipeline.background} if pipeline.background is not None else {}
+        others |= {f"proposal{k}": proposal for k, proposal in enumerate(pipeline.proposals or [])}
+        for prefix, field in others.items():
+            groups += [{**g, "name": f"{prefix}-{g['name']}"} for g in field.optimizer_groups(self.cfg.lr)]
         for name, (module, lr) in self.task.learnable().items():
             groups.append({"name": name, "params": list(module.parameters()), "lr": lr})
         for group in groups:
@@ -238,6 +240,8 @@ class Trainer:
             load_resizing(self.pipeline.grid, saved["grid"])
         if self.pipeline.background is not None:
             load_resizing(self.pipeline.background, saved["background"]["state"])
+        if self.pipeline.proposals is not None:
+            self.pipeline.proposals.load_state_dict(saved["proposals"])
         for name, (module, _) in self.task.learnable().items():
             module.load_state_dict(state["task_weights"][name])
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors

@@ -5,7 +5,7 @@ Trains `--warmup` steps (so the occupancy grid has pruned as in a real run), the
 their work (record_function), and times the render of one full test view.
 
     python bench/profile_step.py ../shared/data/lego --warmup 200 --steps 64 [--render-side 800] [--preset cpu] \
-        [-o levels=8 ...]
+        [--downscale N] [-o levels=8 ...] [--set sampler=proposal ...]
 
 RECON_KERNELS=off profiles the torch twins on a GPU (the baseline of the kernels' end-to-end speed-up).
 """
@@ -27,7 +27,8 @@ from recon.app.trainer import Trainer
 from recon.cuda import kernels_mode
 from recon.data.scene import load_scene
 
-PHASES = ("occupancy_update", "sample_rays", "march", "field", "composite", "backward", "optimizer")
+# "sample": marching the occupancy grid, or the proposal levels ("interlevel": their loss).
+PHASES = ("occupancy_update", "sample_rays", "sample", "field", "composite", "interlevel", "backward", "optimizer")
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="profiled steps (a multiple of the occupancy period)")
     parser.add_argument("--run-steps", type=int, default=5000, help="the run's length, which sets its schedules")
     parser.add_argument("--preset", help="cpu or gpu (default: by device)")
+    parser.add_argument("--downscale", type=int, default=1, help="divide the images' resolution by N")
     parser.add_argument("-o", "--field-option", action="append", default=[])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
     parser.add_argument("--render-side", type=int,
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    scene = load_scene(args.scene)
+    scene = load_scene(args.scene, args.downscale)
     overrides = parse_field_options(args.set)
     cfg = FitConfig(scene=args.scene, out="", steps=args.run_steps, preset=args.preset,
                     field_options=parse_field_options(args.field_option), **overrides)

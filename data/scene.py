@@ -163,7 +163,8 @@ class Scene:
         lines.append(f"  world {_fmt(box['world_box'][0])} .. {_fmt(box['world_box'][1])}")
         lines.append(f"  unit  {_fmt(box['unit_box'][0])} .. {_fmt(box['unit_box'][1])}")
         kind = f"unbounded (aabb_scale {self.aabb_scale:g})" if self.unbounded else "bounded"
-        lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}")
+        sampler = "proposal density fields" if self.unbounded else "the occupancy grid"
+        lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}; --sampler auto: {sampler}")
         return "\n  ".join(lines)
 
     def to_json(self) -> dict:

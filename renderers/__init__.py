@@ -1,4 +1,4 @@
-"""Renderers: occupancy grid, ray marching and compositing over packed samples.
+"""Renderers: two samplers (an occupancy grid marched, proposal density fields) and compositing over packed samples.
 
 Their heavy loops are recon.cuda's ops (a kernel where one runs, its torch twin elsewhere). Renderers never see a
 field: callers pass `density_fn(x)` and `field_fn(x, d, dt)` closures (the latter returns each interval's
@@ -10,18 +10,23 @@ from recon.renderers.compositing import accumulate, composite, distortion
 from recon.renderers.marching import march, ray_aabb
 from recon.renderers.occupancy import DensityFn, OccupancyGrid
 from recon.renderers.packing import Samples
-from recon.renderers.render import FieldFn, render_chunked, render_rays
+from recon.renderers.proposal import SPACINGS, Proposal, propose
+from recon.renderers.render import FieldFn, SampleFn, render_chunked, render_rays
 
 __all__ = [
     "DensityFn",
     "FieldFn",
     "OccupancyGrid",
+    "Proposal",
+    "SPACINGS",
+    "SampleFn",
     "Samples",
     "StepRule",
     "accumulate",
     "composite",
     "distortion",
     "march",
+    "propose",
     "ray_aabb",
     "render_chunked",
     "render_rays",

@@ -1,4 +1,4 @@
-"""Rendering a batch of rays: march, evaluate the field on the samples, composite."""
+"""Rendering a batch of rays: evaluate the field on the sampler's samples, composite."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from torch.profiler import record_function
 
 from recon.data.rays import Rays
 from recon.renderers.compositing import STOP_EPS, accumulate, composite, finish, integrate
-from recon.renderers.marching import march
-from recon.renderers.occupancy import OccupancyGrid
 from recon.renderers.packing import Samples
 
 # Interval midpoints x [S, 3], unit dirs d [S, 3] and lengths dt [S] -> {"tau": the intervals' optical depth [S],
@@ -21,13 +19,13 @@ from recon.renderers.packing import Samples
 FieldFn = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
-def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor, step_size: float,
-                cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Differentiable render (training): `composite`'s rgb, depth, opacity, weights, plus the samples,
-    n_samples (the field evaluations) and the field's "extras" at the samples (FieldFn)."""
-    with record_function("march"):
-        samples = march(rays, grid, aabb, step_size, cone_angle, near, generator)
+# The sampler's half of a render: rays -> their packed samples (marching an occupancy grid, or proposal sampling).
+SampleFn = Callable[[Rays], Samples]
+
+
+def render_rays(rays: Rays, field_fn: FieldFn, samples: Samples, background: Tensor | None = None) -> dict[str, Any]:
+    """Differentiable render (training) of `samples` along `rays`: `composite`'s rgb, depth, opacity, weights,
+    plus the samples, n_samples (the field evaluations) and the field's "extras" at the samples (FieldFn)."""
     with record_function("field"):
         extras = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
         tau, rgb = extras.pop("tau"), extras.pop("rgb")
@@ -38,13 +36,12 @@ def render_rays(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor
 
 
 @torch.no_grad()
-def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Tensor,
-                   step_size: float, cone_angle: float = 0.0, near: float = 0.0, background: Tensor | None = None,
-                   chunk: int = 8192, early_stop_eps: float = STOP_EPS, samples_per_round: int = 8,
-                   max_samples_per_ray: int = 1024) -> dict[str, Tensor]:
+def render_chunked(rays: Rays, field_fn: FieldFn, sample_fn: SampleFn, background: Tensor | None = None,
+                   chunk: int = 8192, early_stop_eps: float = STOP_EPS,
+                   samples_per_round: int = 8) -> dict[str, Tensor]:
     """Render many rays (images, the viewer) `chunk` at a time, without grad: rgb [R, 3], depth [R], opacity [R].
 
-    Each chunk is marched once, then evaluated front to back in rounds of the next `samples_per_round`
+    Each chunk is sampled once, then evaluated front to back in rounds of the next `samples_per_round`
     samples of every ray whose transmittance is still >= early_stop_eps, so the field is queried at most
     a round past where a ray turns opaque (instant-ngp's and nerfacc's test-time marching).
     """
@@ -52,8 +49,7 @@ def render_chunked(rays: Rays, field_fn: FieldFn, grid: OccupancyGrid, aabb: Ten
     for r0 in range(0, max(len(rays), 1), chunk):  # one (empty) chunk for an empty batch
         bg = background[r0 : r0 + chunk] if background is not None and background.dim() == 2 else background
         part = rays[r0 : r0 + chunk]
-        samples = march(part, grid, aabb, step_size, cone_angle, near, max_samples_per_ray=max_samples_per_ray)
-        sums = _front_to_back(part, samples, field_fn, early_stop_eps, samples_per_round)
+        sums = _front_to_back(part, sample_fn(part), field_fn, early_stop_eps, samples_per_round)
         parts.append(finish(sums, bg))
     return {key: torch.cat([p[key] for p in parts]) for key in ("rgb", "depth", "opacity")}
 

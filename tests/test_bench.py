@@ -14,7 +14,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["kernel-parity", "renderer-throughput", "training-kernels-off", "training-kernels-auto", "psnr-against-time"]
-PHASES = {"occupancy_update", "sample_rays", "march", "field", "composite", "backward", "optimizer"}
+PHASES = {"occupancy_update", "sample_rays", "sample", "field", "composite", "interlevel", "backward", "optimizer"}
 
 
 def positive(value: Any) -> bool:

@@ -88,7 +88,7 @@ def test_constant_density_cube_matches_closed_form():
     def field_fn(x, d, dt):
         return {"tau": density_fn(x) / sigma * log_sigma.exp() * dt, "rgb": color.expand(len(x), 3)}
 
-    out = render_rays(rays, field_fn, grid, UNIT, STEP, background=background)
+    out = render_rays(rays, field_fn, march(rays, grid, UNIT, STEP), background=background)
 
     opacity = 1 - torch.exp(-sigma * length)
     tol = sigma * STEP  # the sampled length is within one step of L, and d(opacity)/dL <= sigma
@@ -135,7 +135,8 @@ def test_empty_scene_renders_background():
     empty.update(zero, warmup=True)
     assert empty.occupancy_fraction == 0.0
     for grid in (full, empty):
-        out = render_rays(rays, constant_field(zero, [1.0, 0.0, 0.0]), grid, UNIT, STEP, background=background)
+        out = render_rays(rays, constant_field(zero, [1.0, 0.0, 0.0]), march(rays, grid, UNIT, STEP),
+                          background=background)
         assert (out["n_samples"] > 0) == (grid is full)
         assert torch.equal(out["opacity"], torch.zeros(3))
         assert torch.equal(out["depth"], torch.zeros(3))
@@ -223,11 +224,12 @@ def test_early_termination_prunes_behind_an_opaque_wall():
     grid = OccupancyGrid(UNIT, 32)
 
     bg = torch.tensor([0.0, 0.0, 1.0])
-    full = render_rays(rays, field_fn, grid, UNIT, STEP, background=bg)
+    full = render_rays(rays, field_fn, march(rays, grid, UNIT, STEP), background=bg)
     # Rendering in rounds front to back stops each ray within a round (8 samples) of turning opaque.
     evaluated = []
     counting_fn = lambda x, d, dt: (evaluated.append(x[:, 0]), field_fn(x, d, dt))[1]
-    chunked = render_chunked(rays, counting_fn, grid, UNIT, STEP, background=bg, chunk=7, early_stop_eps=1e-4)
+    chunked = render_chunked(rays, counting_fn, lambda part: march(part, grid, UNIT, STEP), background=bg, chunk=7,
+                             early_stop_eps=1e-4)
     x = torch.cat(evaluated)
     assert len(x) < full["n_samples"] / 3
     marched = march(rays, grid, UNIT, STEP).positions(rays)[:, 0]
@@ -401,5 +403,6 @@ def test_jitter_and_sample_cap():
 def test_render_chunked_accepts_an_empty_batch():
     grid = OccupancyGrid(UNIT, resolution=8)
     rays = Rays(torch.zeros(0, 3), torch.zeros(0, 3))
-    out = render_chunked(rays, constant_field(box_density(-0.5, 0.5, 1.0), (1.0, 0.0, 0.0)), grid, UNIT, STEP)
+    out = render_chunked(rays, constant_field(box_density(-0.5, 0.5, 1.0), (1.0, 0.0, 0.0)),
+                         lambda part: march(part, grid, UNIT, STEP))
     assert out["rgb"].shape == (0, 3) and out["depth"].shape == (0,) and out["opacity"].shape == (0,)
