@@ -200,7 +200,8 @@ class FitConfig:
                              "another version of recon?)")
         if not isinstance(data.get("field_options", {}), dict):
             raise ValueError("field_options is not an object")
-        return cls(**data).checked()
+        # A run made before the proposal sampler marched its occupancy grid, whatever the scene.
+        return cls(**({"sampler": "occupancy"} | data)).checked()
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

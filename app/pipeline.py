@@ -151,8 +151,9 @@ class Pipeline:
             return self.model.intervals(x, d, dt)
 
     def density_fn(self, x: torch.Tensor) -> torch.Tensor:
-        """The occupancy grid's closure (renderers.DensityFn): the model's density over the grid's step."""
-        return self._autocast(functools.partial(self.model.occupancy_density, step=self.grid.step_size), x)
+        """The occupancy grid's closure (renderers.DensityFn), also the exporters': the model's density over the
+        marching step (the grid's)."""
+        return self._autocast(functools.partial(self.model.occupancy_density, step=self.tracer.step_size), x)
 
     @property
     def inner_box(self) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import trimesh
 
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
+from recon.app.export import extract_mesh
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
 from recon.data.rays import Rays
@@ -139,6 +142,11 @@ def test_proposal_sampler_fits_a_scene(tiny_scene):
     rays = scene.splits["train"].sample(1024, torch.Generator().manual_seed(3)).rays
     out = trainer.pipeline.render(rays, torch.ones(3))
     assert float(out["interlevel"].detach()) < 0.05
+    # The exporters query the same field: its mesh spans the generated object's.
+    mesh, _ = extract_mesh(trainer.pipeline, scene.splits["train"].cameras, scene.to_unit, resolution=48)
+    truth = trimesh.load(tiny_scene / "mesh.ply")
+    assert np.abs(mesh.vertices.min(0) - truth.bounds[0]).max() < 0.15
+    assert np.abs(mesh.vertices.max(0) - truth.bounds[1]).max() < 0.15
 
 
 def test_sampler_auto_picks_proposal_for_unbounded_scenes(tiny_scene):
@@ -148,3 +156,5 @@ def test_sampler_auto_picks_proposal_for_unbounded_scenes(tiny_scene):
     assert bounded.sampler == "occupancy" and bounded.distortion == 0.0
     with pytest.raises(ValueError, match="--proposal-samples"):
         FitConfig.from_json(cfg.to_json() | {"proposal_samples": [0]})
+    older = {k: v for k, v in cfg.to_json().items() if k != "sampler"}  # a run made before the proposal sampler
+    assert FitConfig.from_json(older).resolved(torch.device("cpu"), unbounded=True).sampler == "occupancy"
