@@ -60,11 +60,13 @@ class Mesh:
 
 def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tensor:
     """Where to mesh, in the unit frame: a density field's inner box (the scene box for bounded scenes), an
-    SDF field's own box, cut by the crop box."""
+    SDF field's own box; or the crop box, which for a density field may reach out of the inner box as far as
+    the scene box (an object sticking out of instant-ngp's unit cube, as the fox's head does)."""
     surface = pipeline.is_surface or pipeline.tracer is None
     box = pipeline.field.aabb.cpu() if surface else pipeline.inner_box
     if crop is None:
         return box
+    box = box if surface else pipeline.tracer.aabb.cpu()
     crop_unit = world_to_unit_box(crop, to_unit)
     cut = torch.stack([torch.maximum(box[0], crop_unit[0]), torch.minimum(box[1], crop_unit[1])])
     if (cut[1] <= cut[0]).any():

@@ -9,7 +9,7 @@ import trimesh
 
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
-from recon.app.export import extract_mesh
+from recon.app.export import export_box, extract_mesh
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
 from recon.data.rays import Rays
@@ -109,6 +109,10 @@ def test_proposal_pipeline_checkpoint_rebuilds_the_same_renders():
     assert pipeline.grid is None and len(pipeline.proposals) == 2
     assert pipeline.proposal_config["spacing"] == "piecewise"
     assert torch.equal(pipeline.inner_box, UNIT)
+    # Export meshes the inner box, or a crop reaching out of it (the fox's head), never past the scene box.
+    assert torch.equal(export_box(pipeline, torch.eye(4), None), UNIT)
+    crop = torch.tensor([[-0.5, -0.5, -0.5], [1.5, 9.0, 0.5]])
+    assert torch.equal(export_box(pipeline, torch.eye(4), crop), torch.tensor([[-0.5, -0.5, -0.5], [1.5, 4.0, 0.5]]))
     with torch.no_grad():
         for p in pipeline.proposals.parameters():
             p.normal_()
