@@ -10,7 +10,7 @@ from recon.renderers.compositing import accumulate, composite, distortion
 from recon.renderers.marching import march, ray_aabb
 from recon.renderers.occupancy import DensityFn, OccupancyGrid
 from recon.renderers.packing import Samples
-from recon.renderers.proposal import SPACINGS, Proposal, propose
+from recon.renderers.proposal import Proposal, propose
 from recon.renderers.render import FieldFn, SampleFn, render_chunked, render_rays
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "FieldFn",
     "OccupancyGrid",
     "Proposal",
-    "SPACINGS",
     "SampleFn",
     "Samples",
     "StepRule",

@@ -22,7 +22,6 @@ from recon.data.rays import Rays
 from recon.renderers.occupancy import DensityFn, rand
 from recon.renderers.packing import Samples
 
-SPACINGS = ("linear", "piecewise")
 HISTOGRAM_PADDING = 0.01  # nerfacto's: added to every bin before resampling, so no stretch of a ray goes unsampled
 INTERLEVEL_EPS = 1e-7
 
@@ -87,7 +86,8 @@ def outer_bound(edges: Tensor, proposal_edges: Tensor, proposal_weights: Tensor)
 
 
 def ray_weights(tau: Tensor) -> Tensor:
-    """[R, N] volume-rendering weights of optical depths tau [R, N] along each ray."""
+    """[R, N] volume-rendering weights of optical depths tau [R, N] along each ray. The batched twin of
+    compositing's packed weights: a cumulative sum per row needs neither ray offsets nor float64."""
     before = torch.cumsum(tau, -1) - tau
     return torch.exp(-before) * -torch.expm1(-tau)
 
