@@ -140,8 +140,10 @@ class FitConfig:
     depth_weight: float = option(1.0, "scenes with depth maps: weight of the L1 depth loss (0 ignores them)",
                                  NON_NEGATIVE, metavar="W")
     refine_poses: bool = option(False, "learn an SE(3) correction per training camera (real captures with "
-                                "imperfect poses)", action="store_true")
-    pose_lr: float = option(1e-3, "learning rate of the pose corrections", POSITIVE)
+                                "imperfect poses; the hash grid opens coarse to fine meanwhile, and the test views "
+                                "are scored from poses aligned to their photos)", action="store_true")
+    pose_lr: float = option(1e-3, "learning rate of the pose corrections (decays exponentially to a hundredth)",
+                            POSITIVE)
     appearance: bool = option(False, "a colour transform per training image, for exposure changes (test views: the "
                               "mean)", action="store_true")
     checkpoint_every: int = option(2000, "steps between checkpoints (also one at the end and on Ctrl-C)",

@@ -16,15 +16,17 @@ from recon.data.targets import load_input
 
 
 def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any], stride: int | None = None,
-                 split: str = "test") -> dict[str, Any]:
-    """Score the task (a radiance field: every `stride`-th view of `split`) and write metrics.json."""
+                 split: str = "test", align_poses: bool | None = None) -> dict[str, Any]:
+    """Score the task (a radiance field: every `stride`-th view of `split`, `align_poses` as
+    RadianceTask.evaluate) and write metrics.json."""
     if isinstance(task, RadianceTask):
         views = len(task.scene.splits[split])
         stride = stride or default_stride(views, task.pipeline.device)
-        result = task.evaluate(run.renders / split, split, stride)
+        result = task.evaluate(run.renders / split, split, stride, align_poses)
         mean = result["mean"]
+        aligned = ", poses aligned to the photos" if result["poses"] != "as given" else ""
         summary = (f"{split}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  over {result['views_evaluated']} "
-                   f"of {views} views (every {stride})")
+                   f"of {views} views (every {stride}{aligned})")
     else:
         result, split = task.evaluate(run.renders), None
         mean = result["mean"]
@@ -44,7 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     target = load_split(cfg, args.split) if cfg.task == "radiance" else load_input(cfg.scene)
     task = task_class(target)(cfg, target, pipeline.device, pipeline)
     train = {"steps": state["step"], "seconds": round(state["train_seconds"], 3)}
-    evaluate_run(run, task, cfg, train, stride=args.stride, split=args.split)
+    evaluate_run(run, task, cfg, train, stride=args.stride, split=args.split, align_poses=args.align_poses)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -52,4 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run")
     p.add_argument("--split", default="test")
     p.add_argument("--stride", **number_option(POSITIVE_INT, 1, "every k-th view"))
+    p.add_argument("--align-poses", action=argparse.BooleanOptionalAction, default=None,
+                   help="score each view from the pose that best renders its photo, the field frozen (default: when "
+                        "the run refined its training poses)")
     p.set_defaults(func=cmd_eval)

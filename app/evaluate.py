@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import math
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,15 @@ from tqdm import tqdm
 from recon import __version__
 from recon.app.metrics import PROTOCOL, Lpips, ground_truth_on_white, psnr, ssim
 from recon.app.pipeline import Pipeline
-from recon.data.cameras import Cameras
+from recon.data.cameras import Cameras, PoseCorrection, pose_errors
+from recon.data.rays import Rays
 from recon.data.scene import Split
 
 METRICS_SCHEMA = "recon.metrics/1"
 CPU_EVAL_VIEWS = 25
+# Test-time pose alignment (BARF's): Adam steps of random pixels per view; 2e-3 rad a step crosses 2 degrees in
+# under 20 steps and the decay settles it.
+ALIGN_STEPS, ALIGN_RAYS, ALIGN_LR = 100, 2048, 2e-3
 
 
 def default_stride(n_views: int, device: torch.device) -> int:
@@ -33,18 +38,29 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
-def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir: Path | None = None) -> dict[str, Any]:
-    """Render every `stride`-th view of `split` on white and score it against the ground truth."""
+def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir: Path | None = None,
+             align_poses: bool = False) -> dict[str, Any]:
+    """Render every `stride`-th view of `split` on white and score it against the ground truth; `align_poses`:
+    each view from the pose that best renders its photo with the field frozen (`align_pose`), as a run that
+    refined its training poses needs: its scene may have moved as a whole, and test poses carry the capture's
+    errors too."""
     started = time.perf_counter()
     lpips = Lpips()
     views = []
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+    cameras = replace(split.cameras, c2w=split.cameras.c2w.clone())  # an aligned view's pose replaces its own
     for i in tqdm(range(0, len(split), stride), desc="evaluating", unit="view", leave=False):
-        pred = pipeline.render_view(split.cameras, i, chunk)["rgb"].cpu()
         gt = ground_truth_on_white(split.image(i))
+        shift = {}
+        if align_poses:
+            aligned = align_pose(pipeline, split.cameras, i, gt, torch.Generator().manual_seed(i))
+            cameras.c2w[i] = aligned.to(cameras.c2w)
+            turn, moved = pose_errors(cameras.c2w[i : i + 1], split.cameras.c2w[i : i + 1], rigid=False)
+            shift = {"pose_turned_degrees": float(turn), "pose_moved": float(moved)}
+        pred = pipeline.render_view(cameras, i, chunk)["rgb"].cpu()
         views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
-                      "lpips": lpips(pred, gt)})
+                      "lpips": lpips(pred, gt), **shift})
         if out_dir:
             imageio.imwrite(out_dir / f"{i:04d}.png", to_uint8(pred))
     mean = {k: float(np.mean([v[k] for v in views])) for k in ("psnr", "ssim")}
@@ -55,10 +71,43 @@ def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir:
         "views_evaluated": len(views),
         "seconds": round(time.perf_counter() - started, 3),
         "protocol": PROTOCOL,
+        "poses": (f"aligned: each view's pose refined on its own photo with the field frozen ({ALIGN_STEPS} Adam "
+                  f"steps of {ALIGN_RAYS} random pixels, BARF's test-time pose optimisation); the views record how far"
+                  " their poses moved" if align_poses else "as given"),
         "lpips": "alex" if lpips.model else lpips.reason,
         "mean": mean,
         "views": views,
     }
+
+
+def align_pose(pipeline: Pipeline, cameras: Cameras, index: int, image: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    """[3, 4] the pose of camera `index` that best renders `image` [H, W, 3] (on white) with the pipeline frozen: an
+    SE(3) correction (the training's PoseCorrection) learnt by Adam on random pixels, its learning rate decaying
+    exponentially from ALIGN_LR to a hundredth."""
+    device = pipeline.device
+    correction = PoseCorrection(1).to(device)
+    optimizer = torch.optim.Adam(correction.parameters(), lr=ALIGN_LR)
+    rays, target = cameras.image_rays(index).to(device), image.reshape(-1, 3).to(device)
+    c2w, white = cameras.c2w[index : index + 1].to(device), torch.ones(3, device=device)
+    cam = torch.zeros(ALIGN_RAYS, dtype=torch.long, device=device)
+    was_training = pipeline.field.training
+    pipeline.field.eval()
+    with pipeline.frozen():
+        for step in range(ALIGN_STEPS):
+            for group in optimizer.param_groups:
+                group["lr"] = ALIGN_LR * 0.01 ** (step / ALIGN_STEPS)
+            pick = torch.randint(len(target), (ALIGN_RAYS,), generator=generator).to(device)
+            out = pipeline.render(correction(Rays(rays.origins[pick], rays.dirs[pick]), cam, c2w), white,
+                                  train_proposals=False)
+            rgb = out["rgb"] if pipeline.appearance is None else pipeline.appearance(out["rgb"], out["opacity"], white)
+            loss = torch.nn.functional.mse_loss(rgb, target[pick])
+            optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:  # else no sample met anything along these rays
+                loss.backward()
+                optimizer.step()
+    pipeline.field.train(was_training)
+    return correction.corrected(c2w)[0]
 
 
 def metrics_document(task: str, run_name: str, scene: str, pipeline: Pipeline, train: dict[str, Any],

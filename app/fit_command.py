@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
+from recon.data.cameras import pose_errors
 from recon.data.checks import FRACTION
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
@@ -200,14 +200,14 @@ def write_refined_poses(run: RunDir, task: RadianceTask) -> None:
     to_world = torch.linalg.inv(task.scene.to_unit.double()).to(cameras.c2w.device)
     scale = to_world[0, :3].norm()
     frames = []
-    for name, given, refined in zip(task.train.names, cameras.c2w.double(), task.poses.corrected(cameras.c2w).double()):
+    refined_poses = task.poses.corrected(cameras.c2w).double()
+    turned, moved = pose_errors(refined_poses, cameras.c2w, rigid=False)
+    for name, refined, turn, move in zip(task.train.names, refined_poses, turned.tolist(), moved.tolist()):
         rotation = to_world[:3, :3] / scale @ refined[:, :3]
         centre = to_world[:3, :3] @ refined[:, 3] + to_world[:3, 3]
-        turn = ((given[:, :3].T @ refined[:, :3]).trace().clamp(-1, 3) - 1) / 2
         frames.append({"file_path": name, "transform_matrix": torch.cat([torch.cat([rotation, centre[:, None]], 1),
                        torch.tensor([[0, 0, 0, 1.0]], dtype=torch.float64, device=centre.device)]).tolist(),
-                       "rotated_degrees": math.degrees(math.acos(float(turn.clamp(-1, 1)))),
-                       "moved": float((refined[:, 3] - given[:, 3]).norm() * scale)})
+                       "rotated_degrees": turn, "moved": move * float(scale)})
     run.write_json(run.path / "refined_poses.json", {"frames": frames})
     print(f"refined poses: {run.path / 'refined_poses.json'}")
 

@@ -8,8 +8,10 @@ no tracer and no grid.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,16 +123,25 @@ class Pipeline:
             pipeline.proposals.load_state_dict(state["proposals"])
         return pipeline
 
+    def modules(self) -> list[torch.nn.Module]:
+        """What holds weights or state: the field, its background, the proposal fields, appearance, the grid."""
+        return [m for m in (self.field, self.background, self.proposals, self.appearance, self.grid) if m is not None]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """No gradient reaches the weights inside the block (their inputs, such as rays, still get theirs)."""
+        weights = [(w, w.requires_grad) for module in self.modules() for w in module.parameters()]
+        for w, _ in weights:
+            w.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for w, wanted in weights:
+                w.requires_grad_(wanted)
+
     def to(self, device: torch.device | str) -> "Pipeline":
-        self.field.to(device)
-        if self.background is not None:
-            self.background.to(device)
-        if self.appearance is not None:
-            self.appearance.to(device)
-        if self.grid is not None:
-            self.grid.to(device)
-        if self.proposals is not None:
-            self.proposals.to(device)
+        for module in self.modules():
+            module.to(device)
         if self.tracer is not None:
             self.tracer.aabb = self.tracer.aabb.to(device)
         return self
@@ -190,8 +201,10 @@ class Pipeline:
         (|grad sdf| - 1)^2 over the samples; the proposal sampler adds "spacing", the samples in its normalised
         spacing (where the distortion loss is measured), and, when `train_proposals`, "interlevel", its loss
         (else the proposal fields run without grad, as nerfacto's do between their updates)."""
+        # Where the samples lie needs no gradient (the field's positions are recomputed from the rays), so refined
+        # poses learn through the field only, not through the proposal fields too.
         with record_function("sample"), torch.set_grad_enabled(torch.is_grad_enabled() and train_proposals):
-            sampled = self.sample(rays, generator)
+            sampled = self.sample(rays.detach(), generator)
         proposal = sampled if isinstance(sampled, Proposal) else None
         out = render_rays(rays, self.field_fn, sampled if proposal is None else proposal.samples, background)
         if proposal is not None:

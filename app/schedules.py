@@ -58,3 +58,12 @@ def learning_rate_factor(progress: float, warmup: float = 0.01, milestones=(0.5,
 
 
 FINAL_LEARNING_RATE_FACTOR = learning_rate_factor(1.0)
+
+
+def exponential_factor(progress: float, final: float = 0.01, warmup: float = 0.01) -> float:
+    """The same warm-up, then an exponential decay to `final` at the end: BARF's pose schedule (1e-3 to 1e-5)."""
+    ramp = min(1.0, 0.01 + 0.99 * progress / warmup) if warmup > 0 else 1.0
+    return ramp * final**progress
+
+
+SCHEDULES = {"step": learning_rate_factor, "exponential": exponential_factor}  # by an optimiser group's "schedule"

@@ -42,11 +42,29 @@ INTERLEVEL_WEIGHT = 1.0  # mip-NeRF 360's and nerfacto's weight of the proposal 
 # period rising over the first 5000 steps (a sixth of its run).
 PROPOSAL_ANNEAL, ANNEAL_SLOPE = 0.05, 10.0
 PROPOSAL_EVERY, PROPOSAL_WARMUP = (1, 5), 1 / 6
+POSE_LEVELS_FIRST, POSE_LEVELS_OPEN = 0.25, 0.5  # BARF-style level opening while poses are refined
 MAPE_EPSILON = 1e-2  # instant-ngp's relative L1 for SDFs: |pred - gt| / (|gt| + eps)
 IOU_POINTS = 2**20  # held-out uniform points of the SDF IoU
 NORMAL_POINTS = 2**16  # held-out surface points of the normal angular error
 MIN_BATCH = 256  # rays or points: the batch never halves below this after running out of memory
 EVAL_SEED = 2**31 - 1  # held-out points never share the training points' stream
+
+
+def pose_coarse_to_fine(levels: int, progress: float) -> float:
+    """BARF's coarse-to-fine while poses are refined, on a hash grid's levels: POSE_LEVELS_FIRST of them open at
+    the start, the others opening one after another (a smooth window each) until all are at POSE_LEVELS_OPEN of
+    the progress. Fine levels fitted to misaligned rays would absorb the misalignment the poses are to learn."""
+    first = POSE_LEVELS_FIRST * levels
+    return first + (levels - first) * min(1.0, progress / POSE_LEVELS_OPEN)
+
+
+@dataclass
+class Learnable:
+    """What a task learns beside the field, with its base learning rate and schedule (app.schedules.SCHEDULES)."""
+
+    module: torch.nn.Module
+    lr: float
+    schedule: str = "step"
 
 
 @dataclass
@@ -78,8 +96,8 @@ class Task:
     def after_step(self, result: StepLoss) -> None:
         """Adapt to what the step cost (the ray batch)."""
 
-    def learnable(self) -> dict[str, tuple[torch.nn.Module, float]]:
-        """What the task learns beside the field (camera corrections, appearance), with base learning rates."""
+    def learnable(self) -> dict[str, Learnable]:
+        """What the task learns beside the field (camera corrections, appearance)."""
         return {}
 
     def halve_batch(self) -> str | None:
@@ -168,6 +186,9 @@ class RadianceTask(Task):
         grid.seed(opaque.view(grid.levels, -1).to(grid.values.device))
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
+        encoding = getattr(self.pipeline.field, "encoding", None)  # an SDF field opens its levels by its own clock
+        if self.poses is not None and not self.pipeline.is_surface and getattr(encoding, "coarse_to_fine", False):
+            encoding.active_levels = pose_coarse_to_fine(encoding.levels, progress)
         if self.pipeline.proposals is not None:
             # nerfacto's schedules: proposal weights^a, a from 0 to 1 early on; the proposal fields learn every
             # step at first, then every PROPOSAL_EVERY[1] steps.
@@ -222,10 +243,10 @@ class RadianceTask(Task):
             rays_wanted = self.batch_rays * budget / result.samples
             self.batch_rays = int(min(max(256, round(rays_wanted / 256) * 256), budget))
 
-    def learnable(self) -> dict[str, tuple[torch.nn.Module, float]]:
-        own = {} if self.poses is None else {"poses": (self.poses, self.cfg.pose_lr)}
+    def learnable(self) -> dict[str, Learnable]:
+        own = {} if self.poses is None else {"poses": Learnable(self.poses, self.cfg.pose_lr, "exponential")}
         if self.pipeline.appearance is not None:
-            own["appearance"] = (self.pipeline.appearance, self.cfg.lr)
+            own["appearance"] = Learnable(self.pipeline.appearance, self.cfg.lr)
         return own
 
     def halve_batch(self) -> str | None:
@@ -242,8 +263,11 @@ class RadianceTask(Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_rays = state["batch_rays"]
 
-    def evaluate(self, out_dir: Path | None, split: str = "test", stride: int = 1) -> dict[str, Any]:
-        return evaluate(self.pipeline, self.scene.splits[split], stride, self.cfg.eval_chunk, out_dir)
+    def evaluate(self, out_dir: Path | None, split: str = "test", stride: int = 1,
+                 align_poses: bool | None = None) -> dict[str, Any]:
+        """Scores of `split`; its poses aligned to the photos (`align_poses`, by default when poses were refined)."""
+        align = self.cfg.refine_poses if align_poses is None else align_poses
+        return evaluate(self.pipeline, self.scene.splits[split], stride, self.cfg.eval_chunk, out_dir, align)
 
 
 class ImageTask(Task):

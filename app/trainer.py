@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from recon.app.checkpoint import load_resizing
 from recon.app.config import FitConfig
-from recon.app.schedules import Progress, learning_rate_factor
+from recon.app.schedules import SCHEDULES, Progress
 from recon.app.tasks import Task, task_class
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget
@@ -81,8 +81,9 @@ class Trainer:
         others |= {f"proposal{k}": proposal for k, proposal in enumerate(pipeline.proposals or [])}
         for prefix, field in others.items():
             groups += [{**g, "name": f"{prefix}-{g['name']}"} for g in field.optimizer_groups(self.cfg.lr)]
-        for name, (module, lr) in self.task.learnable().items():
-            groups.append({"name": name, "params": list(module.parameters()), "lr": lr})
+        for name, own in self.task.learnable().items():
+            groups.append({"name": name, "params": list(own.module.parameters()), "lr": own.lr,
+                           "schedule": own.schedule})
         for group in groups:
             group["base_lr"] = group["lr"]
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)  # instant-ngp's Adam
@@ -99,7 +100,7 @@ class Trainer:
         if field.update(progress):
             self.optimizer = self._make_optimizer()  # the field replaced its parameters (DVGO's upscaling)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * learning_rate_factor(progress) * self.lr_scale
+            group["lr"] = group["base_lr"] * SCHEDULES[group.get("schedule", "step")](progress) * self.lr_scale
         self.task.before_step(self.step, progress, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         try:
@@ -229,7 +230,7 @@ class Trainer:
             "seen": {"items": self.items_seen, "samples": self.samples_seen},
             "guard": {"lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps},
             "task_state": self.task.state_dict(),
-            "task_weights": {name: module.state_dict() for name, (module, _) in self.task.learnable().items()},
+            "task_weights": {name: own.module.state_dict() for name, own in self.task.learnable().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -242,8 +243,8 @@ class Trainer:
             load_resizing(self.pipeline.background, saved["background"]["state"])
         if self.pipeline.proposals is not None:
             self.pipeline.proposals.load_state_dict(saved["proposals"])
-        for name, (module, _) in self.task.learnable().items():
-            module.load_state_dict(state["task_weights"][name])
+        for name, own in self.task.learnable().items():
+            own.module.load_state_dict(state["task_weights"][name])
         self.optimizer = self._make_optimizer()  # after resizing, so it holds the right tensors
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["loop"])

@@ -191,6 +191,72 @@ def transform_poses(c2w: Tensor, similarity: Tensor) -> Tensor:
     return moved.to(c2w.dtype)
 
 
+def optical_focus(c2w: Tensor) -> Tensor:
+    """[3] the point nearest every camera's optical axis (least squares): what a capture looks at."""
+    poses = c2w.double()
+    axes = -poses[:, :, 2]  # OpenGL cameras look down -z
+    off_axis = torch.eye(3, dtype=torch.float64, device=c2w.device) - axes[:, :, None] * axes[:, None, :]
+    return torch.linalg.solve(off_axis.sum(0), (off_axis @ poses[:, :, 3:]).sum(0))[:, 0]
+
+
+def rotation_about(axes: Tensor, angles: Tensor) -> Tensor:
+    """[N, 3, 3] rotations by `angles` [N] (radians) about unit `axes` [N, 3] (Rodrigues)."""
+    x, y, z = axes.unbind(-1)
+    zero = torch.zeros_like(x)
+    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)
+    s, c = angles.sin()[:, None, None], angles.cos()[:, None, None]
+    return torch.eye(3, dtype=axes.dtype, device=axes.device) + s * skew + (1 - c) * skew @ skew
+
+
+def perturb_poses(c2w: Tensor, degrees: float, distance: float, generator: torch.Generator) -> Tensor:
+    """[N, 3, 4] poses each turned by exactly `degrees` about a random axis through its centre and moved by
+    `distance` in a random direction: the errors of an imperfect structure from motion, for tests and benchmarks."""
+    n = len(c2w)
+    axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=generator, dtype=torch.float64), dim=1)
+    shifts = torch.nn.functional.normalize(torch.randn(n, 3, generator=generator, dtype=torch.float64), dim=1)
+    turns = rotation_about(axes, torch.full((n,), degrees * torch.pi / 180, dtype=torch.float64))
+    poses = c2w.double()
+    moved = torch.cat([turns @ poses[:, :, :3], poses[:, :, 3:] + distance * shifts[:, :, None]], 2)
+    return moved.to(c2w.dtype)
+
+
+def rigid_alignment(source: Tensor, target: Tensor, scale: bool = False) -> Tensor:
+    """The 4x4 rigid transform (a similarity with `scale`, Umeyama's) that best maps poses `source` [N, 3, 4] onto
+    `target` (least squares, Kabsch), fitted to each camera's centre and a point one rig radius ahead of it, so
+    that cameras on a line or an arc still fix every rotation. Refined poses are only defined up to such a
+    transform (the scene may drift as a whole), so pose errors are measured after it."""
+    def points(c2w: Tensor) -> Tensor:
+        centres = c2w[:, :, 3].double()
+        radius = (centres - centres.mean(0)).norm(dim=1).mean().clamp_min(1e-6)
+        return torch.cat([centres, centres - radius * c2w[:, :, 2].double()])  # -z: the OpenGL view direction
+
+    p, q = points(source), points(target)
+    p_mean, q_mean = p.mean(0), q.mean(0)
+    u, _, vh = torch.linalg.svd((q - q_mean).T @ (p - p_mean))
+    flip = torch.diag(torch.tensor([1.0, 1.0, float(torch.linalg.det(u @ vh).sign())], dtype=torch.float64))
+    rotation = u @ flip @ vh
+    if scale:
+        rotation = rotation * (q - q_mean).square().sum() ** 0.5 / (p - p_mean).square().sum() ** 0.5
+    transform = torch.eye(4, dtype=torch.float64)
+    transform[:3, :3], transform[:3, 3] = rotation, q_mean - rotation @ p_mean
+    return transform
+
+
+def pose_errors(estimated: Tensor, truth: Tensor, rigid: bool = True) -> tuple[Tensor, Tensor]:
+    """Per camera: rotation error (degrees) and centre error (scene units) of poses `estimated` [N, 3, 4]
+    against `truth`, after the rigid alignment of the one onto the other (`rigid`) or as they are."""
+    aligned = transform_poses(estimated.double(), rigid_alignment(estimated, truth)) if rigid else estimated.double()
+    relative = aligned[:, :, :3].transpose(1, 2) @ truth[:, :, :3].double()
+    return rotation_angle(relative), (aligned[:, :, 3] - truth[:, :, 3].double()).norm(dim=1)
+
+
+def rotation_angle(rotations: Tensor) -> Tensor:
+    """[N] the angles (degrees) of rotations [N, 3, 3], from sine and cosine (arccos alone is coarse near 0)."""
+    r = rotations.double()
+    sine = torch.stack([r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]], 1).norm(dim=1) / 2
+    return torch.rad2deg(torch.atan2(sine, (r.diagonal(dim1=1, dim2=2).sum(1) - 1) / 2))
+
+
 def _distort_radial_tangential(x: Tensor, y: Tensor, k) -> tuple[Tensor, ...]:
     """OpenCV radial-tangential model (radial polynomial to r^8, as nerfstudio's k1..k4).
 

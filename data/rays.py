@@ -20,5 +20,8 @@ class Rays:
     def __getitem__(self, index) -> "Rays":
         return Rays(self.origins[index], self.dirs[index])
 
+    def detach(self) -> "Rays":
+        return Rays(self.origins.detach(), self.dirs.detach())
+
     def to(self, device: torch.device | str) -> "Rays":
         return Rays(self.origins.to(device), self.dirs.to(device))

@@ -132,7 +132,7 @@ class HashGridEncoding(Encoding):
         if sum(sizes) >= 2**31:
             raise ValueError(f"hash grid of {sum(sizes)} rows exceeds int32 indexing")
         self.dense_levels = sum(dense)  # dense levels are the coarsest ones, first in the table
-        self.active_levels = levels  # coarse to fine (SDF fields): finer levels read as zero until opened
+        self.active_levels: float = levels  # coarse to fine (SDF fields, pose refinement): finer levels read 0
 
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
         # The levels as recon.cuda reads them: CPU tensors in a plain attribute (not buffers), so they stay on the
@@ -180,11 +180,14 @@ class HashGridEncoding(Encoding):
         return self._mask_levels(ops.hash_encode(x, self.table, self.hash_levels).view(*batch, self.out_dim))
 
     def _mask_levels(self, features: torch.Tensor) -> torch.Tensor:
-        """[..., L * F] with the levels not yet open (coarse to fine) zeroed."""
+        """[..., L * F] with the levels not yet open (coarse to fine) zeroed. A fractional `active_levels` a
+        opens level l by BARF's smooth window, (1 - cos(pi clamp(a - l, 0, 1))) / 2 (an integer a opens
+        levels 0..a-1 fully)."""
         if self.active_levels >= self.levels:
             return features
-        is_open = torch.arange(self.levels, device=features.device) < self.active_levels
-        return features * is_open.repeat_interleave(self.features)
+        opening = (self.active_levels - torch.arange(self.levels, device=features.device)).clamp(0, 1)
+        weight = (1 - torch.cos(torch.pi * opening)) / 2
+        return features * weight.to(features.dtype).repeat_interleave(self.features)
 
     def extra_repr(self) -> str:
         return (

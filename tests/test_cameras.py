@@ -13,7 +13,7 @@ import pytest
 import torch
 from geometry import look_at
 
-from recon.data.cameras import Cameras
+from recon.data.cameras import Cameras, perturb_poses, pose_errors, rigid_alignment, rotation_about, transform_poses
 from recon.data.scene import load_scene
 
 RADTAN = (0.06, -0.08, 0.0, 0.0, -0.001, 0.0004)  # k1 k2 k3 k4 p1 p2, fox-like
@@ -229,3 +229,26 @@ def test_the_lens_table_is_the_newton_solve_at_every_pixel_and_training_reads_it
     assert torch.allclose(batch.rays.dirs, rays.dirs, atol=1e-6) and torch.equal(batch.rays.origins, rays.origins)
     moved = replace(split, cameras=cams.downscaled(2))  # new intrinsics: a new table
     assert len(moved.lens.directions) == 20 * 15 + 12 * 10
+
+
+def test_pose_errors_ignore_a_rigid_move_of_the_whole_rig_and_measure_each_cameras_own():
+    """Refined poses are defined up to a rigid move of the whole scene: pose_errors aligns first (Kabsch on the
+    centres and a point ahead of each camera, so an arc of cameras still fixes the rotation about its line)."""
+    g = torch.Generator().manual_seed(0)
+    angles = torch.linspace(0, 1.2, 12, dtype=torch.float64)  # an arc, as a walk around an object
+    centres = torch.stack([3 * angles.cos(), 3 * angles.sin(), torch.zeros_like(angles)], 1)
+    truth = torch.stack([torch.from_numpy(look_at(c.numpy(), np.zeros(3)))[:3] for c in centres])
+    noisy = perturb_poses(truth, 2.0, 0.05, g)
+    turn, moved = pose_errors(noisy, truth, rigid=False)
+    assert torch.allclose(turn, torch.full_like(turn, 2.0), atol=1e-9)
+    assert torch.allclose(moved, torch.full_like(moved, 0.05), atol=1e-9)
+    move = torch.eye(4, dtype=torch.float64)
+    axis, angle = torch.tensor([[0.0, 0.6, 0.8]], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64)
+    move[:3, :3] = rotation_about(axis, angle)[0]
+    move[:3, 3] = torch.tensor([1.0, -2.0, 0.5])
+    turn, moved = pose_errors(transform_poses(truth, move), truth)
+    assert turn.max() < 1e-6 and moved.max() < 1e-9
+    assert torch.allclose(rigid_alignment(transform_poses(noisy, move), noisy), torch.linalg.inv(move), atol=1e-9)
+    # Independent errors survive the alignment (it cannot explain them away): about their size remains.
+    turn, _ = pose_errors(transform_poses(noisy, move), truth)
+    assert 1.5 < float(turn.mean()) < 2.5
