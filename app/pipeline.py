@@ -68,7 +68,7 @@ class Pipeline:
               near: float, cone_angle: float, grid_resolution: int, samples_per_diagonal: int,
               quantize: float = 0.0, cam: dict[str, Any] | None = None, model: str = "radiance",
               surface_box: torch.Tensor | None = None, proposal_samples: list[int] | None = None,
-              field_samples: int = 48) -> "Pipeline":
+              field_samples: int = 48, forward_facing: bool = False) -> "Pipeline":
         """A radiance field and its tracer. quantize: CQ-NIR's cell size relative to the object radius
         (Field.set_quantization), 0 for off; cam: Field.enable_cam's options, None for off; model "sdf": a NeuS
         SDF field (fields.surface) instead of a density. In an
@@ -76,7 +76,8 @@ class Pipeline:
         field covers the inner box (or `surface_box`, unit frame, where the object is elsewhere) and a density
         field (BACKGROUND) the space around it, as NeRF++ does, so the background is not carved into the surface.
         proposal_samples: sample with proposal fields (renderers.proposal), one level per count, then
-        `field_samples` per ray for the field, instead of marching an occupancy grid (None)."""
+        `field_samples` per ray for the field, instead of marching an occupancy grid (None); `forward_facing`: its
+        first level even in disparity from the near plane (LLFF captures), else in nerfacto's piecewise spacing."""
         # instant-ngp cascades: level 0 is the inner box, each further level doubles it.
         levels = int(round(math.log2(max(aabb_scale, 1.0)))) + 1
         inner = scene_aabb / (2 ** (levels - 1))
@@ -100,7 +101,7 @@ class Pipeline:
             proposal = {"aabb": scene_aabb.tolist(), "inner": inner.tolist() if levels > 1 else None,
                         "resolutions": list(PROPOSAL_RESOLUTIONS[:len(proposal_samples)]),
                         "samples": list(proposal_samples), "field_samples": field_samples,
-                        "spacing": "piecewise" if levels > 1 else "linear"}
+                        "spacing": "disparity" if forward_facing else "piecewise" if levels > 1 else "linear"}
             return cls(field, None, tracer, background=background, proposal_config=proposal)
         grid_config = {"aabb": inner.tolist(), "resolution": grid_resolution, "levels": levels, "step_size": step_size}
         return cls(field, grid_config, tracer, background=background)

@@ -163,7 +163,7 @@ class RadianceTask(Task):
                                                    cfg.quantize, cam_options(cfg, type(self)), cfg.model,
                                                    surface_box(cfg, scene),
                                                    cfg.proposal_samples if cfg.sampler == "proposal" else None,
-                                                   cfg.field_samples).to(device)
+                                                   cfg.field_samples, scene.forward_facing).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
         if cfg.appearance and self.pipeline.appearance is None:

@@ -38,6 +38,7 @@ POSES = "poses_bounds.npy"
 # Rotation columns (down, right, back) -> (right, up, back): R_opengl = R_llff @ LLFF_TO_OPENGL.
 LLFF_TO_OPENGL = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 FRUSTUM_STEPS = 8  # depths between a camera's bounds, per axis of its image, that stand for the scene
+NEAR_FRACTION = 0.75  # the near plane at 0.75 x the nearest bound: NeRF's bd_factor, whose NDC starts there
 
 
 def read_llff(file: Path, downscale: int, budget: float | None = None) -> Capture:
@@ -79,7 +80,8 @@ def read_llff(file: Path, downscale: int, budget: float | None = None) -> Captur
                   f"{full_width:g}x{full_height:g}); every {HOLDOUT}th image held out for test")
     note = None if downscale != AUTO else f"automatic: {source.name}/"
     return Capture(convention, {LONE: frames}, factor, note, points=frustum_points(frames.frames, bounds),
-                   points_what="points in the cameras' views between their near and far bounds")
+                   points_what="points in the cameras' views between their near and far bounds",
+                   near=NEAR_FRACTION * float(bounds[:, 0].min()))
 
 
 def image_folders(folder: Path) -> dict[int, Path]:

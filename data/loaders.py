@@ -82,6 +82,7 @@ class Capture:
     points: np.ndarray | None = None  # [N, 3] sparse points (COLMAP): the box comes from them
     points_what: str = "sparse points"  # what the points are, for the summary
     to_unit: np.ndarray | None = None  # [4, 4] a normalisation the layout gives (NeuS scale_mat)
+    near: float | None = None  # a forward-facing capture's near plane (world distance): samples space from it
 
 
 def read_transforms(path: Path, downscale: int, budget: float | None = None) -> Capture:

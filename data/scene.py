@@ -21,8 +21,8 @@ from torch import Tensor
 from .cameras import Cameras, LensTable
 from .checks import FINITE, POSITIVE, Number, checked_field
 from .colmap import find_colmap, read_colmap
+from .llff import NEAR_FRACTION, read_llff
 from .llff import POSES as LLFF_POSES
-from .llff import read_llff
 from .loaders import HOLDOUT, IMAGE_EXTENSIONS, LONE, NGP_KEYS, Capture, Frame, SceneError, read_transforms
 from .neus import CAMERAS as NEUS_CAMERAS
 from .neus import read_neus
@@ -120,6 +120,7 @@ class Scene:
     cone_angle: float  # 0 bounded, 1/256 unbounded
     source: Path
     summary: dict  # JSON-ready: what was found and what was chosen
+    forward_facing: bool = False  # LLFF: the proposal sampler spaces samples evenly in disparity from `near`
 
     @property
     def box(self) -> Tensor:
@@ -164,6 +165,9 @@ class Scene:
         lines.append(f"  unit  {_fmt(box['unit_box'][0])} .. {_fmt(box['unit_box'][1])}")
         kind = f"unbounded (aabb_scale {self.aabb_scale:g})" if self.unbounded else "bounded"
         sampler = "proposal density fields" if self.unbounded else "the occupancy grid"
+        if self.forward_facing:
+            sampler += (f", spaced evenly in disparity from the near plane ({NEAR_FRACTION:g} x the nearest bound, "
+                        "as NeRF's NDC rays)")
         lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}; --sampler auto: {sampler}")
         return "\n  ".join(lines)
 
@@ -175,6 +179,7 @@ class Scene:
             "aabb": self.aabb.tolist(),
             "aabb_scale": self.aabb_scale,
             "near": self.near,
+            "forward_facing": self.forward_facing,
             "cone_angle": self.cone_angle,
             "splits": {name: split.names for name, split in self.splits.items()},
         }
@@ -230,6 +235,8 @@ def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None
     positions = torch.cat([split.cameras.c2w[:, :, 3] for split in splits.values()])
     camera_inside = bool(((positions > aabb[0]) & (positions < aabb[1])).all(dim=1).any())
     near = NEAR if aabb_scale > 1 or camera_inside else 0.0
+    if capture.near is not None:
+        near = capture.near * scale
     cone_angle = UNBOUNDED_CONE_ANGLE if aabb_scale > 1 else 0.0
 
     summary = {
@@ -256,7 +263,7 @@ def load_scene(path: str | Path, downscale: int = 1, budget: float | None = None
             "camera_inside": camera_inside,
         },
     }
-    return Scene(splits, aabb, to_unit, aabb_scale, near, cone_angle, source, summary)
+    return Scene(splits, aabb, to_unit, aabb_scale, near, cone_angle, source, summary, capture.near is not None)
 
 
 def read_capture(source: Path, downscale: int, budget: float | None = None) -> Capture:

@@ -27,10 +27,13 @@ INTERLEVEL_EPS = 1e-7
 
 
 def spacing_of(t: Tensor, kind: str) -> Tensor:
-    """The spacing g(t) whose even steps the first level takes: t, or t below 1 and 2 - 1/t beyond (continuous
-    with its slope at 1: nerfacto's UniformLinDispPiecewiseSampler)."""
+    """The spacing g(t) whose even steps the first level takes: "linear" t; "piecewise" t below 1 and 2 - 1/t
+    beyond (continuous with its slope at 1: nerfacto's UniformLinDispPiecewiseSampler); "disparity" -1/t (even in
+    disparity from the ray's near end: forward-facing captures, as NeRF's linear steps in NDC depth)."""
     if kind == "linear":
         return t
+    if kind == "disparity":
+        return -1 / t.clamp(min=1e-6)
     return torch.where(t < 1, t, 2 - 1 / t.clamp(min=1))
 
 
@@ -38,6 +41,8 @@ def distance_of(g: Tensor, kind: str) -> Tensor:
     """The inverse of `spacing_of`."""
     if kind == "linear":
         return g
+    if kind == "disparity":
+        return -1 / g.clamp(max=-1e-6)
     return torch.where(g < 1, g, 1 / (2 - g).clamp(min=1e-6))
 
 

@@ -320,6 +320,9 @@ def test_llff_poses_follow_the_original_loader_and_images_n_follows_downscale(tm
     assert ((centre[:3] > scene.aabb[0]) & (centre[:3] < scene.aabb[1])).all()
     positions = train.cameras.c2w[:, :, 3]
     assert ((positions > scene.aabb[0]) & (positions < scene.aabb[1])).all()
+    # NeRF's near plane, 0.75 x the nearest bound, where the proposal sampler's steps even in disparity start
+    assert scene.forward_facing and "disparity" in scene.describe()
+    assert scene.near == pytest.approx(0.75 * table[:, 15].min() * float(scene.to_unit[0, :3].norm()), rel=1e-5)
 
     shrunk = load_scene(folder, downscale=4)  # no images_4/: images/ read and shrunk
     assert int(shrunk.splits["train"].cameras.width[0]) == 12 and "images/" in shrunk.summary["convention"]

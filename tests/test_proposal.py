@@ -32,7 +32,7 @@ def rays_along_x(n: int) -> Rays:
     return Rays(origins, torch.tensor([[1.0, 0.0, 0.0]]).expand(n, -1).contiguous())
 
 
-@pytest.mark.parametrize("kind", ["linear", "piecewise"])
+@pytest.mark.parametrize("kind", ["linear", "piecewise", "disparity"])
 def test_spacing_round_trips(kind):
     t = torch.linspace(0.01, 50.0, 1000)
     assert torch.allclose(distance_of(spacing_of(t, kind), kind), t, rtol=1e-5)
@@ -78,7 +78,7 @@ def test_resample_follows_the_histogram_and_spans_the_ray():
     assert (jittered.diff() >= 0).all() and not torch.equal(jittered, drawn)
 
 
-@pytest.mark.parametrize("spacing", ["linear", "piecewise"])
+@pytest.mark.parametrize("spacing", ["linear", "piecewise", "disparity"])
 def test_proposal_render_equals_marching_on_an_exact_field(spacing):
     """With the true density as both proposal and field, the proposal sampler's few samples sum to the opacity
     that marching the occupancy grid finds with 800, and both to the exact 1 - exp(-optical depth); the
