@@ -26,7 +26,7 @@ from torch import Tensor
 from recon.app.evaluate import to_uint8
 from recon.app.pipeline import Pipeline
 from recon.app.run import UserError
-from recon.data.cameras import Cameras
+from recon.data.cameras import Cameras, optical_focus
 from recon.data.rays import Rays
 from recon.data.scene import world_to_unit_box
 from recon.renderers.mesh import COARSE_STEP, extract_isosurface, lattice_shape, remove_small_components
@@ -38,6 +38,9 @@ VISIBILITY_LATTICE = 128  # lattice points per side for the seen-space test
 VISIBILITY_IMAGE_SIDE = 160  # training views are rendered at most this many pixels wide for it
 TSDF_TRUNCATION_VOXELS = 4  # --method tsdf: the truncation band, in voxels
 POINT_MIN_OPACITY = 0.9  # a pixel becomes a point when its ray is at least this opaque
+# The focus box needs axes spread over some angle: the least eigenvalue of I - mean(a a^T) over the unit axes a
+# is 0 for parallel axes and about A^2 / 12 for an even fan of full angle A (radians): 0.01 is a fan of 20 degrees.
+FOCUS_MIN_SPREAD = 0.01
 SDF_SIGN_RAYS = 5  # rays whose majority parity gives the sign: robust to small holes and the box's open cuts
 UNCOLOURED = 0.7  # the grey of vertices whose field has no colour
 FORMATS = ("ply", "obj", "glb")
@@ -58,20 +61,48 @@ class Mesh:
         mesh.export(path, file_type=path.suffix[1:], **options)
 
 
-def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None) -> Tensor:
-    """Where to mesh, in the unit frame: a density field's inner box (the scene box for bounded scenes), an
-    SDF field's own box; or the crop box, which for a density field may reach out of the inner box as far as
-    the scene box (an object sticking out of instant-ngp's unit cube, as the fox's head does)."""
+def export_box(pipeline: Pipeline, to_unit: Tensor, crop: Tensor | None,
+               cameras: Cameras | None = None) -> tuple[Tensor, str]:
+    """Where to mesh, in the unit frame, and the rule that chose it: the crop box when given; else an SDF field's
+    own box, a bounded scene's box, or for an unbounded scene's density field the cube about the training
+    cameras' focus (`focus_box`; instant-ngp's inner cube cuts off objects that reach out of it, as the fox's
+    head does, and the room beyond is not the object). A crop of a density field may reach as far as the scene
+    box."""
     surface = pipeline.is_surface or pipeline.tracer is None
-    box = pipeline.field.aabb.cpu() if surface else pipeline.inner_box
-    if crop is None:
-        return box
-    box = box if surface else pipeline.tracer.aabb.cpu()
-    crop_unit = world_to_unit_box(crop, to_unit)
-    cut = torch.stack([torch.maximum(box[0], crop_unit[0]), torch.minimum(box[1], crop_unit[1])])
-    if (cut[1] <= cut[0]).any():
-        raise UserError(f"--crop {crop.flatten().tolist()}: the crop box is empty or outside the scene")
-    return cut
+    reach = pipeline.field.aabb.cpu() if surface else pipeline.tracer.aabb.cpu()
+    if crop is not None:
+        crop_unit = world_to_unit_box(crop, to_unit)
+        cut = torch.stack([torch.maximum(reach[0], crop_unit[0]), torch.minimum(reach[1], crop_unit[1])])
+        if (cut[1] <= cut[0]).any():
+            raise UserError(f"--crop {crop.flatten().tolist()}: the crop box is empty or outside the scene")
+        return cut, "--crop"
+    if surface:
+        return reach, "the SDF field's box"
+    inner = pipeline.inner_box
+    if torch.equal(inner, reach):
+        return reach, "the scene box"
+    if cameras is None:
+        return inner, "the inner box"
+    focused = focus_box(cameras.to("cpu"))
+    cut = None if focused is None else torch.stack([torch.maximum(reach[0], focused[0]),
+                                                    torch.minimum(reach[1], focused[1])])
+    if cut is None or (cut[1] <= cut[0]).any():
+        return inner, "the inner box (no point that the training cameras all look at)"
+    return cut, "a cube about the point the training cameras look at, as wide as their median view there"
+
+
+def focus_box(cameras: Cameras) -> Tensor | None:
+    """[2, 3] the cube about the cameras' focus (the point nearest their optical axes) whose half-width is their
+    median half view there (distance x the narrower half field of view): where a capture's object is. None when
+    the axes are near parallel (forward-facing captures), whose focus is ill-defined."""
+    axes = -cameras.c2w[:, :, 2].double()
+    if torch.linalg.eigvalsh(torch.eye(3, dtype=torch.float64) - axes.T @ axes / len(axes))[0] < FOCUS_MIN_SPREAD:
+        return None
+    centre = optical_focus(cameras.c2w)
+    distance = (cameras.c2w[:, :, 3].double() - centre).norm(dim=1)
+    half_view = torch.minimum(cameras.width / (2 * cameras.fx), cameras.height / (2 * cameras.fy)).double()
+    half = float((distance * half_view).median())
+    return torch.stack([centre - half, centre + half]).float()
 
 
 def memory_needed(box: Tensor, resolution: int) -> int:
@@ -267,7 +298,8 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     if method not in METHODS:
         raise UserError(f"--method {method}: unknown (known: {', '.join(METHODS)})")
     started = time.perf_counter()
-    box = export_box(pipeline, to_unit, crop).to(pipeline.device)
+    box, box_rule = export_box(pipeline, to_unit, crop, train_cameras)
+    box = box.to(pipeline.device)
     vertices, faces, voxel = surface(pipeline, train_cameras, box, resolution, level, method, clean, simplify_to, chunk)
     normals = torch.from_numpy(np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)).float()
     verts = torch.from_numpy(vertices).float().to(pipeline.device)
@@ -282,7 +314,7 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     else:
         level_meaning, level = "opacity 1 - exp(-sigma * voxel)", OPACITY_LEVEL if level is None else level
     info = {"method": method, "resolution": resolution, "voxel_unit": voxel, "level": level,
-            "level_meaning": level_meaning, "unit_box": box.tolist(),
+            "level_meaning": level_meaning, "unit_box": box.tolist(), "box": box_rule,
             "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
             "simplify": simplify_to, "vertices": len(mesh.vertices), "faces": len(faces),
             "seconds": round(time.perf_counter() - started, 2)}
@@ -305,7 +337,8 @@ def signed_distance_volume(pipeline: Pipeline, train_cameras: Cameras, to_unit: 
     `export mesh` makes at the same resolution (open3d), never the raw density labelled a distance.
     """
     started = time.perf_counter()
-    box = export_box(pipeline, to_unit, crop).to(pipeline.device)
+    box, box_rule = export_box(pipeline, to_unit, crop, train_cameras)
+    box = box.to(pipeline.device)
     points, spacing, cells = lattice_points(box, resolution)
     if is_sdf(pipeline):
         pipeline.field.eval()
@@ -329,6 +362,7 @@ def signed_distance_volume(pipeline: Pipeline, train_cameras: Cameras, to_unit: 
         "voxel_size": np.float64(spacing / scale),
         "world_from_unit": world_from_unit(to_unit),
         "unit_box": box.double().cpu().numpy(),
+        "box": np.str_(box_rule),
         "meaning": np.str_("signed distance in world units, negative inside; sdf[i, j, k] sits at "
                            "world_from_grid @ (i, j, k, 1)"),
         "source": np.str_(source),
@@ -344,7 +378,8 @@ def point_cloud(pipeline: Pipeline, cameras: Cameras, to_unit: Tensor, crop: Ten
     export box, with the rendered colour and the field's normal (-grad density, or grad sdf); world frame.
     Views are rendered at most `image_side` pixels wide; `max_points` are kept at random (fixed seed)."""
     started = time.perf_counter()
-    box = export_box(pipeline, to_unit, crop).to(pipeline.device)
+    box, box_rule = export_box(pipeline, to_unit, crop, cameras)
+    box = box.to(pipeline.device)
     views = cameras.downscaled(max(1, math.ceil(int(cameras.width.max()) / image_side))).to(pipeline.device)
     points, colors = [], []
     for i in range(len(views)):
@@ -369,5 +404,6 @@ def point_cloud(pipeline: Pipeline, cameras: Cameras, to_unit: Tensor, crop: Ten
     cloud = Mesh(unit_to_world(points.double().cpu().numpy(), to_unit), np.zeros((0, 3), np.int64), to_uint8(colors),
                  normals)
     info = {"points": len(points), "views": len(views), "image_size": [int(views.width[0]), int(views.height[0])],
-            "min_opacity": min_opacity, "unit_box": box.tolist(), "seconds": round(time.perf_counter() - started, 2)}
+            "min_opacity": min_opacity, "unit_box": box.tolist(), "box": box_rule,
+            "seconds": round(time.perf_counter() - started, 2)}
     return cloud, info

@@ -80,7 +80,8 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
     mesh.save(output)
     run.write_json(output.with_suffix(".json"), {"mesh": output.name,
                                                  "crop_world_box": None if crop is None else crop.tolist(), **info})
-    print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s")
+    print(f"wrote {output}: {info['vertices']:,} vertices, {info['faces']:,} faces in {info['seconds']} s; box: "
+          f"{info['box']}")
 
 
 def cmd_export_sdf(args: argparse.Namespace) -> None:

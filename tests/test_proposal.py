@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from geometry import look_at
 
 from recon.app.config import FitConfig
 from recon.app.evaluate import evaluate
 from recon.app.export import export_box, extract_mesh
 from recon.app.pipeline import Pipeline
 from recon.app.trainer import Trainer
+from recon.data.cameras import Cameras
 from recon.data.rays import Rays
 from recon.data.scene import load_scene
 from recon.renderers import OccupancyGrid, Samples, march, propose, ray_aabb, render_rays
@@ -109,10 +111,12 @@ def test_proposal_pipeline_checkpoint_rebuilds_the_same_renders():
     assert pipeline.grid is None and len(pipeline.proposals) == 2
     assert pipeline.proposal_config["spacing"] == "piecewise"
     assert torch.equal(pipeline.inner_box, UNIT)
-    # Export meshes the inner box, or a crop reaching out of it (the fox's head), never past the scene box.
-    assert torch.equal(export_box(pipeline, torch.eye(4), None), UNIT)
+    # Without cameras export meshes the inner box; a crop may reach out of it (the fox's head), never past the
+    # scene box.
+    assert torch.equal(export_box(pipeline, torch.eye(4), None)[0], UNIT)
     crop = torch.tensor([[-0.5, -0.5, -0.5], [1.5, 9.0, 0.5]])
-    assert torch.equal(export_box(pipeline, torch.eye(4), crop), torch.tensor([[-0.5, -0.5, -0.5], [1.5, 4.0, 0.5]]))
+    cut = torch.tensor([[-0.5, -0.5, -0.5], [1.5, 4.0, 0.5]])
+    assert torch.equal(export_box(pipeline, torch.eye(4), crop)[0], cut)
     with torch.no_grad():
         for p in pipeline.proposals.parameters():
             p.normal_()
@@ -123,6 +127,36 @@ def test_proposal_pipeline_checkpoint_rebuilds_the_same_renders():
     b = rebuilt.render_rays_chunked(rays, torch.ones(3), chunk=5)
     for key in ("rgb", "depth", "opacity"):
         assert torch.equal(a[key], b[key]), key
+
+
+def cameras_looking_at(eyes: np.ndarray, target: np.ndarray) -> Cameras:
+    """Pinhole cameras at `eyes` [N, 3] looking at `target` ([3] or one each), 40x30 pixels, focal 35: half views
+    of 0.57 and 0.43."""
+    n = len(eyes)
+    targets = np.broadcast_to(target, eyes.shape)
+    c2w = torch.tensor(np.stack([look_at(eye, aim)[:3] for eye, aim in zip(eyes, targets)]), dtype=torch.float32)
+    return Cameras(c2w, torch.full((n,), 35.0), torch.full((n,), 35.0), torch.full((n,), 20.0), torch.full((n,), 15.0),
+                   torch.full((n,), 40), torch.full((n,), 30), torch.zeros(n, 6), torch.zeros(n, dtype=torch.bool))
+
+
+def test_an_unbounded_export_meshes_the_cube_the_cameras_look_at():
+    """The default export box of an unbounded scene: a cube about the point the cameras look at, as wide as their
+    median view there (distance x the narrower half field of view), reaching out of the inner box (the fox's head)
+    but inside the scene box; forward-facing cameras have no such point and keep the inner box."""
+    pipeline = Pipeline.build("hashgrid", {"levels": 4, "log2_table": 12}, UNIT * 4, 4.0, 0.2, 0.0, 16, 128,
+                              proposal_samples=[32, 16], field_samples=8)
+    target = np.array([0.3, -0.2, 0.1])
+    angles = np.linspace(0, np.pi, 9)  # an arc around the object, 3 units away
+    eyes = target + 3 * np.stack([np.cos(angles), np.sin(angles), np.full(9, 0.3)], 1) / np.hypot(1, 0.3)
+    box, rule = export_box(pipeline, torch.eye(4), None, cameras_looking_at(eyes, target))
+    half = 3 * 15 / 35
+    expected = torch.tensor(np.stack([target - half, target + half]), dtype=torch.float32)
+    assert torch.allclose(box, expected, atol=1e-4) and "cameras look at" in rule
+    far = export_box(pipeline, torch.eye(4), None, cameras_looking_at(target + 4 * (eyes - target), target))[0]
+    assert torch.allclose(far[0], torch.tensor([-4.0, -4.0, -4.0])) and far[1, 0] == 4.0  # the scene box's bound
+    forward = np.stack([(x, 3.0, z) for x in (-0.5, 0, 0.5) for z in (-0.3, 0.3)])
+    box, rule = export_box(pipeline, torch.eye(4), None, cameras_looking_at(forward, forward + [0, -5.0, 0]))
+    assert torch.equal(box, UNIT) and "no point" in rule
 
 
 def fit_config(scene, **overrides) -> FitConfig:
