@@ -46,6 +46,11 @@ class Progress:
         return self.value >= 1.0
 
 
+def warm_up(progress: float, warmup: float) -> float:
+    """Linear from 1% to 1 over the first `warmup` of progress."""
+    return min(1.0, 0.01 + 0.99 * progress / warmup) if warmup > 0 else 1.0
+
+
 def learning_rate_factor(progress: float, warmup: float = 0.01, milestones=(0.5, 0.75, 0.9),
                          gamma: float = 0.33) -> float:
     """Linear warm-up from 1% then step decay, as nerfacc's instant-ngp recipe, on progress.
@@ -53,8 +58,7 @@ def learning_rate_factor(progress: float, warmup: float = 0.01, milestones=(0.5,
     The factor is constant after the last milestone, so any run (step- or time-capped) ends
     exactly on the final learning rate.
     """
-    ramp = min(1.0, 0.01 + 0.99 * progress / warmup) if warmup > 0 else 1.0
-    return ramp * gamma ** sum(progress >= m for m in milestones)
+    return warm_up(progress, warmup) * gamma ** sum(progress >= m for m in milestones)
 
 
 FINAL_LEARNING_RATE_FACTOR = learning_rate_factor(1.0)
@@ -62,8 +66,7 @@ FINAL_LEARNING_RATE_FACTOR = learning_rate_factor(1.0)
 
 def exponential_factor(progress: float, final: float = 0.01, warmup: float = 0.01) -> float:
     """The same warm-up, then an exponential decay to `final` at the end: BARF's pose schedule (1e-3 to 1e-5)."""
-    ramp = min(1.0, 0.01 + 0.99 * progress / warmup) if warmup > 0 else 1.0
-    return ramp * final**progress
+    return warm_up(progress, warmup) * final**progress
 
 
 SCHEDULES = {"step": learning_rate_factor, "exponential": exponential_factor}  # by an optimiser group's "schedule"

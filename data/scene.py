@@ -165,7 +165,7 @@ class Scene:
         lines.append(f"  unit  {_fmt(box['unit_box'][0])} .. {_fmt(box['unit_box'][1])}")
         kind = f"unbounded (aabb_scale {self.aabb_scale:g})" if self.unbounded else "bounded"
         sampler = "proposal density fields" if self.unbounded else "the occupancy grid"
-        if self.forward_facing:
+        if self.forward_facing and self.unbounded:
             sampler += (f", spaced evenly in disparity from the near plane ({NEAR_FRACTION:g} x the nearest bound, "
                         "as NeRF's NDC rays)")
         lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}; --sampler auto: {sampler}")

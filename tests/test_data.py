@@ -368,7 +368,8 @@ def test_bad_input_raises_one_line_scene_error(tmp_path, case):
 def test_json_and_describe(tmp_path):
     scene = load_scene(lone_scene(tmp_path, n=9, missing=(4,)))
     stored = json.loads(json.dumps(scene.to_json()))
-    assert set(stored) == {"source", "summary", "to_unit", "aabb", "aabb_scale", "near", "cone_angle", "splits"}
+    assert set(stored) == {"source", "summary", "to_unit", "aabb", "aabb_scale", "near", "forward_facing", "cone_angle",
+                           "splits"}
     assert stored["splits"]["test"] == scene.splits["test"].names and np.allclose(stored["to_unit"], scene.to_unit)
     text = scene.describe()
     assert "visual hull" in text and "bounded" in text and "skipped 1 of 9" in text
