@@ -114,10 +114,7 @@ class PoseCorrection(torch.nn.Module):
 
     def rotations(self) -> Tensor:
         """[N, 3, 3] exp of each camera's skew-symmetric omega (matrix_exp: smooth at zero, unlike Rodrigues)."""
-        wx, wy, wz = self.delta[:, :3].unbind(1)
-        zero = torch.zeros_like(wx)
-        skew = torch.stack([zero, -wz, wy, wz, zero, -wx, -wy, wx, zero], 1).view(-1, 3, 3)
-        return torch.linalg.matrix_exp(skew)
+        return torch.linalg.matrix_exp(skew(self.delta[:, :3]))
 
     def forward(self, rays: Rays, cam: Tensor, c2w: Tensor) -> Rays:
         """The rays of cameras cam [R] (poses c2w [N, 3, 4]) as the corrected cameras shoot them."""
@@ -200,12 +197,15 @@ def optical_focus(c2w: Tensor) -> Tensor:
 
 
 def rotation_about(axes: Tensor, angles: Tensor) -> Tensor:
-    """[N, 3, 3] rotations by `angles` [N] (radians) about unit `axes` [N, 3] (Rodrigues)."""
-    x, y, z = axes.unbind(-1)
+    """[N, 3, 3] rotations by `angles` [N] (radians) about unit `axes` [N, 3]."""
+    return torch.linalg.matrix_exp(skew(axes * angles[:, None]))
+
+
+def skew(v: Tensor) -> Tensor:
+    """[N, 3, 3] the cross-product matrices of v [N, 3] (v^ x = v cross x)."""
+    x, y, z = v.unbind(-1)
     zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)
-    s, c = angles.sin()[:, None, None], angles.cos()[:, None, None]
-    return torch.eye(3, dtype=axes.dtype, device=axes.device) + s * skew + (1 - c) * skew @ skew
+    return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)
 
 
 def perturb_poses(c2w: Tensor, degrees: float, distance: float, generator: torch.Generator) -> Tensor:
