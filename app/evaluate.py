@@ -50,19 +50,20 @@ def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     cameras = replace(split.cameras, c2w=split.cameras.c2w.clone())  # an aligned view's pose replaces its own
-    for i in tqdm(range(0, len(split), stride), desc="evaluating", unit="view", leave=False):
-        gt = ground_truth_on_white(split.image(i))
-        shift = {}
-        if align_poses:
-            aligned = align_pose(pipeline, split.cameras, i, gt, torch.Generator().manual_seed(i))
-            cameras.c2w[i] = aligned.to(cameras.c2w)
-            turn, moved = pose_errors(cameras.c2w[i : i + 1], split.cameras.c2w[i : i + 1], rigid=False)
-            shift = {"pose_turned_degrees": float(turn), "pose_moved": float(moved)}
-        pred = pipeline.render_view(cameras, i, chunk)["rgb"].cpu()
-        views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
-                      "lpips": lpips(pred, gt), **shift})
-        if out_dir:
-            imageio.imwrite(out_dir / f"{i:04d}.png", to_uint8(pred))
+    with pipeline.baked_proposals(cameras[::stride]):
+        for i in tqdm(range(0, len(split), stride), desc="evaluating", unit="view", leave=False):
+            gt = ground_truth_on_white(split.image(i))
+            shift = {}
+            if align_poses:
+                aligned = align_pose(pipeline, split.cameras, i, gt, torch.Generator().manual_seed(i))
+                cameras.c2w[i] = aligned.to(cameras.c2w)
+                turn, moved = pose_errors(cameras.c2w[i : i + 1], split.cameras.c2w[i : i + 1], rigid=False)
+                shift = {"pose_turned_degrees": float(turn), "pose_moved": float(moved)}
+            pred = pipeline.render_view(cameras, i, chunk)["rgb"].cpu()
+            views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
+                          "lpips": lpips(pred, gt), **shift})
+            if out_dir:
+                imageio.imwrite(out_dir / f"{i:04d}.png", to_uint8(pred))
     mean = {k: float(np.mean([v[k] for v in views])) for k in ("psnr", "ssim")}
     mean["lpips"] = float(np.mean([v["lpips"] for v in views])) if lpips.model else None
     return {
@@ -158,20 +159,21 @@ def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: i
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = imageio.get_writer(video, format="FFMPEG", fps=fps, macro_block_size=1) if video else None
     paths, depth_range = [], None
-    for i in tqdm(range(len(cameras)), desc="rendering", unit="view"):
-        out = {k: v.cpu().numpy() for k, v in pipeline.render_view(cameras, i, chunk).items()}
-        image = out["rgb"]
-        if with_depth:
-            if depth_range is None:
-                hit = out["depth"][out["opacity"] > 0.5]
-                depth_range = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
-            image = np.concatenate([image, colorize_depth(out["depth"], out["opacity"], *depth_range)], axis=1)
-        frame = to_uint8(torch.from_numpy(image))
-        paths.append(out_dir / f"{i:04d}.png")
-        imageio.imwrite(paths[-1], frame)
-        if writer:
-            # H.264 4:2:0 needs even sizes
-            writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
+    with pipeline.baked_proposals(cameras):
+        for i in tqdm(range(len(cameras)), desc="rendering", unit="view"):
+            out = {k: v.cpu().numpy() for k, v in pipeline.render_view(cameras, i, chunk).items()}
+            image = out["rgb"]
+            if with_depth:
+                if depth_range is None:
+                    hit = out["depth"][out["opacity"] > 0.5]
+                    depth_range = np.percentile(hit, [2, 98]) if len(hit) else (0.0, 1.0)
+                image = np.concatenate([image, colorize_depth(out["depth"], out["opacity"], *depth_range)], axis=1)
+            frame = to_uint8(torch.from_numpy(image))
+            paths.append(out_dir / f"{i:04d}.png")
+            imageio.imwrite(paths[-1], frame)
+            if writer:
+                # H.264 4:2:0 needs even sizes
+                writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
     if writer:
         writer.close()
         paths.append(video)

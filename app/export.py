@@ -130,19 +130,20 @@ def seen_space(pipeline: Pipeline, cameras: Cameras, box: Tensor, resolution: in
     points, spacing, cells = lattice_points(box, resolution)
     views = cameras.downscaled(max(1, math.ceil(int(cameras.width.max()) / image_side))).to(device)
     seen = torch.zeros(len(points), dtype=torch.long, device=device)
-    for start in range(0, len(views), views_per_chunk):
-        chunk = views[start : start + views_per_chunk]
-        surface = []
-        for i in range(len(chunk)):
-            out = pipeline.render_view(chunk, i)
-            surface.append(torch.where(out["opacity"] > 0.5, out["depth"], torch.inf).reshape(-1))
-        px, py, z = chunk.project(points)
-        w, h = chunk.width[:, None], chunk.height[:, None]
-        inside = (z > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        pixel = torch.where(inside, py.long() * w + px.long(), 0)
-        depth_there = torch.stack([s[p] for s, p in zip(surface, pixel)])
-        distance = (points[None] - chunk.c2w[:, None, :, 3]).norm(dim=-1)
-        seen += (inside & (distance < depth_there + 2 * spacing)).sum(0)
+    with pipeline.baked_proposals(views):
+        for start in range(0, len(views), views_per_chunk):
+            chunk = views[start : start + views_per_chunk]
+            surface = []
+            for i in range(len(chunk)):
+                out = pipeline.render_view(chunk, i)
+                surface.append(torch.where(out["opacity"] > 0.5, out["depth"], torch.inf).reshape(-1))
+            px, py, z = chunk.project(points)
+            w, h = chunk.width[:, None], chunk.height[:, None]
+            inside = (z > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+            pixel = torch.where(inside, py.long() * w + px.long(), 0)
+            depth_there = torch.stack([s[p] for s, p in zip(surface, pixel)])
+            distance = (points[None] - chunk.c2w[:, None, :, 3]).norm(dim=-1)
+            seen += (inside & (distance < depth_there + 2 * spacing)).sum(0)
     return seen.view(*(n + 1 for n in cells)), spacing
 
 
@@ -200,20 +201,21 @@ def tsdf_surface(pipeline: Pipeline, cameras: Cameras, box: Tensor, voxel: float
                     fisheye=torch.zeros_like(cameras.fisheye)).to(pipeline.device)
     opengl_to_opencv = np.diag([1.0, -1.0, -1.0, 1.0])
     far = float(np.linalg.norm(views.c2w[:, :, 3].cpu().numpy() - box.mean(0).cpu().numpy(), axis=1).max()) + extent
-    for i in range(len(views)):
-        out = pipeline.render_view(views, i)
-        h, w = out["depth"].shape
-        along_axis = views.image_rays(i).dirs @ -views.c2w[i, :, 2]  # ray distance -> depth along the camera axis
-        depth = torch.where(out["opacity"] > 0.5, out["depth"] * along_axis.view(h, w), 0.0)
-        image = o3d.t.geometry.Image(core.Tensor(depth.float().cpu().numpy()[..., None]))
-        # open3d puts pixel centres at integers, recon at half-integers.
-        fx, fy, cx, cy = (float(getattr(views, k)[i]) for k in ("fx", "fy", "cx", "cy"))
-        intrinsic = core.Tensor([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]], core.float64)
-        c2w = np.vstack([views.c2w[i].double().cpu().numpy(), [0, 0, 0, 1]]) @ opengl_to_opencv
-        extrinsic = core.Tensor(np.linalg.inv(c2w), core.float64)
-        options = dict(depth_scale=1.0, depth_max=far, trunc_voxel_multiplier=float(TSDF_TRUNCATION_VOXELS))
-        blocks = volume.compute_unique_block_coordinates(image, intrinsic, extrinsic, **options)
-        volume.integrate(blocks, image, intrinsic, extrinsic, **options)
+    with pipeline.baked_proposals(views):
+        for i in range(len(views)):
+            out = pipeline.render_view(views, i)
+            h, w = out["depth"].shape
+            along_axis = views.image_rays(i).dirs @ -views.c2w[i, :, 2]  # ray distance -> depth along the camera axis
+            depth = torch.where(out["opacity"] > 0.5, out["depth"] * along_axis.view(h, w), 0.0)
+            image = o3d.t.geometry.Image(core.Tensor(depth.float().cpu().numpy()[..., None]))
+            # open3d puts pixel centres at integers, recon at half-integers.
+            fx, fy, cx, cy = (float(getattr(views, k)[i]) for k in ("fx", "fy", "cx", "cy"))
+            intrinsic = core.Tensor([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]], core.float64)
+            c2w = np.vstack([views.c2w[i].double().cpu().numpy(), [0, 0, 0, 1]]) @ opengl_to_opencv
+            extrinsic = core.Tensor(np.linalg.inv(c2w), core.float64)
+            options = dict(depth_scale=1.0, depth_max=far, trunc_voxel_multiplier=float(TSDF_TRUNCATION_VOXELS))
+            blocks = volume.compute_unique_block_coordinates(image, intrinsic, extrinsic, **options)
+            volume.integrate(blocks, image, intrinsic, extrinsic, **options)
     lo, hi = box.double().cpu().numpy()
     mesh = volume.extract_triangle_mesh().to_legacy().crop(o3d.geometry.AxisAlignedBoundingBox(lo, hi))
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.triangles, dtype=np.int64)
@@ -382,14 +384,15 @@ def point_cloud(pipeline: Pipeline, cameras: Cameras, to_unit: Tensor, crop: Ten
     box = box.to(pipeline.device)
     views = cameras.downscaled(max(1, math.ceil(int(cameras.width.max()) / image_side))).to(pipeline.device)
     points, colors = [], []
-    for i in range(len(views)):
-        out = pipeline.render_view(views, i, background=0.0)
-        opacity = out["opacity"].reshape(-1)
-        rays = views.image_rays(i)
-        ends = rays.origins + out["depth"].reshape(-1, 1) * rays.dirs
-        keep = (opacity >= min_opacity) & ((ends >= box[0]) & (ends <= box[1])).all(-1)
-        points.append(ends[keep])
-        colors.append(out["rgb"].reshape(-1, 3)[keep] / opacity[keep, None])
+    with pipeline.baked_proposals(views):
+        for i in range(len(views)):
+            out = pipeline.render_view(views, i, background=0.0)
+            opacity = out["opacity"].reshape(-1)
+            rays = views.image_rays(i)
+            ends = rays.origins + out["depth"].reshape(-1, 1) * rays.dirs
+            keep = (opacity >= min_opacity) & ((ends >= box[0]) & (ends <= box[1])).all(-1)
+            points.append(ends[keep])
+            colors.append(out["rgb"].reshape(-1, 3)[keep] / opacity[keep, None])
     points, colors = torch.cat(points), torch.cat(colors)
     if len(points) > max_points:
         pick = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:max_points].to(points.device)

@@ -22,7 +22,7 @@ from recon.app.checkpoint import load_resizing
 from recon.data.cameras import AppearanceCodes, Cameras
 from recon.data.rays import Rays
 from recon.fields import Field, build_field
-from recon.fields.proposal import ProposalDensity
+from recon.fields.proposal import BakedDensity, ProposalDensity
 from recon.fields.surface import SurfaceInBackground
 from recon.renderers import OccupancyGrid, Proposal, Samples, march, propose, ray_aabb, render_chunked, render_rays
 
@@ -62,6 +62,7 @@ class Pipeline:
         self.proposals = None if proposal_config is None else torch.nn.ModuleList(
             _proposal_field(proposal_config, resolution) for resolution in proposal_config["resolutions"])
         self.anneal = 1.0  # the proposal weights' exponent while resampling (training sets it; renders use 1)
+        self.baked: list[BakedDensity] | None = None  # the proposal fields as grids while `baked_proposals` holds
 
     @classmethod
     def build(cls, field_name: str, field_options: dict[str, Any], scene_aabb: torch.Tensor, aabb_scale: float,
@@ -140,6 +141,23 @@ class Pipeline:
             for w, wanted in weights:
                 w.requires_grad_(wanted)
 
+    @contextlib.contextmanager
+    def baked_proposals(self, views: Cameras | None = None) -> Iterator[None]:
+        """Inside the block the proposal fields answer renders from grids of themselves (`ProposalDensity.bake`),
+        while their weights stay still (no training). views: what the block renders; the fields are baked only
+        if its pixels' rays would query them at more points than baking does (None: bake)."""
+        if self.proposals is None or self.baked is not None or (
+                views is not None and int((views.width * views.height).sum()) * sum(self.proposal_config["samples"])
+                <= sum((p.max_resolution + 1) ** 3 for p in self.proposals)):
+            yield
+            return
+        with record_function("bake proposals"):
+            self.baked = [proposal.bake() for proposal in self.proposals]
+        try:
+            yield
+        finally:
+            self.baked = None
+
     def to(self, device: torch.device | str) -> "Pipeline":
         for module in self.modules():
             module.to(device)
@@ -187,7 +205,8 @@ class Pipeline:
             return march(rays, self.grid, aabb, t.step_size, t.cone_angle, near, generator, max_samples)
         config = self.proposal_config
         t_near, t_far = ray_aabb(rays.origins, rays.dirs, aabb)
-        density_fns = [functools.partial(self._autocast, proposal.density) for proposal in self.proposals]
+        density_fns = [functools.partial(self._autocast, proposal.density)
+                       for proposal in (self.proposals if self.baked is None or generator is not None else self.baked)]
         return propose(rays, t_near.clamp(min=near), t_far, density_fns, config["samples"], config["field_samples"],
                        config["spacing"], generator, self.anneal if generator is not None else 1.0)
 

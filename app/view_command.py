@@ -53,13 +53,14 @@ def cmd_view(args: argparse.Namespace) -> None:
     run, cfg, pipeline, _ = load_run(args.run)
     require_task(cfg, "recon view", "radiance")
     scene = load_scene(cfg.scene, downscale=cfg.downscale)
-    viewer = start_viewer(pipeline, scene, run, args.host, args.port, share=1.0, chunk=cfg.eval_chunk,
-                          resolution=VIEWER_ROWS[cfg.preset], summary=run_summary(run, cfg))
-    print(f"viewer: {viewer.url} (Ctrl-C to quit)")
-    try:
-        wait_for_ctrl_c()
-    finally:
-        viewer.close()
+    with pipeline.baked_proposals():  # nothing trains here, and every frame queries them
+        viewer = start_viewer(pipeline, scene, run, args.host, args.port, share=1.0, chunk=cfg.eval_chunk,
+                              resolution=VIEWER_ROWS[cfg.preset], summary=run_summary(run, cfg))
+        print(f"viewer: {viewer.url} (Ctrl-C to quit)")
+        try:
+            wait_for_ctrl_c()
+        finally:
+            viewer.close()
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
