@@ -135,6 +135,10 @@ class FitConfig:
     distortion: float | None = option(None, "mip-NeRF 360's distortion loss against floaters (theirs 0.01; 0 off; "
                                       f"default {PROPOSAL_DISTORTION} with the proposal sampler, else 0)", NON_NEGATIVE,
                                       metavar="WEIGHT")
+    gradient_scaling: bool | None = option(None, "scale each sample's gradients by min(1, (its distance from the "
+                                           "camera / the cameras' spread)^2) against floaters by the cameras "
+                                           "(\"Floaters No More\"; default: on for unbounded scenes)",
+                                           action=argparse.BooleanOptionalAction)
     # L1 on the expected depth (unit frame, box half-size 1): at 1 a 1% depth error costs what a colour MSE of
     # 0.01 does; 0.1 barely moved 300-step fits (tests/test_fit.py).
     depth_weight: float = option(1.0, "scenes with depth maps: weight of the L1 depth loss (0 ignores them)",
@@ -159,7 +163,7 @@ class FitConfig:
         in; a backend's own presets are for its radiance field, so they apply to that task only (and to an
         SDF from images, `--model sdf`, those of them its coordinate encoding shares, e.g. a grid's size).
         The sampler "auto" becomes proposal for an `unbounded` scene, else occupancy; the distortion weight
-        follows it."""
+        follows it; gradient scaling is on for an unbounded scene unless set."""
         preset = self.preset or ("gpu" if device.type == "cuda" else "cpu")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -172,8 +176,10 @@ class FitConfig:
         sampler = self.sampler if self.sampler != "auto" else "proposal" if unbounded else "occupancy"
         distortion = self.distortion if self.distortion is not None else (
             PROPOSAL_DISTORTION if sampler == "proposal" else 0.0)
+        scaling = unbounded if self.gradient_scaling is None else self.gradient_scaling
         return dataclasses.replace(self, preset=preset, task=task, sampler=sampler, distortion=distortion,
-                                   field_options={**field_defaults, **self.field_options}, **unset)
+                                   gradient_scaling=scaling, field_options={**field_defaults, **self.field_options},
+                                   **unset)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,8 +208,9 @@ class FitConfig:
                              "another version of recon?)")
         if not isinstance(data.get("field_options", {}), dict):
             raise ValueError("field_options is not an object")
-        # A run made before the proposal sampler marched its occupancy grid, whatever the scene.
-        return cls(**({"sampler": "occupancy"} | data)).checked()
+        # A run made before the proposal sampler marched its occupancy grid, whatever the scene, and one made
+        # before gradient scaling did without it.
+        return cls(**({"sampler": "occupancy", "gradient_scaling": False} | data)).checked()
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

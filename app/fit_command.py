@@ -113,10 +113,12 @@ def sampler_summary(trainer: Trainer) -> str:
     cfg = trainer.cfg
     if not isinstance(trainer.task, RadianceTask):
         return ""
+    near_scale = trainer.task.near_scale
+    scaling = "" if near_scale is None else f", gradients scaled within {near_scale:.3g} of the cameras"
     if cfg.sampler == "occupancy":
-        return "   sampler: occupancy grid"
+        return "   sampler: occupancy grid" + scaling
     counts = " + ".join(str(n) for n in cfg.proposal_samples)
-    return f"   sampler: proposal ({counts} proposal, {cfg.field_samples} field samples per ray)"
+    return f"   sampler: proposal ({counts} proposal, {cfg.field_samples} field samples per ray)" + scaling
 
 
 def parameter_counts(field: Field) -> str:

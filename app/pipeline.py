@@ -216,17 +216,19 @@ class Pipeline:
             return function(x)
 
     def render(self, rays: Rays, background: torch.Tensor | None, generator: torch.Generator | None = None,
-               train_proposals: bool = True) -> dict[str, Any]:
+               train_proposals: bool = True, near_scale: float | None = None) -> dict[str, Any]:
         """Differentiable render of a ray batch (training); an SDF field adds "eikonal", the mean of
         (|grad sdf| - 1)^2 over the samples; the proposal sampler adds "spacing", the samples in its normalised
         spacing (where the distortion loss is measured), and, when `train_proposals`, "interlevel", its loss
-        (else the proposal fields run without grad, as nerfacto's do between their updates)."""
+        (else the proposal fields run without grad, as nerfacto's do between their updates). near_scale:
+        render_rays' near-camera gradient scaling (None: off)."""
         # Where the samples lie needs no gradient (the field's positions are recomputed from the rays), so refined
         # poses learn through the field only, not through the proposal fields too.
         with record_function("sample"), torch.set_grad_enabled(torch.is_grad_enabled() and train_proposals):
             sampled = self.sample(rays.detach(), generator)
         proposal = sampled if isinstance(sampled, Proposal) else None
-        out = render_rays(rays, self.field_fn, sampled if proposal is None else proposal.samples, background)
+        out = render_rays(rays, self.field_fn, sampled if proposal is None else proposal.samples, background,
+                          near_scale)
         if proposal is not None:
             out["spacing"] = proposal.spacing
         if proposal is not None and train_proposals:

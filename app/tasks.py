@@ -29,7 +29,7 @@ from recon.app.evaluate import evaluate, to_uint8
 from recon.app.metrics import psnr, ssim
 from recon.app.pipeline import Pipeline
 from recon.app.run import UserError
-from recon.data.cameras import AppearanceCodes, PoseCorrection
+from recon.data.cameras import AppearanceCodes, PoseCorrection, camera_spread
 from recon.data.scene import Scene, visual_hull, world_to_unit_box
 from recon.data.targets import ImageTarget, MeshTarget, inside_mesh, sample_surface, sdf_samples
 from recon.fields import build_field
@@ -166,6 +166,9 @@ class RadianceTask(Task):
                                                    cfg.field_samples, scene.forward_facing).to(device)
         self.train = scene.splits["train"].to(device)  # pixels live where the step runs
         self.poses = PoseCorrection(len(self.train)).to(device) if cfg.refine_poses else None
+        # Near-camera gradient scaling's unit distance (render_rays); a lone camera has no spread, so none.
+        spread = camera_spread(self.train.cameras.c2w) if cfg.gradient_scaling else 0.0
+        self.near_scale = spread if spread > 0 else None
         if cfg.appearance and self.pipeline.appearance is None:
             self.pipeline.appearance = AppearanceCodes(len(self.train)).to(device)
         self.device = device
@@ -214,7 +217,8 @@ class RadianceTask(Task):
             cam = cam.to(self.device)
             if self.poses is not None:
                 rays = self.poses(rays, cam, self.train.cameras.c2w)
-        out = self.pipeline.render(rays, background, generator=generator, train_proposals=self.train_proposals)
+        out = self.pipeline.render(rays, background, generator=generator, train_proposals=self.train_proposals,
+                                   near_scale=self.near_scale)
         if self.pipeline.appearance is not None:
             out["rgb"] = self.pipeline.appearance(out["rgb"], out["opacity"], background, cam)
         photometric = F.mse_loss(out["rgb"], target)

@@ -196,6 +196,14 @@ def optical_focus(c2w: Tensor) -> Tensor:
     return torch.linalg.solve(off_axis.sum(0), (off_axis @ poses[:, :, 3:]).sum(0))[:, 0]
 
 
+def camera_spread(c2w: Tensor) -> float:
+    """How far (L-infinity) the farthest camera centre lies from their mean: the length nerfstudio scales a
+    capture by so its cameras fill [-1, 1]^3 (auto_scale_poses), the frame in which near-camera gradient scaling
+    was tuned."""
+    centres = c2w[:, :, 3].double()
+    return float((centres - centres.mean(0)).abs().max())
+
+
 def rotation_about(axes: Tensor, angles: Tensor) -> Tensor:
     """[N, 3, 3] rotations by `angles` [N] (radians) about unit `axes` [N, 3]."""
     return torch.linalg.matrix_exp(skew(axes * angles[:, None]))

@@ -168,7 +168,8 @@ class Scene:
         if self.forward_facing and self.unbounded:
             sampler += (f", spaced evenly in disparity from the near plane ({NEAR_FRACTION:g} x the nearest bound, "
                         "as NeRF's NDC rays)")
-        lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}; --sampler auto: {sampler}")
+        scaling = "; gradients scaled near the cameras (--no-gradient-scaling: off)" if self.unbounded else ""
+        lines.append(f"{kind}: near {self.near:g}, cone_angle {self.cone_angle:g}; --sampler auto: {sampler}{scaling}")
         return "\n  ".join(lines)
 
     def to_json(self) -> dict:

@@ -23,12 +23,34 @@ FieldFn = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
 SampleFn = Callable[[Rays], Samples]
 
 
-def render_rays(rays: Rays, field_fn: FieldFn, samples: Samples, background: Tensor | None = None) -> dict[str, Any]:
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` [S] per sample backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale.view(-1, *[1] * (grad.dim() - 1)), None
+
+
+def render_rays(rays: Rays, field_fn: FieldFn, samples: Samples, background: Tensor | None = None,
+                near_scale: float | None = None) -> dict[str, Any]:
     """Differentiable render (training) of `samples` along `rays`: `composite`'s rgb, depth, opacity, weights,
-    plus the samples, n_samples (the field evaluations) and the field's "extras" at the samples (FieldFn)."""
+    plus the samples, n_samples (the field evaluations) and the field's "extras" at the samples (FieldFn).
+    near_scale: the gradients of each sample's optical depth and colour are scaled by min(1, (t / near_scale)^2)
+    for a sample at distance t along its ray from the camera ("Floaters No More", Philip and Deschaintre 2023):
+    space close to a camera fills a large part of its image, so its pixels pull on it far harder than on a
+    distant cell, and it learns floaters that explain them."""
     with record_function("field"):
         extras = field_fn(samples.positions(rays), samples.dirs(rays), samples.dt)
         tau, rgb = extras.pop("tau"), extras.pop("rgb")
+        if near_scale is not None:
+            scale = ((samples.t0 + samples.t1) / (2 * near_scale)).square().clamp(max=1)
+            tau, rgb = _ScaleGradient.apply(tau, scale), _ScaleGradient.apply(rgb, scale)
     with record_function("composite"):
         out: dict[str, Any] = dict(composite(rgb, tau, samples, background))
     out["samples"], out["n_samples"], out["extras"] = samples, len(samples), extras

@@ -13,7 +13,15 @@ import pytest
 import torch
 from geometry import look_at
 
-from recon.data.cameras import Cameras, perturb_poses, pose_errors, rigid_alignment, rotation_about, transform_poses
+from recon.data.cameras import (
+    Cameras,
+    camera_spread,
+    perturb_poses,
+    pose_errors,
+    rigid_alignment,
+    rotation_about,
+    transform_poses,
+)
 from recon.data.scene import load_scene
 
 RADTAN = (0.06, -0.08, 0.0, 0.0, -0.001, 0.0004)  # k1 k2 k3 k4 p1 p2, fox-like
@@ -252,3 +260,12 @@ def test_pose_errors_ignore_a_rigid_move_of_the_whole_rig_and_measure_each_camer
     # Independent errors survive the alignment (it cannot explain them away): about their size remains.
     turn, _ = pose_errors(transform_poses(noisy, move), truth)
     assert 1.5 < float(turn.mean()) < 2.5
+
+
+def test_camera_spread_is_the_farthest_centre_from_the_mean_in_any_axis():
+    c2w = torch.eye(4)[:3].repeat(3, 1, 1)
+    c2w[:, :, 3] = torch.tensor([[-1.0, 0.0, 5.0], [3.0, 0.5, 5.0], [1.0, -0.5, 5.0]])  # mean (1, 0, 5)
+    assert camera_spread(c2w) == pytest.approx(2.0)
+    c2w[:, :, 3] += torch.tensor([10.0, -4.0, 2.0])
+    assert camera_spread(c2w) == pytest.approx(2.0)
+    assert camera_spread(c2w[:1]) == 0.0

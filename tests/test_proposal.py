@@ -225,3 +225,14 @@ def test_sampler_auto_picks_proposal_for_unbounded_scenes(tiny_scene):
         FitConfig.from_json(cfg.to_json() | {"proposal_samples": [0]})
     older = {k: v for k, v in cfg.to_json().items() if k != "sampler"}  # a run made before the proposal sampler
     assert FitConfig.from_json(older).resolved(torch.device("cpu"), unbounded=True).sampler == "occupancy"
+
+
+def test_gradient_scaling_is_on_for_unbounded_scenes_unless_set(tiny_scene):
+    cpu = torch.device("cpu")
+    cfg = FitConfig(scene=str(tiny_scene), out="")
+    assert cfg.resolved(cpu, unbounded=True).gradient_scaling is True
+    assert cfg.resolved(cpu).gradient_scaling is False
+    assert FitConfig(scene=str(tiny_scene), out="", gradient_scaling=False).resolved(cpu, unbounded=True) \
+        .gradient_scaling is False
+    older = {k: v for k, v in cfg.to_json().items() if k != "gradient_scaling"}  # a run made before it: off
+    assert FitConfig.from_json(older).resolved(cpu, unbounded=True).gradient_scaling is False

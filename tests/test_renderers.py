@@ -406,3 +406,26 @@ def test_render_chunked_accepts_an_empty_batch():
     out = render_chunked(rays, constant_field(box_density(-0.5, 0.5, 1.0), (1.0, 0.0, 0.0)),
                          lambda part: march(part, grid, UNIT, STEP))
     assert out["rgb"].shape == (0, 3) and out["depth"].shape == (0,) and out["opacity"].shape == (0,)
+
+
+def test_near_camera_gradient_scaling_scales_each_samples_gradient_by_its_squared_distance():
+    """"Floaters No More": the render is unchanged, and a sample at distance t passes back min(1, (t / r)^2) of its
+    optical depth's and colour's gradients."""
+    t0 = torch.linspace(0.1, 3.0, 30)
+    samples = Samples(torch.zeros(30, dtype=torch.long), t0, t0 + 0.05, 1)
+    rays = Rays(torch.zeros(1, 3), unit([[0.0, 0.0, -1.0]]))
+    density, colour = torch.full((30,), 0.3, requires_grad=True), torch.rand(30, 3, requires_grad=True)
+
+    def field_fn(x, d, dt):
+        return {"tau": density * dt, "rgb": colour}
+
+    grads = []
+    for near_scale in (None, 2.0):
+        out = render_rays(rays, field_fn, samples, torch.ones(3), near_scale=near_scale)
+        grads.append((out["rgb"], *torch.autograd.grad(out["rgb"].sum(), (density, colour))))
+    (plain, d_density, d_colour), (scaled, d_density_scaled, d_colour_scaled) = grads
+    assert torch.equal(plain, scaled)
+    expected = ((t0 + 0.025) / 2.0).square().clamp(max=1)
+    torch.testing.assert_close(d_density_scaled, d_density * expected)
+    torch.testing.assert_close(d_colour_scaled, d_colour * expected[:, None])
+    assert expected[0] < 0.01 and (expected[-10:] == 1).all()
