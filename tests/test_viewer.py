@@ -308,12 +308,17 @@ def test_the_crop_gizmo_and_the_typed_numbers_keep_crop_json_in_sync(trained, tm
         return world_to_unit_box(torch.tensor(json.loads((run.path / "crop.json").read_text())["world_box"]),
                                  scene.to_unit)
 
+    def written() -> str | None:
+        crop_file = run.path / "crop.json"
+        return crop_file.read_text() if crop_file.exists() else None
+
     def drag(handle: str, position: tuple[float, float, float]) -> None:
-        before = viewer.settings.crop
+        """Move a handle and wait for crop.json, which the viewer writes last (after the render's crop)."""
+        before = written()
         browser.send({"type": "TransformControlsUpdateMessage", "name": handle, "wxyz": [1.0, 0.0, 0.0, 0.0],
                       "position": list(position), "owner": ""})
         deadline = time.time() + 10
-        while viewer.settings.crop is before and time.time() < deadline:
+        while written() == before and time.time() < deadline:
             time.sleep(0.05)
 
     try:
