@@ -146,9 +146,12 @@ class Pipeline:
         """Inside the block the proposal fields answer renders from grids of themselves (`ProposalDensity.bake`),
         while their weights stay still (no training). views: what the block renders; the fields are baked only
         if its pixels' rays would query them at more points than baking does (None: bake)."""
-        if self.proposals is None or self.baked is not None or (
-                views is not None and int((views.width * views.height).sum()) * sum(self.proposal_config["samples"])
-                <= sum((p.max_resolution + 1) ** 3 for p in self.proposals)):
+        if self.proposals is None or self.baked is not None:
+            yield
+            return
+        baked_points = sum((proposal.max_resolution + 1) ** 3 for proposal in self.proposals)
+        if views is not None and int((views.width * views.height).sum()) * sum(self.proposal_config["samples"]) \
+                <= baked_points:
             yield
             return
         with record_function("bake proposals"):
@@ -205,8 +208,9 @@ class Pipeline:
             return march(rays, self.grid, aabb, t.step_size, t.cone_angle, near, generator, max_samples)
         config = self.proposal_config
         t_near, t_far = ray_aabb(rays.origins, rays.dirs, aabb)
-        density_fns = [functools.partial(self._autocast, proposal.density)
-                       for proposal in (self.proposals if self.baked is None or generator is not None else self.baked)]
+        # Training (jittered) queries the fields it trains; renders read them baked while `baked_proposals` holds.
+        fields = self.baked if self.baked is not None and generator is None else self.proposals
+        density_fns = [functools.partial(self._autocast, proposal.density) for proposal in fields]
         return propose(rays, t_near.clamp(min=near), t_far, density_fns, config["samples"], config["field_samples"],
                        config["spacing"], generator, self.anneal if generator is not None else 1.0)
 

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from recon.fields.encodings import Encoding
 
 
+def inside_unit_box(u: torch.Tensor) -> torch.Tensor:
+    """[N] whether each normalised position u [N, D] (`Field.normalize`) lies in the field's box, [0, 1]^D."""
+    return ((u >= 0) & (u <= 1)).all(-1)
+
+
 class Field(nn.Module):
     """Base class of all fields.
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recon.fields.base import Field
+from recon.fields.base import Field, inside_unit_box
 from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, SHEncoding, trunc_exp
 
@@ -61,7 +61,7 @@ class EncodedRadianceField(Field):
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
-        return self.encode(u), ((u >= 0) & (u <= 1)).all(-1), u
+        return self.encode(u), inside_unit_box(u), u
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
         features, inside, u = self._features(x)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recon.fields import register
-from recon.fields.base import Field
+from recon.fields.base import Field, inside_unit_box
 from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, GaussianFourierEncoding
 
@@ -68,7 +68,7 @@ class PositionalEncodingField(Field):
 
     def _trunk(self, x: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
-        inside = ((u >= 0) & (u <= 1)).all(-1)
+        inside = inside_unit_box(u)
         return self.trunk(self.position_encoding(u * 2 - 1), CamQuery(u, d)), inside
 
     def density(self, x: torch.Tensor) -> torch.Tensor:

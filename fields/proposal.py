@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from recon.fields.base import Field
+from recon.fields.base import Field, inside_unit_box
 from recon.fields.encodings import MLP, HashGridEncoding, trunc_exp
 
 
@@ -56,10 +56,6 @@ class ProposalDensity(Field):
                 {"name": "mlp", "params": list(self.mlp.parameters()), "lr": lr, "weight_decay": 1e-6}]
 
 
-def inside_unit_box(u: torch.Tensor) -> torch.Tensor:
-    return ((u >= 0) & (u <= 1)).all(-1)
-
-
 class BakedDensity:
     """A proposal field frozen into a dense grid of log density ([z, y, x] over [0, 1]^3 of its box): the density
     at x is the exponential of the trilinear blend, a lookup that costs a few times less than the hash grid and
@@ -68,10 +64,6 @@ class BakedDensity:
 
     def __init__(self, log_density: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]):
         self.grid, self.normalize = log_density, normalize
-
-    @property
-    def points(self) -> int:
-        return self.grid.numel()
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         u = self.normalize(x)

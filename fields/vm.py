@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recon.fields import register
-from recon.fields.base import Field
+from recon.fields.base import Field, inside_unit_box
 from recon.fields.cam import CamQuery
 from recon.fields.encodings import MLP, Encoding, FrequencyEncoding, Upscaling, grid_shape
 
@@ -136,7 +136,7 @@ class VectorMatrixField(Field):
 
     def _box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.normalize(x)
-        return u.clamp(0, 1), ((u >= 0) & (u <= 1)).all(-1)
+        return u.clamp(0, 1), inside_unit_box(u)
 
     def _density(self, u: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         raw = self.density_factors(u).sum(-1)
