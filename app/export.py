@@ -240,12 +240,13 @@ def simplify(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tupl
 
 
 def surface(pipeline: Pipeline, train_cameras: Cameras, box: Tensor, resolution: int, level: float | None = None,
-            method: str = "marching", clean: bool = True, simplify_to: int | None = None,
+            method: str = "marching", clean: bool = True, simplify_to: int | None = None, closed: bool = True,
             chunk: int = 2**16) -> tuple[np.ndarray, np.ndarray, float]:
     """The field's surface inside `box` (unit frame): vertices [V, 3], outward faces [F, 3], and the voxel.
 
     level: an opacity over one voxel for radiance fields (default OPACITY_LEVEL), a distance for SDF fields
-    (default 0). method "tsdf" fuses rendered depth instead (radiance fields)."""
+    (default 0). method "tsdf" fuses rendered depth instead (radiance fields). closed: marching caps the
+    solid where the box cuts it, so the mesh is watertight (a crop of an object, a wall the box ends)."""
     need, free = memory_needed(box, resolution), memory_free(pipeline.device)
     if need > free:
         raise UserError(f"--resolution {resolution}: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
@@ -258,11 +259,12 @@ def surface(pipeline: Pipeline, train_cameras: Cameras, box: Tensor, resolution:
             raise UserError(f"--method tsdf: field {field.name!r} is an SDF; its zero level set is meshed directly")
         vertices, faces = tsdf_surface(pipeline, train_cameras, box, voxel)
     elif is_sdf(pipeline):
-        vertices, faces = extract_isosurface(lambda x: -field.sdf(x), box, resolution, -(level or 0.0), chunk=chunk)
+        vertices, faces = extract_isosurface(lambda x: -field.sdf(x), box, resolution, -(level or 0.0), chunk=chunk,
+                                             closed=closed)
     else:
         inside_fn = radiance_inside_fn(pipeline, train_cameras, box, voxel)
         vertices, faces = extract_isosurface(inside_fn, box, resolution, OPACITY_LEVEL if level is None else level,
-                                             chunk=chunk)
+                                             chunk=chunk, closed=closed)
     field.train(was_training)
     if clean:
         vertices, faces = remove_small_components(vertices, faces, MIN_COMPONENT_FRACTION)
@@ -295,14 +297,16 @@ def vertex_colors(pipeline: Pipeline, vertices: Tensor, normals: Tensor, offset:
 
 def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, resolution: int = 512,
                  level: float | None = None, crop: Tensor | None = None, clean: bool = True, method: str = "marching",
-                 simplify_to: int | None = None, chunk: int = 2**16) -> tuple[Mesh, dict[str, Any]]:
+                 simplify_to: int | None = None, closed: bool = True,
+                 chunk: int = 2**16) -> tuple[Mesh, dict[str, Any]]:
     """The field's coloured mesh in world coordinates, and what was done (see `surface`)."""
     if method not in METHODS:
         raise UserError(f"--method {method}: unknown (known: {', '.join(METHODS)})")
     started = time.perf_counter()
     box, box_rule = export_box(pipeline, to_unit, crop, train_cameras)
     box = box.to(pipeline.device)
-    vertices, faces, voxel = surface(pipeline, train_cameras, box, resolution, level, method, clean, simplify_to, chunk)
+    vertices, faces, voxel = surface(pipeline, train_cameras, box, resolution, level, method, clean, simplify_to,
+                                     closed, chunk)
     normals = torch.from_numpy(np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)).float()
     verts = torch.from_numpy(vertices).float().to(pipeline.device)
     colors = vertex_colors(pipeline, verts, normals.to(pipeline.device), 2 * voxel, chunk)
@@ -318,7 +322,9 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     info = {"method": method, "resolution": resolution, "voxel_unit": voxel, "level": level,
             "level_meaning": level_meaning, "unit_box": box.tolist(), "box": box_rule,
             "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
-            "simplify": simplify_to, "vertices": len(mesh.vertices), "faces": len(faces),
+            "simplify": simplify_to, "closed": closed and method == "marching",
+            "watertight": bool(trimesh.Trimesh(vertices, faces, process=False).is_watertight),
+            "vertices": len(mesh.vertices), "faces": len(faces),
             "seconds": round(time.perf_counter() - started, 2)}
     return mesh, info
 

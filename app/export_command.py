@@ -71,7 +71,7 @@ def cmd_export_mesh(args: argparse.Namespace) -> None:
     crop = export_crop(run, args.crop)
     cameras, to_unit = run_frame(run, cfg, "export mesh")
     mesh, info = extract_mesh(pipeline, cameras, to_unit, args.resolution, args.level, crop, clean=args.clean,
-                              method=args.method, simplify_to=args.simplify)
+                              method=args.method, simplify_to=args.simplify, closed=args.closed)
     if not info["faces"]:  # e.g. an SDF that collapsed to one sign: an empty file would pass for a result
         level = "" if info["level"] is None else f" = {info['level']:g}"
         raise UserError(f"{run.path}: no surface inside the export box (level: {info['level_meaning']}{level}); "
@@ -142,6 +142,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--simplify", type=argument_type(Number(int, 4)), metavar="FACES",
                    help="decimate to about this many faces (open3d or fast-simplification)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="keep small disconnected pieces")
+    p.add_argument("--open", dest="closed", action="store_false",
+                   help="leave the surface open where the box cuts it (default: capped there, a watertight mesh)")
     output_option(p, "RUN/export/mesh-RESOLUTION.FORMAT")
     p.set_defaults(func=cmd_export_mesh)
 

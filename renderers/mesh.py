@@ -30,14 +30,16 @@ def lattice_shape(box: Tensor, resolution: int, coarse_step: int = 1) -> tuple[f
 
 @torch.no_grad()
 def extract_isosurface(inside_fn: InsideFn, box: Tensor, resolution: int, level: float, coarse_step: int = COARSE_STEP,
-                       chunk: int = 2**18) -> tuple[np.ndarray, np.ndarray]:
+                       chunk: int = 2**18, closed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Vertices [V, 3] (float64, box frame) and faces [F, 3] of the surface where inside_fn crosses `level`.
 
     The box is cut into cubic voxels, `resolution` along its longest side. The field is first evaluated
     every `coarse_step` voxels; coarse cells whose corners straddle the level, and their neighbours, are
     evaluated at full resolution. Elsewhere the fine values are the coarse ones trilinearly interpolated,
     so skipped space keeps the sign the coarse evaluation found (a constant there would make a second shell).
-    Faces wind counter-clockwise seen from outside (positive signed volume).
+    Faces wind counter-clockwise seen from outside (positive signed volume). closed: what is inside is capped
+    where the box cuts it (within a voxel inside its faces: the lattice in the box is ringed by outside
+    values), so the mesh bounds a solid.
     """
     voxel, cells = lattice_shape(box, resolution, coarse_step)
     coarse_cells = [n // coarse_step for n in cells]
@@ -58,8 +60,14 @@ def extract_isosurface(inside_fn: InsideFn, box: Tensor, resolution: int, level:
         for part in index.split(chunk):
             volume[part[:, 0], part[:, 1], part[:, 2]] = inside_fn(box[0] + part.float() * voxel).float()
 
+    origin = box[0].cpu().double().numpy()
+    if closed:  # the lattice inside the box, ringed by values far outside: caps on its outermost points
+        inside = [int(float(e) / voxel + 1e-6) + 1 for e in (box[1] - box[0]).tolist()]
+        volume = volume[: inside[0], : inside[1], : inside[2]]
+        volume = F.pad(volume, (1,) * 6, value=level - 1e3 * (1 + float((volume - level).abs().max())))
+        origin = origin - voxel
     vertices, faces = mcubes.marching_cubes(volume.cpu().numpy(), level)
-    return box[0].cpu().double().numpy() + vertices * voxel, faces.astype(np.int64)
+    return origin + vertices * voxel, faces.astype(np.int64)
 
 
 def _evaluate_lattice(inside_fn: InsideFn, origin: Tensor, spacing: float, cells: list[int], chunk: int) -> Tensor:

@@ -40,6 +40,23 @@ def test_isosurface_of_analytic_fields(kind):
     assert mesh.volume == pytest.approx(4 / 3 * math.pi * RADIUS**3, rel=0.01)  # positive: faces wind outward
 
 
+@pytest.mark.parametrize("kind", ["opacity", "sdf"])
+def test_a_surface_the_box_cuts_is_capped_on_its_faces(kind):
+    radius = 0.9  # the box's z faces (at +-0.8) cut caps 0.1 high off the ball
+    inside_fn, level = ((lambda x: (0.5 + (radius - x.norm(dim=-1)) / 0.1).clamp(0, 1)), 0.5) if kind == "opacity" \
+        else ((lambda x: radius - x.norm(dim=-1)), 0.0)
+    vertices, faces = extract_isosurface(inside_fn, BOX, resolution=64, level=level, closed=True)
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    cap = math.pi * 0.1**2 * (3 * radius - 0.1) / 3
+    assert mesh.is_watertight and mesh.volume == pytest.approx(4 / 3 * math.pi * radius**3 - 2 * cap, rel=0.01)
+    voxel = 2.0 / 64
+    assert np.abs(vertices[:, 2]).max() < 0.8 + 1e-3 * voxel  # the caps lie within a voxel inside the faces
+    on_cap = np.abs(vertices[:, 2]) > 0.8 - voxel
+    assert np.linalg.norm(vertices[on_cap, :2], axis=1).max() < math.sqrt(radius**2 - (0.8 - voxel) ** 2) + voxel
+    opened = extract_isosurface(inside_fn, BOX, resolution=64, level=level)
+    assert not trimesh.Trimesh(*opened, process=False).is_watertight
+
+
 def test_coarse_to_fine_equals_dense_evaluation():
     calls = []
     counting = lambda x: (calls.append(len(x)), ball_opacity(x))[1]
