@@ -1,4 +1,4 @@
-"""The `recon` command line: fit, demo, eval, view, render, export, convert, process, eval-mesh.
+"""The `recon` command line: fit, demo, distill, eval, view, render, export, convert, process, eval-mesh.
 
 The parser and `main`; each command lives in its module (`fit_command`, `eval_command`, `view_command`,
 `render_command`, `export_command`, `scene_command`), which adds its subparsers; what they share is in

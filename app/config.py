@@ -157,6 +157,7 @@ class FitConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N", device_name)
     tcnn: bool = option(False, "use tiny-cuda-nn if installed (untested)", action="store_true")
     scene_from_run: str | None = option(None)  # the scene relative to the run folder, for runs that move
+    distilled_from: dict[str, Any] | None = option(None)  # `recon distill`: {"run": the teacher, "method": ...}
 
     def resolved(self, device: torch.device, task: str = "radiance", unbounded: bool = False) -> FitConfig:
         """A copy for `task` with the preset chosen (by device unless given) and every option it sets filled

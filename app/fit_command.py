@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recon.app.cli_shared import number_option, open_run, world_box
-from recon.app.config import FitConfig, add_options, command_line_fields
+from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, flag_of
+from recon.app.distill import METHOD, load_teacher
 from recon.app.eval_command import evaluate_run
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
@@ -30,7 +32,7 @@ from recon.app.tasks import RadianceTask, Task
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
 from recon.data.cameras import pose_errors
-from recon.data.checks import FRACTION
+from recon.data.checks import FRACTION, contains
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import Field
@@ -317,6 +319,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """`fit`'s and `demo`'s options: FitConfig's, the run folder's and the viewer's."""
     add_options(p, defaults)
+    run_options(p)
+
+
+def run_options(p: argparse.ArgumentParser) -> None:
+    """The backend's options, the new run folder's and the viewer's (`fit`, `demo`, `distill`)."""
     p.add_argument("--field-option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. -o levels=8 -o log2_table=17")
     p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
@@ -340,3 +347,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate the built-in example scene and fit it")
     fit_options(p, DEMO_FIT)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("distill", help="teach a trained run's field to another backend (progressive volume "
+                                       "distillation); writes a new run")
+    p.add_argument("run", help="the teacher: a radiance run")
+    fields = {spec.name: spec for spec in command_line_fields()}
+    for name in ("field", "params", "steps", "max_time", "seed"):
+        keywords = dict(fields[name].metadata["argparse"])
+        keywords.pop("flag", None)
+        p.add_argument(flag_of(fields[name]), dest=name, required=name == "field",
+                       type=keywords.pop("type", argument_type(fields[name].metadata["check"])),
+                       help=fields[name].metadata["help"] + (" (default 20000)" if name == "steps" else ""),
+                       **keywords)
+    run_options(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """A new run whose field (--field) learns the teacher run's (app.distill); config.json records both."""
+    teacher_run, teacher_cfg = open_run(args.run)
+    load_teacher(args.run)  # refuses what cannot be distilled before anything is made
+    cfg = dataclasses.replace(
+        teacher_cfg, field=args.field, field_options=parse_field_options(args.field_option), params=args.params,
+        steps=args.steps or FitConfig.steps, max_time=args.max_time, seed=args.seed or 0, quantize=0.0, cam=None,
+        gradient_scaling=False,  # a photometric loss's remedy; the student learns from the teacher
+        scene_from_run=None, out="", distilled_from={"run": str(teacher_run.path.absolute()), "method": METHOD})
+    out = Path(args.out or default_run_name(Path(f"{teacher_run.path.name}-to"), cfg.field))
+    if contains(out, teacher_run.path):
+        raise UserError(f"{out}: holds the teacher run {teacher_run.path}; choose another run folder")
+    start_fit(cfg, args, out)

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 
 from recon.app.checkpoint import load_resizing
 from recon.app.config import FitConfig
+from recon.app.distill import DistillTask
 from recon.app.schedules import SCHEDULES, Progress
 from recon.app.tasks import Task, task_class
 from recon.data.scene import Scene
@@ -56,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: FitConfig, target: Scene | ImageTarget | MeshTarget, device: torch.device | None = None):
         self.device = device or resolve_device(cfg.device)
-        kind = task_class(target)
+        kind = DistillTask if cfg.distilled_from else task_class(target)
         self.cfg = cfg = cfg.resolved(self.device, kind.kind, getattr(target, "unbounded", False))
         if cfg.params:  # the backend's size option fills the budget; config.json records the value chosen
             cfg.field_options = options_for_budget(cfg.field, target.box, kind.field_task, cfg.params,

@@ -1,0 +1,67 @@
+"""Benchmark: `recon distill` against training the same backend from the photos for the same time.
+
+Trains (or reuses) a hash-grid teacher, then for each student backend runs `recon distill TEACHER --field F
+--max-time S` and `recon fit SCENE --field F --max-time S`, one command at a time, and tabulates the held-out
+PSNR of each (every `--eval-stride`-th test view; a student is scored at its teacher's stride) with the teacher's.
+
+    python bench/distill.py ../shared/data/lego --teacher-time 600 --student-time 120 --fields vm voxel \
+        --runs runs/distill --out bench/results/distill-lego.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from machine import describe
+
+
+def run(command: list[str]) -> float:
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def scores(folder: Path) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"psnr": metrics["mean"]["psnr"], "ssim": metrics["mean"]["ssim"], "steps": metrics["train"]["steps"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scene")
+    parser.add_argument("--teacher-time", type=float, default=600)
+    parser.add_argument("--student-time", type=float, default=120)
+    parser.add_argument("--fields", nargs="+", default=["vm", "voxel"])
+    parser.add_argument("--eval-stride", type=int, default=10)
+    parser.add_argument("--runs", default="runs/distill")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    common = ["--no-viewer", "--eval-stride", str(args.eval_stride)]
+    teacher = runs / "teacher-hashgrid"
+    if not (teacher / "metrics.json").exists():
+        run(["recon", "fit", args.scene, "--max-time", str(args.teacher_time), "--out", str(teacher), "--overwrite",
+             *common])
+    rows = {"teacher hashgrid": scores(teacher)}
+    for field in args.fields:
+        student, scratch = runs / f"distilled-{field}", runs / f"scratch-{field}"
+        run(["recon", "distill", str(teacher), "--field", field, "--max-time", str(args.student_time),
+             "--out", str(student), "--overwrite", "--no-viewer"])
+        run(["recon", "fit", args.scene, "--field", field, "--max-time", str(args.student_time),
+             "--out", str(scratch), "--overwrite", *common])
+        rows[f"distilled {field}"], rows[f"from photos {field}"] = scores(student), scores(scratch)
+    result = {"machine": describe(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"), "scene": args.scene,
+              "teacher_time": args.teacher_time, "student_time": args.student_time, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for name, row in rows.items():
+        print(f"{name:24s} {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}  {row['steps']} steps")
+
+
+if __name__ == "__main__":
+    main()
