@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from recon.app.checkpoint import latest_checkpoint, load_checkpoint
 from recon.app.config import FitConfig, argument_type, option_help
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
@@ -33,11 +32,7 @@ def open_run(path: str) -> tuple[RunDir, FitConfig]:
     """A run folder and its config, with the scene found wherever the run is opened from (a note when it is
     found beside the run instead of where it was)."""
     run = RunDir(path)
-    run.require()
-    try:
-        cfg = FitConfig.load(run.config)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    cfg = run.load_config()
     cfg.scene, note = run.scene_path(cfg.scene, cfg.scene_from_run)
     if note:
         print(f"recon: {note}")
@@ -46,10 +41,7 @@ def open_run(path: str) -> tuple[RunDir, FitConfig]:
 
 def load_run(path: str) -> tuple[RunDir, FitConfig, Pipeline, dict[str, Any]]:
     run, cfg = open_run(path)
-    checkpoint = latest_checkpoint(run.checkpoints)
-    if checkpoint is None:
-        raise UserError(f"{run.checkpoints}: no checkpoint to load")
-    state = load_checkpoint(checkpoint)
+    state = run.latest_state()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():  # runs move between machines and paths
         print(f"recon: {run.path} was trained with --device {cfg.device}; no GPU here, so it runs on the CPU")

@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from recon.app.checkpoint import latest_checkpoint, load_checkpoint
 from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
@@ -45,20 +44,13 @@ def load_teacher(path: str) -> tuple[FitConfig, Pipeline]:
     """The teacher run's config and pipeline (on the CPU); a run recon cannot distil from is a UserError naming
     it."""
     run = RunDir(path)
-    run.require()
-    try:
-        cfg = FitConfig.load(run.config)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    cfg = run.load_config()
     if cfg.task != "radiance" or cfg.model != "radiance":
         raise UserError(f"{path}: distill takes a radiance field from posed images; this run is "
                         f"{'an SDF (--model sdf)' if cfg.model == 'sdf' else 'of task ' + cfg.task}")
     if cfg.refine_poses:
         raise UserError(f"{path}: its training poses were refined; distilling from refined poses is not supported")
-    checkpoint = latest_checkpoint(run.checkpoints)
-    if checkpoint is None:
-        raise UserError(f"{run.checkpoints}: no checkpoint to load")
-    return cfg, Pipeline.from_state(load_checkpoint(checkpoint)["pipeline"])
+    return cfg, Pipeline.from_state(run.latest_state()["pipeline"])
 
 
 class DistillTask(RadianceTask):

@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from recon.app.checkpoint import atomic_write
+from recon.app.checkpoint import atomic_write, latest_checkpoint, load_checkpoint
+from recon.app.config import FitConfig
 from recon.data.checks import contains, nothing_to_lose
 
 # Everything a run writes at its top level; a folder holding anything else is not (only) a run.
@@ -99,6 +100,21 @@ class RunDir:
         """Check this is a run folder before a command reads it."""
         if not self.config.exists():
             raise UserError(f"{self.path}: not a run folder (no config.json)")
+
+    def load_config(self) -> FitConfig:
+        """The run's config.json, or a UserError naming the folder or the file and what is wrong."""
+        self.require()
+        try:
+            return FitConfig.load(self.config)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+    def latest_state(self) -> dict[str, Any]:
+        """The latest checkpoint's state (CheckpointError for a bad file), or a UserError when there is none."""
+        checkpoint = latest_checkpoint(self.checkpoints)
+        if checkpoint is None:
+            raise UserError(f"{self.checkpoints}: no checkpoint to load")
+        return load_checkpoint(checkpoint)
 
     def write_json(self, path: Path, data: Any) -> None:
         write_json(path, data)
