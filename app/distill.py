@@ -40,17 +40,20 @@ def clamped_log_density(density: torch.Tensor) -> torch.Tensor:
     return torch.log(density.float().clamp(math.exp(low), math.exp(high)))
 
 
-def load_teacher(path: str) -> tuple[FitConfig, Pipeline]:
-    """The teacher run's config and pipeline (on the CPU); a run recon cannot distil from is a UserError naming
-    it."""
-    run = RunDir(path)
-    cfg = run.load_config()
+def check_teacher(cfg: FitConfig, path: str) -> None:
+    """A UserError naming the run when recon cannot distil from it (its config.json `cfg`)."""
     if cfg.task != "radiance" or cfg.model != "radiance":
         raise UserError(f"{path}: distill takes a radiance field from posed images; this run is "
                         f"{'an SDF (--model sdf)' if cfg.model == 'sdf' else 'of task ' + cfg.task}")
     if cfg.refine_poses:
         raise UserError(f"{path}: its training poses were refined; distilling from refined poses is not supported")
-    return cfg, Pipeline.from_state(run.latest_state()["pipeline"])
+
+
+def load_teacher(path: str) -> Pipeline:
+    """The teacher run's pipeline (on the CPU), checked as `check_teacher` does."""
+    run = RunDir(path)
+    check_teacher(run.load_config(), path)
+    return Pipeline.from_state(run.latest_state()["pipeline"])
 
 
 class DistillTask(RadianceTask):
@@ -58,7 +61,7 @@ class DistillTask(RadianceTask):
 
     def __init__(self, cfg: FitConfig, scene: Scene, device: torch.device, pipeline: Pipeline | None = None):
         super().__init__(cfg, scene, device, pipeline)
-        _, teacher = load_teacher(cfg.distilled_from["run"])
+        teacher = load_teacher(cfg.distilled_from["run"])
         self.teacher = teacher.to(device)
         for module in self.teacher.modules():
             module.eval()

@@ -307,7 +307,8 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
     box = box.to(pipeline.device)
     vertices, faces, voxel = surface(pipeline, train_cameras, box, resolution, level, method, clean, simplify_to,
                                      closed, chunk)
-    normals = torch.from_numpy(np.array(trimesh.Trimesh(vertices, faces, process=False).vertex_normals)).float()
+    solid = trimesh.Trimesh(vertices, faces, process=False)
+    normals = torch.from_numpy(np.array(solid.vertex_normals)).float()
     verts = torch.from_numpy(vertices).float().to(pipeline.device)
     colors = vertex_colors(pipeline, verts, normals.to(pipeline.device), 2 * voxel, chunk)
     if np.linalg.det(to_unit[:3, :3].double().numpy()) < 0:  # a reflection would turn the faces inside out
@@ -323,7 +324,7 @@ def extract_mesh(pipeline: Pipeline, train_cameras: Cameras, to_unit: Tensor, re
             "level_meaning": level_meaning, "unit_box": box.tolist(), "box": box_rule,
             "world_from_unit": world_from_unit(to_unit).tolist(), "clean": clean,
             "simplify": simplify_to, "closed": closed and method == "marching",
-            "watertight": bool(trimesh.Trimesh(vertices, faces, process=False).is_watertight),
+            "watertight": bool(solid.is_watertight),
             "vertices": len(mesh.vertices), "faces": len(faces),
             "seconds": round(time.perf_counter() - started, 2)}
     return mesh, info

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from recon.app.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from recon.app.cli_shared import number_option, open_run, world_box
 from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, flag_of
-from recon.app.distill import METHOD, load_teacher
+from recon.app.distill import METHOD, check_teacher
 from recon.app.eval_command import evaluate_run
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
@@ -94,6 +94,8 @@ Target = Scene | ImageTarget | MeshTarget
 def build_trainer(cfg: FitConfig, target: Target) -> Trainer:
     try:
         return Trainer(cfg, target)
+    except CheckpointError:
+        raise  # a distillation's teacher checkpoint: its own one-line error, not a backend option's
     except (TypeError, ValueError, RuntimeError) as error:  # an -o KEY the backend does not take, or a bad value
         raise UserError(f"--field {cfg.field} -o ...: {str(error).splitlines()[0]}") from None
 
@@ -366,7 +368,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     """A new run whose field (--field) learns the teacher run's (app.distill); config.json records both."""
     teacher_run, teacher_cfg = open_run(args.run)
-    load_teacher(args.run)  # refuses what cannot be distilled before anything is made
+    check_teacher(teacher_cfg, args.run)  # before anything is made; the task loads the teacher's weights
     cfg = dataclasses.replace(
         teacher_cfg, field=args.field, field_options=parse_field_options(args.field_option), params=args.params,
         steps=args.steps or FitConfig.steps, max_time=args.max_time, seed=args.seed or 0, quantize=0.0, cam=None,
