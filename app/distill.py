@@ -1,5 +1,5 @@
-"""Progressive volume distillation (PVD, Fang et al., AAAI 2023): a trained radiance field (the teacher) taught
-to a field of another backend (the student), on volume samples rather than photos.
+"""Progressive volume distillation (PVD, Fang et al., AAAI 2023): a trained field (the teacher) taught to a field
+of another backend (the student), on volume samples rather than photos.
 
 Each step draws rays from the training cameras, places samples with the teacher's sampler (its occupancy grid
 or proposal fields, copied into the student's pipeline and frozen, as PVD keeps the teacher's grid), and asks
@@ -8,8 +8,24 @@ colour at every sample are compared from the start, the rendered colour (the tea
 the photos are not used) from a sixth of the run on (PVD's stage 3 from step 5000 of 30000); each term is
 PVD's default "normL2", the plain norm of the difference, with its weights (1 for the render, 0.002 for the
 others). Not taken from PVD: its stage 1 (aligning intermediate features, which only its shared MLP heads
-have), its random extra camera poses, AdamW and cosine decay (recon's Adam and schedule instead), and
-PVD-AL's active sampling.
+have), its random extra camera poses, AdamW and cosine decay (recon's Adam and schedule instead).
+
+PVD-AL's active learning (Fang et al. 2023, its code's defaults), at two of its three levels:
+- rays: each step the tenth of the batch the student renders worst (L1 against the teacher's render) joins a
+  pool; once full, each batch replays a tenth more rays drawn from it, whose places the new worst rays take.
+  PVD-AL's pool holds 150 batches and fills within 1500 of its 30k steps; recon's holds 15, so it fills
+  within the 150 first steps of runs that last ~1000 on a CPU. It is not checkpointed: a resumed run
+  refills it;
+- points: the sample terms count only each ray's heaviest 30% of samples (by the teacher's weights or the
+  student's) on rays at least half opaque; the render term sees every sample;
+- not the view level (hard views perturbed into new poses): recon draws rays from the training views only.
+
+PVD has no SDF fields; for a NeuS teacher (`--model sdf`) recon compares, in place of the density, the
+distance and its gradient, at the teacher's samples and at one point a ray uniform in the SDF's box (where no
+ray goes the distance must still keep its sign, or the mesh grows stray sheets there), with weights 1 and 0.1
+(the gradient term standing in for NeuS's eikonal term, at its weight); the colour and render terms are PVD's.
+The teacher's sharpness s carries over and stays, as its sampler does, so both render alike, and a NeuRBF
+student places its kernels by 1 / |SDF| of the teacher's distance, NeuRBF's own rule with the exact SDF.
 """
 
 from __future__ import annotations
@@ -17,34 +33,90 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, StepLoss
+from recon.data.rays import Rays
 from recon.data.scene import Scene
 from recon.renderers.compositing import composite
+from recon.renderers.packing import Samples
 from recon.renderers.proposal import Proposal
 
-METHOD = ("progressive volume distillation (PVD, AAAI 2023): clamped log density and colour at the teacher's "
-          "samples, then its renders; normL2 losses, weights 0.002 / 0.002 / 1")
+METHOD = ("progressive volume distillation (PVD, AAAI 2023): clamped log density (an SDF: distance and gradient) "
+          "and colour at the teacher's samples, then its renders; normL2 losses, weights 0.002 / 0.002 / 1 "
+          "(SDF: 1 and 0.1)")
 LOG_DENSITY_RANGE = (-2.0, 7.0)  # PVD's sigma_clip_min / sigma_clip_max on the pre-exponential density
 DENSITY_WEIGHT = COLOUR_WEIGHT = 0.002  # PVD's loss_rate_sigma, loss_rate_color
 RENDER_WEIGHT = 1.0  # PVD's loss_rate_rgb
 RENDER_FROM = 5000 / 30000  # PVD's stage 3 (renders join) as a fraction of its 30k steps
+DISTANCE_WEIGHT, GRADIENT_WEIGHT = 1.0, 0.1  # recon's, for SDF teachers (PVD has none)
+HARD_RAYS = 0.1  # PVD-AL's hard_rays_ratio
+HARD_POOL_BATCHES = 15  # the pool's size in batches of rays (PVD-AL: 150; see above)
+HEAVY_SAMPLES, OPAQUE_RAY = 0.3, 0.5  # PVD-AL's point level: the heaviest 30% of a ray's samples, opacity >= 0.5
 
 
-def clamped_log_density(density: torch.Tensor) -> torch.Tensor:
+def clamped_log_density(density: Tensor) -> Tensor:
     """log density clamped to LOG_DENSITY_RANGE, with no gradient outside it (a zero density included)."""
     low, high = LOG_DENSITY_RANGE
     return torch.log(density.float().clamp(math.exp(low), math.exp(high)))
 
 
+def norm_l2(a: Tensor, b: Tensor) -> Tensor:
+    """PVD's "normL2": the plain norm of the difference over the whole batch."""
+    return (a.float() - b.float()).norm()
+
+
+def heavy_samples(weights: Tensor, opacity: Tensor, samples: Samples) -> Tensor:
+    """[S] bool: PVD-AL's points, each ray's HEAVY_SAMPLES heaviest samples (by `weights` [S]) on rays whose
+    `opacity` [R] is at least OPAQUE_RAY."""
+    by_weight = torch.argsort(-weights, stable=True)
+    order = by_weight[torch.argsort(samples.ray_idx[by_weight], stable=True)]  # by ray, then heaviest first
+    ray = samples.ray_idx[order]
+    starts = samples.starts
+    rank = torch.arange(len(order), device=ray.device) - starts[ray]
+    count = (starts[1:] - starts[:-1])[ray]
+    heavy = torch.zeros_like(weights, dtype=torch.bool)
+    heavy[order] = (rank <= HEAVY_SAMPLES * count) & (opacity[ray] >= OPAQUE_RAY)
+    return heavy
+
+
+class HardRays:
+    """PVD-AL's ray level: a pool of the rays the student rendered worst, replayed in later batches."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pool: Rays | None = None
+        self.drawn: Tensor | None = None  # the pool's places the last batch replayed
+
+    def draw(self, count: int, generator: torch.Generator) -> Rays | None:
+        """`count` rays of the full pool (None until it is full)."""
+        if self.pool is None or len(self.pool) < self.size:
+            return None
+        self.drawn = torch.randperm(len(self.pool), generator=generator)[:count].to(self.pool.origins.device)
+        return self.pool[self.drawn]
+
+    def add(self, rays: Rays, error: Tensor, count: int) -> None:
+        """The `count` rays of the batch with the largest `error` [R]: into the pool, or in the places of the
+        rays just replayed."""
+        worst = rays[torch.topk(error, min(count, len(error))).indices].detach()
+        if self.drawn is not None:
+            self.pool.origins[self.drawn[:len(worst)]] = worst.origins
+            self.pool.dirs[self.drawn[:len(worst)]] = worst.dirs
+            self.drawn = None
+        elif self.pool is None:
+            self.pool = worst
+        else:
+            self.pool = Rays(torch.cat([self.pool.origins, worst.origins])[:self.size],
+                             torch.cat([self.pool.dirs, worst.dirs])[:self.size])
+
+
 def check_teacher(cfg: FitConfig, path: str) -> None:
     """A UserError naming the run when recon cannot distil from it (its config.json `cfg`)."""
-    if cfg.task != "radiance" or cfg.model != "radiance":
-        raise UserError(f"{path}: distill takes a radiance field from posed images; this run is "
-                        f"{'an SDF (--model sdf)' if cfg.model == 'sdf' else 'of task ' + cfg.task}")
+    if cfg.task != "radiance":
+        raise UserError(f"{path}: distill takes a field fitted to posed images; this run is of task {cfg.task}")
     if cfg.refine_poses:
         raise UserError(f"{path}: its training poses were refined; distilling from refined poses is not supported")
 
@@ -67,15 +139,29 @@ class DistillTask(RadianceTask):
             module.eval()
             module.requires_grad_(False)
         student = self.pipeline
-        # The teacher's sampler and appearance carry over; nothing trains them here.
-        if teacher.grid is not None:
-            student.grid.load_state_dict(teacher.grid.state_dict())
-        if teacher.proposals is not None:
-            student.proposals.load_state_dict(teacher.proposals.state_dict())
-            student.proposals.requires_grad_(False)
+        # What renders the scene beside the field carries over and nothing trains it here: the sampler (grid or
+        # proposal fields), the appearance codes, an SDF's background field and sharpness.
+        carried = [(student.grid, teacher.grid), (student.proposals, teacher.proposals),
+                   (student.background, teacher.background)]
+        for own, taught in carried:
+            if taught is not None:
+                own.load_state_dict(taught.state_dict())
+                own.requires_grad_(False)
         if teacher.appearance is not None:
             student.appearance = teacher.appearance
+        if student.is_surface:
+            student.field.variance.data.copy_(teacher.field.variance)
+            student.field.variance.requires_grad_(False)
         self.progress = 0.0
+        self.hard_rays = HardRays(HARD_POOL_BATCHES * cfg.batch_rays)
+
+    def prepare(self) -> None:
+        """A NeuRBF SDF student places its kernels by the teacher's distance (NeuRBF's 1 / |SDF|) at once."""
+        field = self.pipeline.field
+        if self.pipeline.is_surface and field.encoding.adaptive:
+            with torch.no_grad():
+                field.place_kernels(self.teacher.field.sdf)
+            field.kernels_placed.fill_(True)
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
         self.progress = progress  # the sampler stays the teacher's: no grid updates, no proposal training
@@ -84,23 +170,46 @@ class DistillTask(RadianceTask):
         return {}  # the appearance codes are the teacher's
 
     def loss(self, generator: torch.Generator) -> StepLoss:
-        batch = self.train.sample(self.batch_rays, generator)
-        rays = batch.rays.to(self.device)
+        rays = self.train.sample(self.batch_rays, generator).rays.to(self.device)
+        hard_count = int(HARD_RAYS * len(rays))
+        replayed = self.hard_rays.draw(hard_count, generator)
+        if replayed is not None:
+            rays = Rays(torch.cat([rays.origins, replayed.origins]), torch.cat([rays.dirs, replayed.dirs]))
         background = torch.rand(len(rays), 3, generator=generator).to(self.device)
         with torch.no_grad():
             sampled = self.teacher.sample(rays, generator)
             samples = sampled.samples if isinstance(sampled, Proposal) else sampled
             x, d = samples.positions(rays), samples.dirs(rays)
-            teacher = self.teacher.model(x, d)
-            teacher_rgb = composite(teacher["rgb"].float(), teacher["density"].float() * samples.dt, samples,
-                                    background)["rgb"]
-        student = self.pipeline.model(x, d)
-        density = (clamped_log_density(student["density"]) - clamped_log_density(teacher["density"])).norm()
-        colour = (student["rgb"].float() - teacher["rgb"].float()).norm()
-        loss = DENSITY_WEIGHT * density + COLOUR_WEIGHT * colour
-        rendered = composite(student["rgb"].float(), student["density"].float() * samples.dt, samples,
-                             background)["rgb"]
+            teacher = self.teacher.field_fn(x, d, samples.dt)
+            taught = composite(teacher["rgb"], teacher["tau"], samples, background)
+        student = self.pipeline.field_fn(x, d, samples.dt)
+        rendered = composite(student["rgb"], student["tau"], samples, background)
+        heavy = heavy_samples(taught["weights"], taught["opacity"], samples) | heavy_samples(
+            rendered["weights"].detach(), rendered["opacity"].detach(), samples)
+        if self.pipeline.is_surface:
+            # The distances are the surface's samples' only, where a background field answers around it.
+            surface = heavy if self.pipeline.background is None else heavy[self.pipeline.model.owned_by_surface(x)]
+            loss = self.surface_loss(student, teacher, surface, len(rays), generator)
+        else:  # tau = density * dt
+            loss = DENSITY_WEIGHT * norm_l2(clamped_log_density(student["tau"][heavy] / samples.dt[heavy]),
+                                            clamped_log_density(teacher["tau"][heavy] / samples.dt[heavy]))
+        loss = loss + COLOUR_WEIGHT * norm_l2(student["rgb"][heavy], teacher["rgb"][heavy])
         if self.progress >= RENDER_FROM:
-            loss = loss + RENDER_WEIGHT * (rendered - teacher_rgb).norm()
-        agreement = torch.nn.functional.mse_loss(rendered.detach(), teacher_rgb)  # the log's PSNR: to the teacher
+            loss = loss + RENDER_WEIGHT * norm_l2(rendered["rgb"], taught["rgb"])
+        self.hard_rays.add(rays, (rendered["rgb"].detach() - taught["rgb"]).abs().sum(-1), hard_count)
+        agreement = torch.nn.functional.mse_loss(rendered["rgb"].detach(), taught["rgb"])  # the log's PSNR
         return StepLoss(loss, agreement, len(rays), len(samples))
+
+    def surface_loss(self, student: dict[str, Tensor], teacher: dict[str, Tensor], chosen: Tensor,
+                     uniform_points: int, generator: torch.Generator) -> Tensor:
+        """Distance and gradient at the `chosen` samples of the SDF's and at `uniform_points` uniform in its box."""
+        field = self.pipeline.field
+        lo, hi = field.aabb
+        uniform = lo + torch.rand(uniform_points, 3, generator=generator).to(lo.device) * (hi - lo)
+        with torch.no_grad():
+            taught_sdf, _, taught_gradient = self.teacher.field.sdf_gradient(uniform, create_graph=False)
+        sdf, _, gradient = field.sdf_gradient(uniform, create_graph=True)
+        distance = norm_l2(torch.cat([student["sdf"][chosen], sdf]), torch.cat([teacher["sdf"][chosen], taught_sdf]))
+        slope = norm_l2(torch.cat([student["sdf_gradient"][chosen], gradient]),
+                        torch.cat([teacher["sdf_gradient"][chosen], taught_gradient]))
+        return DISTANCE_WEIGHT * distance + GRADIENT_WEIGHT * slope

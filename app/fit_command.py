@@ -352,7 +352,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("distill", help="teach a trained run's field to another backend (progressive volume "
                                        "distillation); writes a new run")
-    p.add_argument("run", help="the teacher: a radiance run")
+    p.add_argument("run", help="the teacher: a run fitted to posed images (a radiance field or an SDF)")
     fields = {spec.name: spec for spec in command_line_fields()}
     for name in ("field", "params", "steps", "max_time", "seed"):
         keywords = dict(fields[name].metadata["argparse"])

@@ -29,7 +29,7 @@ backend.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +146,8 @@ class SurfaceField(Field):
         return {"sdf": sdf, "rgb": self.color(x, d, F.normalize(gradient, dim=-1), features)}
 
     def intervals(self, x: Tensor, d: Tensor, dt: Tensor) -> dict[str, Tensor]:
-        """NeuS: each interval's optical depth from its opacity alpha (below), its colour, and "sdf_gradient"
-        [S, 3] at its midpoint (the eikonal term's)."""
+        """NeuS: each interval's optical depth from its opacity alpha (below), its colour, and "sdf" [S] and
+        "sdf_gradient" [S, 3] at its midpoint (the eikonal term's, and distillation's)."""
         sdf, features, gradient = self.sdf_gradient(x, create_graph=self.training and torch.is_grad_enabled())
         anneal = min(1.0, float(self.progress) / COS_ANNEAL_END)
         cos = (d * gradient).sum(-1)
@@ -157,7 +157,7 @@ class SurfaceField(Field):
         next_cdf = torch.sigmoid((sdf + cos * dt / 2) * s)
         alpha = (prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)
         rgb = self.color(x, d, F.normalize(gradient, dim=-1), features)
-        return {"tau": optical_depth(alpha.float()), "rgb": rgb.float(), "sdf_gradient": gradient}
+        return {"tau": optical_depth(alpha.float()), "rgb": rgb.float(), "sdf": sdf, "sdf_gradient": gradient}
 
     def occupancy_density(self, x: Tensor, step: float) -> Tensor:
         """A density [N] whose product with `step` is NeuS's optical depth over `step` at the current sharpness,
@@ -176,12 +176,13 @@ class SurfaceField(Field):
         return changed
 
     @torch.no_grad()
-    def place_kernels(self) -> None:
-        """NeuRBF's SDF initialisation, weights 1 / |SDF|, with the SDF learnt so far in place of the exact one."""
+    def place_kernels(self, sdf_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+        """NeuRBF's SDF initialisation, weights 1 / |SDF|, with the SDF learnt so far in place of the exact one
+        (or `sdf_fn`'s: a distillation's teacher)."""
         generator = torch.Generator().manual_seed(0)  # a function of the model, so a resumed run agrees
         lo, hi = self.aabb[0], self.aabb[1]
         x = lo + torch.rand(PLACEMENT_POINTS, 3, generator=generator).to(lo.device) * (hi - lo)
-        sdf = torch.cat([self.sdf(chunk) for chunk in x.split(2**16)])
+        sdf = torch.cat([(sdf_fn or self.sdf)(chunk) for chunk in x.split(2**16)])
         self.geometry.adapt(x, 1 / (sdf.abs() + 1e-9), generator)
         self.kernels_placed.fill_(True)
 
@@ -218,14 +219,14 @@ class SurfaceInBackground:
         return ((x >= box[0]) & (x <= box[1])).all(-1)
 
     def intervals(self, x: Tensor, d: Tensor, dt: Tensor) -> dict[str, Tensor]:
-        """As SurfaceField.intervals; "sdf_gradient" holds the surface's samples only."""
+        """As SurfaceField.intervals; "sdf" and "sdf_gradient" hold the surface's samples only."""
         inside = self.owned_by_surface(x)
         near = self.surface.intervals(x[inside], d[inside], dt[inside])
         far = self.background.intervals(x[~inside], d[~inside], dt[~inside])
         tau, rgb = x.new_zeros(len(x)), x.new_zeros(len(x), 3)
         tau[inside], rgb[inside] = near["tau"], near["rgb"]
         tau[~inside], rgb[~inside] = far["tau"], far["rgb"]
-        return {"tau": tau, "rgb": rgb, "sdf_gradient": near["sdf_gradient"]}
+        return {"tau": tau, "rgb": rgb, "sdf": near["sdf"], "sdf_gradient": near["sdf_gradient"]}
 
     def occupancy_density(self, x: Tensor, step: float) -> Tensor:
         inside = self.owned_by_surface(x)

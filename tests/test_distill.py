@@ -1,16 +1,26 @@
 """`recon distill`: a student of another backend learns a trained teacher's field (progressive volume
-distillation), and the run it writes is an ordinary run."""
+distillation): analytic teachers (a density and colour ball, an SDF sphere) learnt at the samples, a trained
+teacher's renders, and the run it writes is an ordinary run."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from test_fit import small_config
 
+from recon.app import distill
 from recon.app.cli import main
 from recon.app.cli_shared import load_run
-from recon.app.distill import LOG_DENSITY_RANGE, clamped_log_density
+from recon.app.distill import LOG_DENSITY_RANGE, DistillTask, HardRays, clamped_log_density, heavy_samples
 from recon.app.metrics import psnr
+from recon.app.tasks import RadianceTask
+from recon.app.trainer import Trainer
+from recon.data.rays import Rays
 from recon.data.scene import load_scene
+from recon.renderers.packing import Samples
 
 TEACHER = ["-o", "levels=8", "-o", "log2_table=15", "-o", "max_resolution=256", "--grid-resolution", "32",
            "--device", "cpu", "--no-viewer"]
@@ -29,6 +39,122 @@ def test_clamped_log_density_has_no_gradient_outside_its_range():
     value.sum().backward()
     assert torch.allclose(value, torch.tensor([LOG_DENSITY_RANGE[0], LOG_DENSITY_RANGE[0], 0.0, LOG_DENSITY_RANGE[1]]))
     assert torch.equal(density.grad, torch.tensor([0.0, 0.0, 1.0, 0.0]))  # empty space and zeros: no pull, no NaN
+
+
+def test_pvd_al_points_are_each_opaque_rays_heaviest_samples():
+    # Ray 0: ten samples, opaque; ray 1: four, mostly transparent; ray 2: none.
+    ray_idx = torch.tensor([0] * 10 + [1] * 4)
+    samples = Samples(ray_idx, torch.zeros(14), torch.ones(14), n_rays=3)
+    weights = torch.tensor([0.01, 0.3, 0.02, 0.2, 0.1, 0.05, 0.15, 0.03, 0.04, 0.06, 0.1, 0.05, 0.02, 0.01])
+    heavy = heavy_samples(weights, torch.tensor([0.96, 0.18, 0.0]), samples)
+    assert heavy.nonzero().flatten().tolist() == [1, 3, 4, 6]  # rank <= 0.3 x 10: the four heaviest of ray 0
+
+
+def test_pvd_al_hard_rays_fill_a_pool_then_take_the_places_of_those_replayed():
+    pool = HardRays(size=4)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(first):
+        origins = torch.arange(first, first + 10, dtype=torch.float32)[:, None].expand(10, 3)
+        return Rays(origins.contiguous(), torch.ones(10, 3))
+
+    for first in (0, 10):  # the two worst of each batch (the largest origins here) fill it
+        assert pool.draw(2, generator) is None
+        rays = batch(first)
+        pool.add(rays, rays.origins[:, 0], 2)
+    assert sorted(pool.pool.origins[:, 0].tolist()) == [8, 9, 18, 19]
+    replayed = pool.draw(2, generator)
+    assert len(replayed) == 2 and set(replayed.origins[:, 0].tolist()) <= {8, 9, 18, 19}
+    rays = batch(100)
+    pool.add(rays, rays.origins[:, 0], 2)  # the new worst take the replayed rays' places
+    kept = {8, 9, 18, 19} - set(replayed.origins[:, 0].tolist())
+    assert sorted(pool.pool.origins[:, 0].tolist()) == sorted(kept | {108, 109})
+
+
+CENTRE, RADIUS = torch.tensor([0.15, -0.1, 0.05]), 0.35  # off the box's centre, where an untrained SDF sits
+
+
+def analytic_teacher(scene, cfg):
+    """A teacher pipeline of `cfg`'s kind whose field is closed-form: a radiance ball (density 30 inside, a
+    colour ramp) or the exact SDF of a sphere with that ramp for colour; its grid updated from it."""
+    cpu = torch.device("cpu")
+    teacher = RadianceTask(cfg.resolved(cpu, "radiance", False), scene, cpu).pipeline
+    field = teacher.field
+
+    def colour(x):
+        return torch.sigmoid(3 * x)
+
+    if teacher.is_surface:
+        def sdf_gradient(x, create_graph=False):
+            offset = x - CENTRE
+            return offset.norm(dim=-1) - RADIUS, x.new_zeros(len(x), 15), F.normalize(offset, dim=-1)
+
+        field.sdf_gradient, field.sdf = sdf_gradient, lambda x: sdf_gradient(x)[0]
+        field.color = lambda x, d, normal, features: colour(x)
+        with torch.no_grad():
+            field.variance.fill_(math.log(300.0) / 10)
+            field.progress.fill_(1.0)  # a trained field: NeuS's cosine annealed
+    else:
+        def ball(x, d=None):
+            density = 30 * torch.sigmoid((RADIUS - (x - CENTRE).norm(dim=-1)) / 0.02)
+            return density if d is None else {"density": density, "rgb": colour(x)}
+
+        field.forward, field.density = ball, ball
+    for _ in range(4):
+        teacher.grid.update(teacher.density_fn, warmup=True)
+    return teacher
+
+
+def near_the_surface(count=4000):
+    """Points within 0.05 of the sphere, and their exact distances and normals."""
+    g = torch.Generator().manual_seed(1)
+    normals = F.normalize(torch.randn(count, 3, generator=g), dim=-1)
+    distances = (torch.rand(count, generator=g) - 0.5) * 0.1
+    return CENTRE + normals * (RADIUS + distances[:, None]), distances, normals
+
+
+@pytest.mark.parametrize("model", ["radiance", "sdf"])
+def test_a_student_converges_to_an_analytic_teacher(tiny_scene, monkeypatch, model):
+    scene = load_scene(tiny_scene)
+    cfg = small_config(tiny_scene, model=model, steps=150, sample_budget=2**13)
+    teacher = analytic_teacher(scene, cfg)
+    monkeypatch.setattr(distill, "load_teacher", lambda path: teacher)
+    student_cfg = dataclasses.replace(cfg, field="voxel", field_options={"num_voxels": 48**3},
+                                      distilled_from={"run": "analytic", "method": distill.METHOD})
+    trainer = Trainer(student_cfg, scene)
+    trainer.run()
+    field = trainer.pipeline.field.eval()
+    x, distances, normals = near_the_surface()
+    with torch.no_grad():
+        if model == "sdf":  # the distance and its gradient: the sphere's
+            sdf, _, gradient = field.sdf_gradient(x, create_graph=False)
+            assert (sdf - distances).abs().mean() < 0.005, (sdf - distances).abs().mean()  # 0.0012 measured
+            assert F.cosine_similarity(gradient, normals).mean() > 0.99
+            assert torch.equal(field.variance, teacher.field.variance)  # its sharpness carried over
+        else:  # the density in PVD's range, inside and out
+            error = (clamped_log_density(field.density(x)) - clamped_log_density(teacher.field.density(x))).abs()
+            assert error.mean() < 0.3, error.mean()  # 0.17 measured
+    # Where it renders, it renders as the teacher does.
+    test = scene.splits["test"]
+    for index in range(len(test)):
+        assert psnr(trainer.pipeline.render_view(test.cameras, index)["rgb"],
+                    teacher.render_view(test.cameras, index)["rgb"]) > 40.0  # 52-56 dB measured
+
+
+def test_a_neurbf_sdf_student_places_its_kernels_by_the_teachers_distance(tiny_scene, monkeypatch):
+    scene = load_scene(tiny_scene)
+    cfg = small_config(tiny_scene, model="sdf")
+    teacher = analytic_teacher(scene, cfg)
+    monkeypatch.setattr(distill, "load_teacher", lambda path: teacher)
+    cpu = torch.device("cpu")
+    student_cfg = dataclasses.replace(cfg, field="neurbf", field_options={"kernels": 300},
+                                      distilled_from={"run": "analytic"})
+    task = DistillTask(student_cfg.resolved(cpu, "radiance", False), scene, cpu)
+    task.prepare()
+    field = task.pipeline.field
+    assert bool(field.kernels_placed) and not field.update(0.2)  # placed before the first step, not again
+    centres = field.aabb[0] + field.encoding.rbf.centres / field.encoding.aspect * (field.aabb[1] - field.aabb[0])
+    assert ((centres - CENTRE).norm(dim=-1) - RADIUS).abs().lt(0.05).float().mean() > 0.4
 
 
 def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teacher, tiny_scene, tmp_path):
@@ -65,14 +191,14 @@ def test_what_cannot_be_distilled_is_one_line_and_nothing_is_lost(teacher, tmp_p
     assert exit_info.value.code == 2 and "holds the teacher run" in capsys.readouterr().err
     assert sorted(p.name for p in teacher.iterdir()) == before
 
-    sdf = tmp_path / "sdf"
-    (sdf / "checkpoints").mkdir(parents=True)
-    config = json.loads((teacher / "config.json").read_text()) | {"model": "sdf"}
-    (sdf / "config.json").write_text(json.dumps(config))
+    image = tmp_path / "image"
+    (image / "checkpoints").mkdir(parents=True)
+    config = json.loads((teacher / "config.json").read_text()) | {"task": "image"}
+    (image / "config.json").write_text(json.dumps(config))
     for checkpoint in (teacher / "checkpoints").iterdir():
-        (sdf / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+        (image / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
     with pytest.raises(SystemExit) as exit_info:
-        main(["distill", str(sdf), "--field", "vm", "--out", str(tmp_path / "out"), "--no-viewer"])
+        main(["distill", str(image), "--field", "vm", "--out", str(tmp_path / "out"), "--no-viewer"])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "an SDF" in error and len(error.strip().splitlines()) == 1
+    assert exit_info.value.code == 2 and "of task image" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
