@@ -20,6 +20,9 @@ PVD-AL's active learning (Fang et al. 2023, its code's defaults), at two of its 
   student's) on rays at least half opaque; the render term sees every sample;
 - not the view level (hard views perturbed into new poses): recon draws rays from the training views only.
 
+`--finetune-steps N` (PVD has none): the distilled run then goes on N steps as a fit from the photos does,
+its occupancy grid now the student's own; metrics.json's eval.distilled keeps the scores before it.
+
 PVD has no SDF fields; for a NeuS teacher (`--model sdf`) recon compares, in place of the density, the
 distance and its gradient, at the teacher's samples and at one point a ray uniform in the SDF's box (where no
 ray goes the distance must still keep its sign, or the mesh grows stray sheets there), with weights 1 and 0.1
@@ -154,6 +157,8 @@ class DistillTask(RadianceTask):
             student.field.variance.requires_grad_(False)
         self.progress = 0.0
         self.hard_rays = HardRays(HARD_POOL_BATCHES * cfg.batch_rays)
+        self.finetune = cfg.distilled_from.get("finetune")  # {"from_step", "steps", "distilled"} once asked for
+        self.finetuning = False
 
     def prepare(self) -> None:
         """A NeuRBF SDF student places its kernels by the teacher's distance (NeuRBF's 1 / |SDF|) at once."""
@@ -164,12 +169,24 @@ class DistillTask(RadianceTask):
             field.kernels_placed.fill_(True)
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
-        self.progress = progress  # the sampler stays the teacher's: no grid updates, no proposal training
+        self.progress = progress
+        self.finetuning = self.finetune is not None and step >= self.finetune["from_step"]
+        if self.finetuning:  # a fit's upkeep: the occupancy grid follows the student now
+            super().before_step(step, progress, generator)
+        # While distilling the sampler stays the teacher's: no grid updates, no proposal training.
 
     def learnable(self) -> dict:
         return {}  # the appearance codes are the teacher's
 
+    def evaluate(self, out_dir, split: str = "test", stride: int = 1, align_poses: bool | None = None) -> dict:
+        scores = super().evaluate(out_dir, split, stride, align_poses)
+        if self.finetune is not None:
+            scores["distilled"] = self.finetune["distilled"]  # the scores before the fine-tuning on the photos
+        return scores
+
     def loss(self, generator: torch.Generator) -> StepLoss:
+        if self.finetuning:
+            return super().loss(generator)
         rays = self.train.sample(self.batch_rays, generator).rays.to(self.device)
         hard_count = int(HARD_RAYS * len(rays))
         replayed = self.hard_rays.draw(hard_count, generator)

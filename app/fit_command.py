@@ -32,7 +32,7 @@ from recon.app.tasks import RadianceTask, Task
 from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
 from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
 from recon.data.cameras import pose_errors
-from recon.data.checks import FRACTION, contains
+from recon.data.checks import FRACTION, POSITIVE_INT, contains
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import Field
@@ -249,13 +249,13 @@ def cmd_fit(args: argparse.Namespace) -> None:
     start_fit(cfg, args, args.out or default_run_name(Path(args.scene), cfg.field))
 
 
-def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> None:
+def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> dict[str, Any]:
     """A new run: its folder and its input are checked before any work, and the folder is made only once
-    the field is built, so a bad option leaves nothing behind."""
+    the field is built, so a bad option leaves nothing behind. Returns metrics.json's content."""
     run = RunDir(out)
     cfg.out = str(run.path)
     run.check_new(args.overwrite, Path(cfg.scene))
-    fit(cfg, run, load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
+    return fit(cfg, run, load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
 
 
 def resume_fit(args: argparse.Namespace) -> None:
@@ -354,6 +354,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        "distillation); writes a new run")
     p.add_argument("run", help="the teacher: a run fitted to posed images (a radiance field or an SDF)")
     fields = {spec.name: spec for spec in command_line_fields()}
+    p.add_argument("--finetune-steps", type=argument_type(POSITIVE_INT), metavar="N",
+                   help="then train N steps more on the photos (metrics.json keeps the distilled scores too)")
     for name in ("field", "params", "steps", "max_time", "seed"):
         keywords = dict(fields[name].metadata["argparse"])
         keywords.pop("flag", None)
@@ -377,4 +379,18 @@ def cmd_distill(args: argparse.Namespace) -> None:
     out = Path(args.out or default_run_name(Path(f"{teacher_run.path.name}-to"), cfg.field))
     if contains(out, teacher_run.path):
         raise UserError(f"{out}: holds the teacher run {teacher_run.path}; choose another run folder")
-    start_fit(cfg, args, out)
+    metrics = start_fit(cfg, args, out)
+    if args.finetune_steps:
+        finetune(out, args.finetune_steps, metrics, args)
+
+
+def finetune(out: Path, steps: int, distilled: dict[str, Any], args: argparse.Namespace) -> None:
+    """The distilled run goes on `steps` steps on the photos (app.distill); config.json records where, and the
+    scores it had before (`distilled`, its metrics.json)."""
+    run, cfg = open_run(str(out))
+    done = distilled["train"]["steps"]
+    cfg.distilled_from["finetune"] = {"from_step": done, "steps": steps, "distilled": distilled["mean"]}
+    cfg.steps, cfg.max_time = done + steps, None
+    cfg.save(run.config)
+    print(f"fine-tuning on the photos: steps {done} to {done + steps}")
+    fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)

@@ -184,6 +184,18 @@ def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teach
     assert json.loads((student / "metrics.json").read_text())["train"]["steps"] == 320
 
 
+def test_a_fine_tuning_on_the_photos_follows_the_distillation_and_both_are_reported(teacher, tmp_path):
+    student = tmp_path / "student"
+    main(["distill", str(teacher), "--field", "voxel", "--steps", "60", "--finetune-steps", "60", "--out",
+          str(student), "--no-viewer"])
+    config = json.loads((student / "config.json").read_text())
+    assert config["distilled_from"]["finetune"]["from_step"] == 60 and config["steps"] == 120
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 120
+    # 60 steps from the teacher leave the student short of it; 60 more on the photos bring it closer to them.
+    assert metrics["mean"]["psnr"] > metrics["eval"]["distilled"]["psnr"], metrics
+
+
 def test_what_cannot_be_distilled_is_one_line_and_nothing_is_lost(teacher, tmp_path, capsys):
     before = sorted(p.name for p in teacher.iterdir())
     with pytest.raises(SystemExit) as exit_info:
