@@ -3,14 +3,17 @@ of another backend (the student), on volume samples rather than photos.
 
 Each step draws rays from the training cameras, places samples with the teacher's sampler (its occupancy grid
 or proposal fields, copied into the student's pipeline and frozen, as PVD keeps the teacher's grid), and asks
-both fields there. As PVD does: the log density, clamped to [-2, 7] so empty space does not dominate, and the
-colour at every sample are compared from the start, the rendered colour (the teacher's render is the target;
-the photos are not used) from a sixth of the run on (PVD's stage 3 from step 5000 of 30000); each term is
-PVD's default "normL2", the plain norm of the difference, with its weights (1 for the render, 0.002 for the
-others). Not taken from PVD: its stage 1 (aligning intermediate features, which only its shared MLP heads
-have), its random extra camera poses, AdamW and cosine decay (recon's Adam and schedule instead).
+both fields there. As PVD does: the log density, clamped to [-2, 7] so empty space does not dominate, the
+colour at the samples, and the rendered colour (the teacher's render is the target; the photos are not used),
+each as PVD's default "normL2", the plain norm of the difference. Not as PVD does: the renders are compared
+from the first step with the sample terms at weight 0.1 beside the render's 1, where PVD joins the renders
+at its stage 3 (step 5000 of 30000) with the sample terms at 0.002. A plain norm's gradient has unit size
+whatever its scale, so at 0.002 the sample terms all but stop counting once the renders join; on runs of
+~600 CPU steps recon's schedule reached 28.64 dB against PVD's 26.92 (a vm student of a lego hash grid,
+BENCHMARKS.md). Not taken from PVD either: its stage 1 (aligning intermediate features, which only its
+shared MLP heads have), AdamW and cosine decay (recon's Adam and schedule instead).
 
-PVD-AL's active learning (Fang et al. 2023, its code's defaults), at two of its three levels:
+PVD-AL's active learning (Fang et al. 2023, its code's defaults), at its three levels:
 - rays: each step the tenth of the batch the student renders worst (L1 against the teacher's render) joins a
   pool; once full, each batch replays a tenth more rays drawn from it, whose places the new worst rays take.
   PVD-AL's pool holds 150 batches and fills within 1500 of its 30k steps; recon's holds 15, so it fills
@@ -18,7 +21,10 @@ PVD-AL's active learning (Fang et al. 2023, its code's defaults), at two of its 
   refills it;
 - points: the sample terms count only each ray's heaviest 30% of samples (by the teacher's weights or the
   student's) on rays at least half opaque; the render term sees every sample;
-- not the view level (hard views perturbed into new poses): recon draws rays from the training views only.
+- views: the tenth of the training views the student renders worst (a running mean of each view's ray
+  errors; PVD-AL ranks whole renders each epoch) are seen again turned: each batch adds a tenth more rays
+  through random pixels of those views, each ray's camera turned by up to pi/20 about every axis (PVD-AL's
+  hard poses; its other poses are random ones about the scene, where recon keeps the training views).
 
 `--finetune-steps N` (PVD has none): the distilled run then goes on N steps as a fit from the photos does,
 its occupancy grid now the student's own; metrics.json's eval.distilled keeps the scores before it.
@@ -42,6 +48,7 @@ from recon.app.config import FitConfig
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, StepLoss
+from recon.data.cameras import rotation_about
 from recon.data.rays import Rays
 from recon.data.scene import Scene
 from recon.renderers.compositing import composite
@@ -49,15 +56,16 @@ from recon.renderers.packing import Samples
 from recon.renderers.proposal import Proposal
 
 METHOD = ("progressive volume distillation (PVD, AAAI 2023): clamped log density (an SDF: distance and gradient) "
-          "and colour at the teacher's samples, then its renders; normL2 losses, weights 0.002 / 0.002 / 1 "
-          "(SDF: 1 and 0.1)")
+          "and colour at the teacher's samples, and its renders; normL2 losses, weights 0.1 / 0.1 / 1 "
+          "(SDF: 1 and 0.1); PVD-AL's active learning: hard rays, hard views, the heaviest samples")
 LOG_DENSITY_RANGE = (-2.0, 7.0)  # PVD's sigma_clip_min / sigma_clip_max on the pre-exponential density
-DENSITY_WEIGHT = COLOUR_WEIGHT = 0.002  # PVD's loss_rate_sigma, loss_rate_color
+DENSITY_WEIGHT = COLOUR_WEIGHT = 0.1  # PVD's loss_rate_sigma, loss_rate_color are 0.002 (see above)
 RENDER_WEIGHT = 1.0  # PVD's loss_rate_rgb
-RENDER_FROM = 5000 / 30000  # PVD's stage 3 (renders join) as a fraction of its 30k steps
 DISTANCE_WEIGHT, GRADIENT_WEIGHT = 1.0, 0.1  # recon's, for SDF teachers (PVD has none)
 HARD_RAYS = 0.1  # PVD-AL's hard_rays_ratio
 HARD_POOL_BATCHES = 15  # the pool's size in batches of rays (PVD-AL: 150; see above)
+HARD_VIEWS, VIEW_TURN = 0.1, math.pi / 20  # PVD-AL's hard_imgs_ratio and its hard poses' turn about each axis
+VIEW_ERROR_MEMORY = 0.9  # the running mean of a view's ray errors keeps this much of its past
 HEAVY_SAMPLES, OPAQUE_RAY = 0.3, 0.5  # PVD-AL's point level: the heaviest 30% of a ray's samples, opacity >= 0.5
 
 
@@ -116,6 +124,14 @@ class HardRays:
                              torch.cat([self.pool.dirs, worst.dirs])[:self.size])
 
 
+def turned(dirs: Tensor, generator: torch.Generator) -> Tensor:
+    """`dirs` [R, 3], each turned about x, then y, then z by its own angles uniform in +-VIEW_TURN."""
+    angles = ((torch.rand(len(dirs), 3, generator=generator) * 2 - 1) * VIEW_TURN).to(dirs)
+    axes = torch.eye(3, device=dirs.device).expand(len(dirs), 3, 3)
+    x, y, z = (rotation_about(axes[:, k], angles[:, k]) for k in range(3))
+    return (z @ y @ x @ dirs[:, :, None])[:, :, 0]
+
+
 def check_teacher(cfg: FitConfig, path: str) -> None:
     """A UserError naming the run when recon cannot distil from it (its config.json `cfg`)."""
     if cfg.task != "radiance":
@@ -155,8 +171,8 @@ class DistillTask(RadianceTask):
         if student.is_surface:
             student.field.variance.data.copy_(teacher.field.variance)
             student.field.variance.requires_grad_(False)
-        self.progress = 0.0
         self.hard_rays = HardRays(HARD_POOL_BATCHES * cfg.batch_rays)
+        self.view_error = torch.zeros(len(self.train), device=device)  # each training view's running ray error
         self.finetune = cfg.distilled_from.get("finetune")  # {"from_step", "steps", "distilled"} once asked for
         self.finetuning = False
 
@@ -169,7 +185,6 @@ class DistillTask(RadianceTask):
             field.kernels_placed.fill_(True)
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
-        self.progress = progress
         self.finetuning = self.finetune is not None and step >= self.finetune["from_step"]
         if self.finetuning:  # a fit's upkeep: the occupancy grid follows the student now
             super().before_step(step, progress, generator)
@@ -187,11 +202,13 @@ class DistillTask(RadianceTask):
     def loss(self, generator: torch.Generator) -> StepLoss:
         if self.finetuning:
             return super().loss(generator)
-        rays = self.train.sample(self.batch_rays, generator).rays.to(self.device)
+        batch = self.train.sample(self.batch_rays, generator)
+        rays, views = batch.rays.to(self.device), batch.cameras.to(self.device)
         hard_count = int(HARD_RAYS * len(rays))
-        replayed = self.hard_rays.draw(hard_count, generator)
-        if replayed is not None:
-            rays = Rays(torch.cat([rays.origins, replayed.origins]), torch.cat([rays.dirs, replayed.dirs]))
+        extra = [self.hard_rays.draw(hard_count, generator), self.hard_view_rays(int(HARD_VIEWS * len(rays)),
+                                                                                 generator)]
+        parts = [rays] + [part for part in extra if part is not None]
+        rays = Rays(torch.cat([part.origins for part in parts]), torch.cat([part.dirs for part in parts]))
         background = torch.rand(len(rays), 3, generator=generator).to(self.device)
         with torch.no_grad():
             sampled = self.teacher.sample(rays, generator)
@@ -211,11 +228,33 @@ class DistillTask(RadianceTask):
             loss = DENSITY_WEIGHT * norm_l2(clamped_log_density(student["tau"][heavy] / samples.dt[heavy]),
                                             clamped_log_density(teacher["tau"][heavy] / samples.dt[heavy]))
         loss = loss + COLOUR_WEIGHT * norm_l2(student["rgb"][heavy], teacher["rgb"][heavy])
-        if self.progress >= RENDER_FROM:
-            loss = loss + RENDER_WEIGHT * norm_l2(rendered["rgb"], taught["rgb"])
-        self.hard_rays.add(rays, (rendered["rgb"].detach() - taught["rgb"]).abs().sum(-1), hard_count)
+        loss = loss + RENDER_WEIGHT * norm_l2(rendered["rgb"], taught["rgb"])
+        error = (rendered["rgb"].detach() - taught["rgb"]).abs().sum(-1)
+        self.hard_rays.add(rays, error, hard_count)
+        self.note_view_errors(views, error[:len(views)])
         agreement = torch.nn.functional.mse_loss(rendered["rgb"].detach(), taught["rgb"])  # the log's PSNR
         return StepLoss(loss, agreement, len(rays), len(samples))
+
+    def hard_view_rays(self, count: int, generator: torch.Generator) -> Rays | None:
+        """PVD-AL's view level: `count` rays through random pixels of the views with the largest running error,
+        each turned about its camera (`turned`); None before any view has an error."""
+        if not bool(self.view_error.any()):
+            return None
+        hardest = torch.topk(self.view_error, max(1, round(HARD_VIEWS * len(self.view_error)))).indices.cpu()
+        cameras = self.train.cameras
+        view = hardest[torch.randint(len(hardest), (count,), generator=generator)].to(self.device)
+        px = torch.rand(count, generator=generator).to(self.device) * cameras.width[view]
+        py = torch.rand(count, generator=generator).to(self.device) * cameras.height[view]
+        rays = cameras.rays(view, px, py)
+        return Rays(rays.origins, turned(rays.dirs, generator))
+
+    def note_view_errors(self, views: Tensor, error: Tensor) -> None:
+        """Each view's running mean of its rays' errors (`error` [R] of rays from training views `views` [R])."""
+        sums = torch.zeros_like(self.view_error).index_add_(0, views, error)
+        counts = torch.bincount(views, minlength=len(self.view_error))
+        seen = counts > 0
+        self.view_error[seen] = (VIEW_ERROR_MEMORY * self.view_error[seen]
+                                 + (1 - VIEW_ERROR_MEMORY) * sums[seen] / counts[seen])
 
     def surface_loss(self, student: dict[str, Tensor], teacher: dict[str, Tensor], chosen: Tensor,
                      uniform_points: int, generator: torch.Generator) -> Tensor:

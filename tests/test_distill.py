@@ -14,7 +14,15 @@ from test_fit import small_config
 from recon.app import distill
 from recon.app.cli import main
 from recon.app.cli_shared import load_run
-from recon.app.distill import LOG_DENSITY_RANGE, DistillTask, HardRays, clamped_log_density, heavy_samples
+from recon.app.distill import (
+    LOG_DENSITY_RANGE,
+    VIEW_TURN,
+    DistillTask,
+    HardRays,
+    clamped_log_density,
+    heavy_samples,
+    turned,
+)
 from recon.app.metrics import psnr
 from recon.app.tasks import RadianceTask
 from recon.app.trainer import Trainer
@@ -155,6 +163,29 @@ def test_a_neurbf_sdf_student_places_its_kernels_by_the_teachers_distance(tiny_s
     assert bool(field.kernels_placed) and not field.update(0.2)  # placed before the first step, not again
     centres = field.aabb[0] + field.encoding.rbf.centres / field.encoding.aspect * (field.aabb[1] - field.aabb[0])
     assert ((centres - CENTRE).norm(dim=-1) - RADIUS).abs().lt(0.05).float().mean() > 0.4
+
+
+def test_pvd_al_hard_views_are_the_worst_rendered_seen_again_turned(tiny_scene, monkeypatch):
+    scene = load_scene(tiny_scene)
+    cfg = small_config(tiny_scene)
+    teacher = analytic_teacher(scene, cfg)
+    monkeypatch.setattr(distill, "load_teacher", lambda path: teacher)
+    cpu = torch.device("cpu")
+    student_cfg = dataclasses.replace(cfg, field="voxel", field_options={"num_voxels": 16**3},
+                                      distilled_from={"run": "analytic"})
+    task = DistillTask(student_cfg.resolved(cpu, "radiance", False), scene, cpu)
+    generator = torch.Generator().manual_seed(0)
+    assert task.hard_view_rays(100, generator) is None  # no errors yet
+    views = torch.arange(len(task.train)).repeat(3)  # every view seen; 3, 5, 7 and 9 rendered worst
+    task.note_view_errors(views, torch.isin(views, torch.tensor([3, 5, 7, 9])).float() + 0.1)
+    rays = task.hard_view_rays(500, generator)
+    centres = task.train.cameras.c2w[[3, 5, 7, 9], :, 3]
+    assert torch.cdist(rays.origins, centres).min(1).values.max() < 1e-5  # the 4 worst of 40: a tenth
+    assert torch.allclose(rays.dirs.norm(dim=-1), torch.ones(500), atol=1e-5)
+
+    dirs = F.normalize(torch.randn(2000, 3, generator=generator), dim=-1)
+    angle = torch.acos((turned(dirs, generator) * dirs).sum(-1).clamp(-1, 1))
+    assert angle.max() <= 3**0.5 * VIEW_TURN + 1e-4 and angle.mean() > VIEW_TURN / 2  # turned, within bounds
 
 
 def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teacher, tiny_scene, tmp_path):
