@@ -32,7 +32,7 @@ its occupancy grid now the student's own; metrics.json's eval.distilled keeps th
 PVD has no SDF fields; for a NeuS teacher (`--model sdf`) recon compares, in place of the density, the
 distance and its gradient, at the teacher's samples and at one point a ray uniform in the SDF's box (where no
 ray goes the distance must still keep its sign, or the mesh grows stray sheets there), with weights 1 and 0.1
-(the gradient term standing in for NeuS's eikonal term, at its weight); the colour and render terms are PVD's.
+(the gradient term standing in for NeuS's eikonal term, at its weight); the colour and render terms as above.
 The teacher's sharpness s carries over and stays, as its sampler does, so both render alike, and a NeuRBF
 student places its kernels by 1 / |SDF| of the teacher's distance, NeuRBF's own rule with the exact SDF.
 """
