@@ -180,9 +180,7 @@ class DistillTask(RadianceTask):
         """A NeuRBF SDF student places its kernels by the teacher's distance (NeuRBF's 1 / |SDF|) at once."""
         field = self.pipeline.field
         if self.pipeline.is_surface and field.encoding.adaptive:
-            with torch.no_grad():
-                field.place_kernels(self.teacher.field.sdf)
-            field.kernels_placed.fill_(True)
+            field.place_kernels(self.teacher.field.sdf)  # marks them placed: not again at 10% of the run
 
     def before_step(self, step: int, progress: float, generator: torch.Generator) -> None:
         self.finetuning = self.finetune is not None and step >= self.finetune["from_step"]
