@@ -12,9 +12,12 @@ import sys
 
 from recon.app import eval_command, export_command, fit_command, render_command, scene_command, view_command
 from recon.app.checkpoint import CheckpointError
+from recon.app.distributed import RankFailed, join, leave, world
 from recon.app.run import UserError
 from recon.cuda import kernels_mode
 from recon.data.scene import SceneError
+
+DISTRIBUTED_COMMANDS = ("fit", "demo", "distill", "eval", "render")  # what torchrun's ranks share (app.distributed)
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,12 +45,22 @@ def check_kernels_mode() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` runs again on each rank
     try:
         check_kernels_mode()
+        ranks = join(getattr(args, "device", None) or "auto")
+        if ranks.distributed and args.command not in DISTRIBUTED_COMMANDS:
+            raise UserError(f"{args.command}: runs in one process (distributed: {', '.join(DISTRIBUTED_COMMANDS)})")
         args.func(args)
-    except (SceneError, UserError, CheckpointError) as error:
+    except RankFailed as error:
         print(f"recon: error: {error}", file=sys.stderr)
+        raise SystemExit(4) from None
+    except (SceneError, UserError, CheckpointError) as error:
+        if world().main:  # the ranks of a distributed run meet the same error: rank 0 says it
+            print(f"recon: error: {error}", file=sys.stderr)
         raise SystemExit(getattr(error, "exit_code", 2))
+    finally:
+        leave()
 
 
 if __name__ == "__main__":

@@ -152,6 +152,9 @@ class FitConfig:
                               "mean)", action="store_true")
     checkpoint_every: int = option(2000, "steps between checkpoints (also one at the end and on Ctrl-C)",
                                    POSITIVE_INT, metavar="STEPS")
+    batches: int | None = option(None, "ray batches a step (each --batch-rays / --sample-budget, from its own random "
+                                 "stream), their gradients averaged; a distributed run's ranks share them (default: "
+                                 "one a rank, kept when resumed on another number of ranks)", POSITIVE_INT, metavar="N")
     log_every: int = option(25, check=POSITIVE_INT)
     seed: int = option(0, "random seed", Number(int, 0, 2**63 - 1))
     device: str = option("auto", "auto, cpu, cuda or cuda:N", device_name)

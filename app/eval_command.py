@@ -8,6 +8,7 @@ from typing import Any
 
 from recon.app.cli_shared import load_run, load_split, number_option
 from recon.app.config import FitConfig
+from recon.app.distributed import from_main, world
 from recon.app.evaluate import default_stride, metrics_document
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task, task_class
@@ -18,23 +19,37 @@ from recon.data.targets import load_input
 def evaluate_run(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any], stride: int | None = None,
                  split: str = "test", align_poses: bool | None = None) -> dict[str, Any]:
     """Score the task (a radiance field: every `stride`-th view of `split`, `align_poses` as
-    RadianceTask.evaluate) and write metrics.json."""
+    RadianceTask.evaluate) and write metrics.json. In a distributed run the ranks share the radiance field's
+    views, rank 0 writes, and every rank returns the metrics."""
+    main = world().main
     if isinstance(task, RadianceTask):
         views = len(task.scene.splits[split])
         stride = stride or default_stride(views, task.pipeline.device)
         result = task.evaluate(run.renders / split, split, stride, align_poses)
-        mean = result["mean"]
+    else:
+        result, split = task.evaluate(run.renders) if main else None, None
+    outcome = written_metrics(run, task, cfg, train, split, result) if main else None
+    outcome = from_main(outcome)
+    if isinstance(outcome, UserError):
+        raise outcome
+    return outcome
+
+
+def written_metrics(run: RunDir, task: Task, cfg: FitConfig, train: dict[str, Any], split: str | None,
+                    result: dict[str, Any]) -> dict[str, Any] | UserError:
+    """metrics.json written and returned, with its one-line summary printed; a UserError if a score is not
+    finite (the file left as it was)."""
+    mean = result["mean"]
+    if split is not None:
         aligned = ", poses aligned to the photos" if result["poses"] != "as given" else ""
         summary = (f"{split}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  over {result['views_evaluated']} "
-                   f"of {views} views (every {stride}{aligned})")
+                   f"of {result['split_views']} views (every {result['stride']}{aligned})")
+    elif task.kind == "image":
+        summary = f"image: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}, {run.renders / 'reconstruction.png'}"
     else:
-        result, split = task.evaluate(run.renders), None
-        mean = result["mean"]
-        summary = (f"image: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}, {run.renders / 'reconstruction.png'}"
-                   if task.kind == "image" else
-                   f"held-out points: IoU {mean['iou']:.5f}  normal error {mean['normal_angle_deg']:.2f} degrees")
+        summary = f"held-out points: IoU {mean['iou']:.5f}  normal error {mean['normal_angle_deg']:.2f} degrees"
     if not all(math.isfinite(value) for value in mean.values() if value is not None):
-        raise UserError(f"{run.path}: the evaluation gave {mean} (not finite); {run.metrics} left as it was", 3)
+        return UserError(f"{run.path}: the evaluation gave {mean} (not finite); {run.metrics} left as it was", 3)
     metrics = metrics_document(task.kind, run.path.name, cfg.scene, task.pipeline, train, split, result)
     run.write_json(run.metrics, metrics)
     print(f"{summary}  ->  {run.metrics}")

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import imageio.v2 as imageio
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from recon import __version__
+from recon.app.distributed import gather_to_main, world
 from recon.app.metrics import PROTOCOL, Lpips, ground_truth_on_white, psnr, ssim
 from recon.app.pipeline import Pipeline
 from recon.data.cameras import Cameras, PoseCorrection, pose_errors
@@ -39,31 +40,39 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir: Path | None = None,
-             align_poses: bool = False) -> dict[str, Any]:
-    """Render every `stride`-th view of `split` on white and score it against the ground truth; `align_poses`:
+             align_poses: bool = False) -> dict[str, Any] | None:
+    """Render every `stride`-th view of `split` on white and score it against the ground truth (the ranks of a
+    distributed run take turns; rank 0 gets the scores, the others None); `align_poses`:
     each view from the pose that best renders its photo with the field frozen (`align_pose`), as a run that
     refined its training poses needs: its scene may have moved as a whole, and test poses carry the capture's
     errors too."""
     started = time.perf_counter()
     lpips = Lpips()
     views = []
-    if out_dir:
+    if out_dir and world().main:
         out_dir.mkdir(parents=True, exist_ok=True)
     cameras = replace(split.cameras, c2w=split.cameras.c2w.clone())  # an aligned view's pose replaces its own
+
+    def score(i: int) -> tuple[dict[str, Any], np.ndarray]:
+        gt = ground_truth_on_white(split.image(i))
+        shift = {}
+        if align_poses:
+            aligned = align_pose(pipeline, split.cameras, i, gt, torch.Generator().manual_seed(i))
+            cameras.c2w[i] = aligned.to(cameras.c2w)
+            turn, moved = pose_errors(cameras.c2w[i : i + 1], split.cameras.c2w[i : i + 1], rigid=False)
+            shift = {"pose_turned_degrees": float(turn), "pose_moved": float(moved)}
+        pred = pipeline.render_view(cameras, i, chunk)["rgb"].cpu()
+        return ({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
+                 "lpips": lpips(pred, gt), **shift}, to_uint8(pred))
+
+    indices = list(range(0, len(split), stride))
     with pipeline.baked_proposals(cameras[::stride]):
-        for i in tqdm(range(0, len(split), stride), desc="evaluating", unit="view", leave=False):
-            gt = ground_truth_on_white(split.image(i))
-            shift = {}
-            if align_poses:
-                aligned = align_pose(pipeline, split.cameras, i, gt, torch.Generator().manual_seed(i))
-                cameras.c2w[i] = aligned.to(cameras.c2w)
-                turn, moved = pose_errors(cameras.c2w[i : i + 1], split.cameras.c2w[i : i + 1], rigid=False)
-                shift = {"pose_turned_degrees": float(turn), "pose_moved": float(moved)}
-            pred = pipeline.render_view(cameras, i, chunk)["rgb"].cpu()
-            views.append({"index": i, "name": split.names[i], "psnr": psnr(pred, gt), "ssim": ssim(pred, gt),
-                          "lpips": lpips(pred, gt), **shift})
+        for view, image in in_turns(score, indices, "evaluating"):
+            views.append(view)
             if out_dir:
-                imageio.imwrite(out_dir / f"{i:04d}.png", to_uint8(pred))
+                imageio.imwrite(out_dir / f"{view['index']:04d}.png", image)
+    if not world().main:
+        return None
     mean = {k: float(np.mean([v[k] for v in views])) for k in ("psnr", "ssim")}
     mean["lpips"] = float(np.mean([v["lpips"] for v in views])) if lpips.model else None
     return {
@@ -79,6 +88,18 @@ def evaluate(pipeline: Pipeline, split: Split, stride: int, chunk: int, out_dir:
         "mean": mean,
         "views": views,
     }
+
+
+def in_turns(work: Callable[[int], Any], items: list[int], desc: str) -> Iterator[Any]:
+    """`work` on each of `items`, the ranks of a distributed run taking turns (rank r does the r-th of each
+    round), and the results on rank 0, in order (elsewhere: nothing). One process does them all."""
+    ranks = world()
+    rounds = range(0, len(items), ranks.size)
+    for first in tqdm(rounds, desc=desc, unit="view" if ranks.size == 1 else f"{ranks.size} views", leave=False,
+                      disable=not ranks.main):
+        mine = first + ranks.rank
+        results = gather_to_main(work(items[mine]) if mine < len(items) else None)
+        yield from (result for result in results or [] if result is not None)
 
 
 def align_pose(pipeline: Pipeline, cameras: Cameras, index: int, image: torch.Tensor,
@@ -155,13 +176,19 @@ def colorize_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: flo
 def render_cameras(pipeline: Pipeline, cameras: Cameras, out_dir: Path, chunk: int, video: Path | None, fps: int = 30,
                    with_depth: bool = False) -> list[Path]:
     """Render each camera to out_dir/NNNN.png (colour, or colour and depth side by side) and, if asked,
-    all of them to an MP4, frame by frame. Depth colours span the first frame's 2nd to 98th percentile."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = imageio.get_writer(video, format="FFMPEG", fps=fps, macro_block_size=1) if video else None
+    all of them to an MP4, frame by frame. Depth colours span the first frame's 2nd to 98th percentile. The
+    ranks of a distributed run take turns rendering, rank 0 writes (the others return no paths)."""
+    main = world().main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    writer = imageio.get_writer(video, format="FFMPEG", fps=fps, macro_block_size=1) if video and main else None
     paths, depth_range = [], None
+
+    def render(i: int) -> dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in pipeline.render_view(cameras, i, chunk).items()}
+
     with pipeline.baked_proposals(cameras):
-        for i in tqdm(range(len(cameras)), desc="rendering", unit="view"):
-            out = {k: v.cpu().numpy() for k, v in pipeline.render_view(cameras, i, chunk).items()}
+        for i, out in enumerate(in_turns(render, list(range(len(cameras))), "rendering")):
             image = out["rgb"]
             if with_depth:
                 if depth_range is None:

@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -25,11 +26,12 @@ from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkp
 from recon.app.cli_shared import number_option, open_run, world_box
 from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, flag_of
 from recon.app.distill import METHOD, check_teacher
+from recon.app.distributed import World, barrier, first_error, from_main, world
 from recon.app.eval_command import evaluate_run
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
 from recon.app.tasks import RadianceTask, Task
-from recon.app.trainer import Trainer, TrainingDiverged, resolve_device
+from recon.app.trainer import Stopped, Trainer, TrainingDiverged, resolve_device
 from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
 from recon.data.cameras import pose_errors
 from recon.data.checks import FRACTION, POSITIVE_INT, contains
@@ -41,7 +43,8 @@ from recon.fields import Field
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
 DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
 # What `fit --resume` takes: the run's length and the viewer's options; anything else would change the run.
-RESUME_OPTIONS = ("steps", "max_time", "viewer", "keep_viewer", "host", "port", "viewer_share")
+RANK_SAID_WHY = (2, 3, 4, 130, 143)  # exit codes of a rank that printed its own one-line reason
+RESUME_OPTIONS = ("steps", "max_time", "viewer", "keep_viewer", "host", "port", "viewer_share", "nproc", "argv")
 
 
 class ProgressBar:
@@ -144,7 +147,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
     print(target.describe())
     trainer = build_trainer(cfg, target)
     cfg = trainer.cfg  # every option resolved, the preset's included
-    if not resume:
+    ranks = trainer.world
+    if not resume and ranks.main:  # only rank 0 writes the run folder
         run.create(overwrite, Path(cfg.scene))
         cfg.scene_from_run = os.path.relpath(cfg.scene, run.path.absolute())
         cfg.save(run.config)
@@ -154,25 +158,27 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         trainer.load_state_dict(load_checkpoint(checkpoint))
         print(f"resuming {run.path} from step {trainer.step}")
     print(f"run folder: {run.path}   field: {cfg.field} ({parameter_counts(trainer.pipeline.field)})   "
-          f"device: {trainer.device} (preset {cfg.preset})" + sampler_summary(trainer))
+          f"device: {trainer.device} (preset {cfg.preset})" + sampler_summary(trainer) + ranks_summary(trainer))
 
-    def checkpoint_now(t: Trainer) -> Path:
-        return save_checkpoint(run.checkpoints, t.step, t.state_dict())
+    def checkpoint_now(t: Trainer) -> Path | None:
+        return save_checkpoint(run.checkpoints, t.step, t.state_dict()) if ranks.main else None
 
     viewer = None
-    if args is not None:
+    if args is not None and ranks.main:  # rank 0 serves the viewer, rendering with its replica
         skipped = viewer_skipped(args, trainer.task)
         if skipped:
             print(f"viewer: not started ({skipped})")
         else:
             viewer = launch_viewer(trainer.pipeline, target, run, cfg, args)
-    bar = ProgressBar(trainer)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    bar = ProgressBar(trainer) if ranks.main else None
+    observers = [bar, LogWriter(run)] + ([viewer] if viewer else []) if ranks.main else []
+    previous = {signum: signal.signal(signum, stop_handler(trainer, ranks))
+                for signum in ((signal.SIGTERM, signal.SIGINT) if ranks.distributed else (signal.SIGTERM,))}
     try:
-        trainer.run([bar, LogWriter(run)] + ([viewer] if viewer else []), on_checkpoint=checkpoint_now, gate=viewer)
-        bar.close()
+        trainer.run(observers, on_checkpoint=checkpoint_now, gate=viewer)
+        bar and bar.close()
         checkpoint_now(trainer)
-        if getattr(trainer.task, "poses", None) is not None:
+        if getattr(trainer.task, "poses", None) is not None and ranks.main:
             write_refined_poses(run, trainer.task)
         metrics = evaluate_run(run, trainer.task, cfg, trainer.train_summary(), stride=cfg.eval_stride)
         if viewer and args.keep_viewer:
@@ -180,21 +186,24 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
             print(f"viewer still at {viewer.url} (Ctrl-C to quit)")
             wait_for_ctrl_c()
         return metrics
-    except (KeyboardInterrupt, Terminated) as stop:
-        bar.close()
+    except (KeyboardInterrupt, Terminated, Stopped) as stop:
+        bar and bar.close()
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the checkpoint short
             signal.signal(signum, signal.SIG_IGN)
         path = checkpoint_now(trainer)
-        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        barrier()  # no rank leaves (which ends the others under torchrun) before rank 0's checkpoint is written
+        terminated = isinstance(stop, Terminated) or getattr(stop, "signum", None) == signal.SIGTERM
+        what = "terminated" if terminated else "interrupted"
         print(f"\n{what} at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
-        raise SystemExit(143 if isinstance(stop, Terminated) else 130)
+        raise SystemExit(143 if terminated else 130)
     except TrainingDiverged as error:
-        bar.close()
+        bar and bar.close()
         last = latest_checkpoint(run.checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
         raise UserError(f"{run.path}: training diverged: {error}; {kept}", exit_code=3) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if viewer:
             viewer.close()
 
@@ -222,8 +231,23 @@ class Terminated(Exception):
     """SIGTERM, turned into an exception so the run checkpoints on its way out (as Ctrl-C does)."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+def stop_handler(trainer: Trainer, ranks: World):
+    """SIGTERM (and, distributed, Ctrl-C): one process stops where it is; the ranks of a distributed run note it,
+    agree on it with the step (Trainer._agree) and stop together after it."""
+    def handle(signum, frame) -> None:
+        if not ranks.distributed:
+            raise Terminated()
+        trainer.stop_signal = trainer.stop_signal or signum
+    return handle
+
+
+def ranks_summary(trainer: Trainer) -> str:
+    """How many ray batches a step holds and where ("" for one batch in one process)."""
+    batches, ranks = trainer.batches_per_step, trainer.world.size
+    if batches == 1 and ranks == 1:
+        return ""
+    where = f"on {ranks} ranks" if ranks > 1 else "in one process"
+    return f"   {batches} ray batches a step {where}, their gradients averaged"
 
 
 def launch_viewer(pipeline: Pipeline, scene: Scene, run: RunDir, cfg: FitConfig, args: argparse.Namespace):
@@ -251,11 +275,68 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> dict[str, Any]:
     """A new run: its folder and its input are checked before any work, and the folder is made only once
-    the field is built, so a bad option leaves nothing behind. Returns metrics.json's content."""
-    run = RunDir(out)
+    the field is built, so a bad option leaves nothing behind. Returns metrics.json's content. With --nproc
+    the run starts on that many ranks (`launch_ranks`)."""
+    run = RunDir(from_main(str(out)))  # a default name holds the time: rank 0's names the run
     cfg.out = str(run.path)
-    run.check_new(args.overwrite, Path(cfg.scene))
+    refusal = None
+    if world().main:  # the others would see the folder rank 0 makes
+        try:
+            run.check_new(args.overwrite, Path(cfg.scene))
+        except UserError as error:
+            refusal = str(error)
+    refusal = first_error(refusal)
+    if refusal:
+        raise UserError(refusal)
+    launch_ranks(args, run.path)
     return fit(cfg, run, load_fit_input(cfg), resume=False, overwrite=args.overwrite, args=args)
+
+
+def launch_ranks(args: argparse.Namespace, out: Path) -> None:
+    """`--nproc N` (N > 1) outside a distributed run: torchrun's launcher runs this same command on N ranks of
+    this machine and this process ends with their exit code (a rank's failure said in one line); otherwise
+    nothing."""
+    if not getattr(args, "nproc", None) or args.nproc == 1 or world().distributed:
+        return
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the ranks print their own errors
+    # torchrun's one thread per rank fits GPUs; on a CPU the ranks share the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    command = without_option(args.argv, "--nproc")
+    if not getattr(args, "resume", None):
+        command += ["--out", str(out)]  # a default name holds the time: named here, once
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "recon",
+                                          *command]))
+    except SignalException as stop:  # SIGTERM or Ctrl-C: the ranks have checkpointed and said so
+        raise SystemExit(128 + stop.sigval) from None
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        code = failure.exitcode
+        if code not in RANK_SAID_WHY:
+            how = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
+            last = latest_checkpoint(RunDir(out).checkpoints)
+            print(f"recon: error: rank {rank} of {args.nproc} ended ({how}) and the others were stopped; "
+                  + (f"the last checkpoint is {last}" if last else "no checkpoint was written"), file=sys.stderr)
+            code = 4
+        raise SystemExit(code) from None
+    raise SystemExit(0)
+
+
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` less `flag` and its value (`flag V` or `flag=V`)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        elif not token.startswith(flag + "="):
+            kept.append(token)
+    return kept
 
 
 def resume_fit(args: argparse.Namespace) -> None:
@@ -269,6 +350,7 @@ def resume_fit(args: argparse.Namespace) -> None:
     run, cfg = open_run(args.resume)
     cfg.steps = args.steps if args.steps is not None else cfg.steps
     cfg.max_time = args.max_time if args.max_time is not None else cfg.max_time
+    launch_ranks(args, run.path)
     fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)
 
 
@@ -310,9 +392,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from recon.data.synthetic import make_scene
 
     scene_dir = Path("runs/demo-scene")
-    if not (scene_dir / "transforms_train.json").exists():
+    if not (scene_dir / "transforms_train.json").exists() and world().main:
         print(f"generating the example scene in {scene_dir}")
         make_scene(scene_dir, **DEMO_SCENE)
+    barrier()  # the other ranks read it once it is whole
     cfg = FitConfig(scene=str(scene_dir.absolute()), out="", **copy.deepcopy(DEMO_FIT))
     apply_fit_args(cfg, args)
     start_fit(cfg, args, args.out or default_run_name(Path("demo"), cfg.field))
@@ -330,6 +413,9 @@ def run_options(p: argparse.ArgumentParser) -> None:
                    help="backend option, e.g. -o levels=8 -o log2_table=17")
     p.add_argument("--out", help="run folder (default runs/<scene>-<field>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--nproc", type=argument_type(POSITIVE_INT), metavar="N",
+                   help="train on N processes of this machine, one GPU each where there are GPUs (torchrun's "
+                        "launcher; see the README's \"More than one GPU\" for several machines)")
     viewer_options(p)
     p.add_argument("--viewer", dest="viewer", action="store_true", default=None,
                    help="start the web viewer even without a terminal")
@@ -391,6 +477,7 @@ def finetune(out: Path, steps: int, distilled: dict[str, Any], args: argparse.Na
     done = distilled["train"]["steps"]
     cfg.distilled_from["finetune"] = {"from_step": done, "steps": steps, "distilled": distilled["mean"]}
     cfg.steps, cfg.max_time = done + steps, None
-    cfg.save(run.config)
+    if world().main:
+        cfg.save(run.config)
     print(f"fine-tuning on the photos: steps {done} to {done + steps}")
     fit(cfg, run, load_input(cfg.scene, downscale=cfg.downscale), resume=True, args=args)

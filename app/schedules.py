@@ -19,6 +19,12 @@ class Progress:
         self.steps, self.max_time = steps, max_time
         self.step, self.seconds = step, seconds
         self._started: float | None = None
+        self._agreed: float | None = None
+
+    def agree(self, seconds: float) -> None:
+        """Hold the clock the schedules read at `seconds` (a distributed run's: rank 0's, agreed each step so
+        that every rank's learning rate and end are the same); the clock itself keeps running."""
+        self._agreed = seconds
 
     def start_clock(self) -> None:
         self._started = time.perf_counter()
@@ -28,9 +34,14 @@ class Progress:
             self.seconds += time.perf_counter() - self._started
             self._started = None
 
-    def elapsed(self) -> float:
+    def clock(self) -> float:
+        """Training seconds so far, on this process's clock."""
         running = time.perf_counter() - self._started if self._started is not None else 0.0
         return self.seconds + running
+
+    def elapsed(self) -> float:
+        """The seconds the schedules read: the clock, or the one agreed."""
+        return self.clock() if self._agreed is None else self._agreed
 
     @property
     def value(self) -> float:
