@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         if world().main:  # the ranks of a distributed run meet the same error: rank 0 says it
             print(f"recon: error: {error}", file=sys.stderr)
         raise SystemExit(getattr(error, "exit_code", 2))
-    finally:
-        leave()
+    leave()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ decision that must not drift (the schedules' clock, a stop, a skipped or shrunk 
 all-reduce. Only rank 0 writes the run folder and talks to the user.
 
 A rank that dies closes its sockets and the others' next collective fails at once; a rank that hangs is given
-up after COLLECTIVE_TIMEOUT. Either way the survivors end with one line naming what happened.
+up after COLLECTIVE_TIMEOUT seconds. Either way the survivors end with one line naming what happened.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank silent this long is given up (stated in the README)
+from recon.app.run import UserError
+
+COLLECTIVE_TIMEOUT = 600.0  # seconds a rank silent is given up after (RECON_COLLECTIVE_TIMEOUT; the README)
 
 
 class RankFailed(RuntimeError):
@@ -68,14 +70,31 @@ def join(device_kind: str = "auto") -> World:
     cuda = torch.cuda.is_available() and device_kind != "cpu"
     if cuda:
         torch.cuda.set_device(_world.local_rank)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=collective_timeout()))
     if not _world.main:
         sys.stdout = open(os.devnull, "w")
     return _world
 
 
+def collective_timeout() -> float:
+    """RECON_COLLECTIVE_TIMEOUT (seconds), checked, else COLLECTIVE_TIMEOUT."""
+    text = os.environ.get("RECON_COLLECTIVE_TIMEOUT")
+    if text is None:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"RECON_COLLECTIVE_TIMEOUT={text!r}: must be a positive number of seconds")
+    return seconds
+
+
 def leave() -> None:
+    """Leave the group together: a rank that tears down gloo while another still talks to it can abort."""
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 

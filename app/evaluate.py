@@ -94,12 +94,12 @@ def in_turns(work: Callable[[int], Any], items: list[int], desc: str) -> Iterato
     """`work` on each of `items`, the ranks of a distributed run taking turns (rank r does the r-th of each
     round), and the results on rank 0, in order (elsewhere: nothing). One process does them all."""
     ranks = world()
-    rounds = range(0, len(items), ranks.size)
-    for first in tqdm(rounds, desc=desc, unit="view" if ranks.size == 1 else f"{ranks.size} views", leave=False,
-                      disable=not ranks.main):
-        mine = first + ranks.rank
-        results = gather_to_main(work(items[mine]) if mine < len(items) else None)
-        yield from (result for result in results or [] if result is not None)
+    with tqdm(total=len(items), desc=desc, unit="view", leave=False, disable=not ranks.main) as bar:
+        for first in range(0, len(items), ranks.size):
+            mine = first + ranks.rank
+            results = gather_to_main(work(items[mine]) if mine < len(items) else None)
+            bar.update(min(ranks.size, len(items) - first))
+            yield from (result for result in results or [] if result is not None)
 
 
 def align_pose(pipeline: Pipeline, cameras: Cameras, index: int, image: torch.Tensor,

@@ -26,7 +26,7 @@ from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkp
 from recon.app.cli_shared import number_option, open_run, world_box
 from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, flag_of
 from recon.app.distill import METHOD, check_teacher
-from recon.app.distributed import World, barrier, first_error, from_main, world
+from recon.app.distributed import World, barrier, first_error, from_main, leave, world
 from recon.app.eval_command import evaluate_run
 from recon.app.pipeline import Pipeline
 from recon.app.run import RunDir, UserError
@@ -34,7 +34,7 @@ from recon.app.tasks import RadianceTask, Task
 from recon.app.trainer import Stopped, Trainer, TrainingDiverged, resolve_device
 from recon.app.view_command import VIEWER_ROWS, VIEWER_SHARE, viewer_options, wait_for_ctrl_c
 from recon.data.cameras import pose_errors
-from recon.data.checks import FRACTION, POSITIVE_INT, contains
+from recon.data.checks import FRACTION, POSITIVE_INT, Number, contains
 from recon.data.scene import Scene
 from recon.data.targets import ImageTarget, MeshTarget, load_input
 from recon.fields import Field
@@ -43,6 +43,7 @@ from recon.fields import Field
 DEMO_SCENE = {"resolution": 128, "n_train": 60, "n_test": 12}
 DEMO_FIT = {"steps": 1000, "field_options": {"max_resolution": 512}}  # the machine preset does the rest
 # What `fit --resume` takes: the run's length and the viewer's options; anything else would change the run.
+SCENE_LIST_SUFFIX = ".txt"  # `recon fit scenes.txt`: one scene a line, one of them a run (array_index)
 RANK_SAID_WHY = (2, 3, 4, 130, 143)  # exit codes of a rank that printed its own one-line reason
 RESUME_OPTIONS = ("steps", "max_time", "viewer", "keep_viewer", "host", "port", "viewer_share", "nproc", "argv")
 
@@ -191,7 +192,7 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the checkpoint short
             signal.signal(signum, signal.SIG_IGN)
         path = checkpoint_now(trainer)
-        barrier()  # no rank leaves (which ends the others under torchrun) before rank 0's checkpoint is written
+        leave()  # together: no rank leaves (which ends the others under torchrun) before the checkpoint is written
         terminated = isinstance(stop, Terminated) or getattr(stop, "signum", None) == signal.SIGTERM
         what = "terminated" if terminated else "interrupted"
         print(f"\n{what} at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
@@ -268,9 +269,45 @@ def cmd_fit(args: argparse.Namespace) -> None:
         return resume_fit(args)
     if args.scene is None:
         return cmd_demo(args)
-    cfg = FitConfig(scene=str(Path(args.scene).expanduser().absolute()), out="")
+    scene, out = Path(args.scene).expanduser(), args.out
+    if scene.suffix.lower() == SCENE_LIST_SUFFIX:
+        scene = scene_from_list(scene, array_index(args))
+        out = out and Path(out) / scene.name  # a list's --out holds one run a scene
+    elif args.scene_index is not None:
+        raise UserError(f"--scene-index: picks a scene of a list ({SCENE_LIST_SUFFIX} file); {args.scene} is one scene")
+    cfg = FitConfig(scene=str(scene.absolute()), out="")
     apply_fit_args(cfg, args)
-    start_fit(cfg, args, args.out or default_run_name(Path(args.scene), cfg.field))
+    start_fit(cfg, args, out or default_run_name(scene, cfg.field))
+
+
+def array_index(args: argparse.Namespace) -> int | None:
+    """--scene-index, else a scheduler array's task id (Slurm's SLURM_ARRAY_TASK_ID), else None."""
+    if args.scene_index is not None:
+        return args.scene_index
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return None
+    if not task.isdigit():
+        raise UserError(f"SLURM_ARRAY_TASK_ID={task!r}: not a task index")
+    return int(task)
+
+
+def scene_from_list(path: Path, index: int | None) -> Path:
+    """Scene `index` (from 0) of a list: a text file of scene paths, one a line (relative ones from the file's
+    folder; blank lines and # comments skipped). One task of a scheduler array fits one scene."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot be read as a list of scenes ({getattr(error, 'strerror', None) or error})")
+    scenes = [path.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not scenes:
+        raise UserError(f"{path}: lists no scene")
+    if index is None:
+        raise UserError(f"{path}: a list of {len(scenes)} scenes: pick one with --scene-index I (0 to "
+                        f"{len(scenes) - 1}) or run it as a Slurm array (SLURM_ARRAY_TASK_ID)")
+    if index >= len(scenes):
+        raise UserError(f"{path}: lists {len(scenes)} scenes (0 to {len(scenes) - 1}); there is no scene {index}")
+    return scenes[index]
 
 
 def start_fit(cfg: FitConfig, args: argparse.Namespace, out: str | Path) -> dict[str, Any]:
@@ -427,8 +464,12 @@ def run_options(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="train a field on a posed-image scene, an image or a mesh (none: the built-in demo)")
-    p.add_argument("scene", nargs="?", help="scene folder or transforms file; an image file; a mesh file (its SDF)")
+    p.add_argument("scene", nargs="?", help="scene folder or transforms file; an image file; a mesh file (its SDF); "
+                                          f"a list of scenes ({SCENE_LIST_SUFFIX}, see --scene-index)")
     p.add_argument("--resume", metavar="RUN", help="continue a run from its latest checkpoint")
+    p.add_argument("--scene-index", type=argument_type(Number(int, 0)), metavar="I",
+                   help=f"with a list of scenes (a {SCENE_LIST_SUFFIX} file, one a line): fit scene I (from 0; default "
+                        "SLURM_ARRAY_TASK_ID, one scene a task of an array); --out is then the runs' parent folder")
     fit_options(p)
     p.set_defaults(func=cmd_fit)
 

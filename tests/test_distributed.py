@@ -5,14 +5,21 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_cli import TINY
+from test_fit import small_config
+
+from recon.app.distributed import join, leave
+from recon.app.trainer import Trainer
+from recon.data.scene import load_scene
 
 STEPS = 16
 
@@ -127,3 +134,38 @@ def test_sigterm_reaches_every_rank_and_ends_in_one_checkpoint(tiny_scene, tmp_p
     assert process.returncode == 143, err
     checkpoints = list((run / "checkpoints").glob("step-*.pt"))
     assert len(checkpoints) == 1 and f"saved {checkpoints[0]}" in out
+
+
+class PausedViewer:
+    """The viewer's side of the trainer's gate: paused from the start, resumed after `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.lock, self.paused = threading.Lock(), threading.Event()
+        self.paused.set()
+        threading.Timer(seconds, self.paused.clear).start()
+
+
+def paused_rank(rank: int, scene: str, out: Path, port: int, pause: float) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", RECON_COLLECTIVE_TIMEOUT=str(pause / 3))
+    torch.set_num_threads(1)
+    join("cpu")
+    trainer = Trainer(small_config(scene, steps=10, batch_rays=256, sample_budget=None), load_scene(scene))
+    started = time.perf_counter()
+    trainer.run(gate=PausedViewer(pause) if rank == 0 else None)
+    torch.save({"field": trainer.pipeline.field.state_dict(), "wall": time.perf_counter() - started,
+                "train": trainer.progress.seconds}, out / f"rank{rank}.pt")
+    leave()
+
+
+def test_the_viewers_pause_on_rank_zero_holds_every_rank_longer_than_the_collective_timeout(tiny_scene, tmp_path):
+    pause = 9.0
+    with socket.socket() as probe:  # a free port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(paused_rank, (str(tiny_scene), tmp_path, port, pause), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for name, value in ranks[0]["field"].items():
+        assert torch.equal(value, ranks[1]["field"][name]), name
+    for rank in ranks:
+        assert rank["wall"] > pause - 1 and rank["train"] < rank["wall"] - pause + 2  # off the training clock
