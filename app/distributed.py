@@ -113,6 +113,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         _collective(dist.all_reduce, tensor)
 
 
+def all_reduce_gradients(params: list[torch.Tensor], values: list[float | torch.Tensor]) -> list[float]:
+    """Sum every rank's gradients of `params`, and `values`, in one all-reduce of one flat tensor (no bucketing:
+    recon's steps end in one optimiser step, and the few numbers the ranks must agree on ride along). A parameter
+    no rank has a gradient for keeps None, as Adam skips it in one process too. Returns the summed values."""
+    grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+    device = params[0].device
+    tail = [p.grad is not None for p in params] + list(values)
+    flat = torch.cat(grads + [torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in tail])])
+    all_reduce_sum(flat)
+    summed = flat[len(flat) - len(tail) :].tolist()  # one host sync
+    start = 0
+    for param, grad, learnt in zip(params, grads, summed):
+        param.grad = flat[start : start + grad.numel()].view_as(param) if learnt else None
+        start += grad.numel()
+    return summed[len(params) :]
+
+
 def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
     """Rank 0's values into every rank's `tensors` (in place)."""
     if _world.distributed:

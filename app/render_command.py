@@ -66,7 +66,8 @@ def cmd_render(args: argparse.Namespace) -> None:
     out = run.renders / f"{path.name}-render"
     paths = render_cameras(pipeline, path.cameras, out, cfg.eval_chunk, video=run.renders / f"{path.name}.mp4",
                            fps=path.fps)
-    print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
+    if paths:  # rank 0's (the other ranks of a distributed render write nothing)
+        print(f"wrote {len(paths) - 1} frames to {out} and {paths[-1]}")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -27,7 +27,7 @@ from torch.profiler import record_function
 from recon.app.checkpoint import load_resizing
 from recon.app.config import FitConfig
 from recon.app.distill import DistillTask
-from recon.app.distributed import all_reduce_sum, broadcast_from_main, world
+from recon.app.distributed import all_reduce_gradients, all_reduce_sum, broadcast_from_main, world
 from recon.app.schedules import SCHEDULES, Progress
 from recon.app.tasks import StepLoss, Task, task_class
 from recon.data.scene import Scene
@@ -185,22 +185,12 @@ class Trainer:
         skipped or shrunk step anywhere is one everywhere, the counts are the run's, the schedules' clock is rank
         0's, and a stop or a pause asked of any rank is every rank's after this step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        control = [not finite, out_of_memory, items, samples, self.stop_signal == signal.SIGTERM,
-                   self.stop_signal == signal.SIGINT, gate is not None and gate.paused.is_set(),
-                   self.progress.clock() if self.world.main else 0.0]
-        has_grad = [p.grad is not None for p in params]
-        flat = torch.cat(grads + [torch.tensor(has_grad + control, dtype=torch.float32, device=self.device),
-                                  data_loss.detach().float().reshape(1)])
         with record_function("all_reduce"):
-            all_reduce_sum(flat)
-        counts = flat[-len(params) - len(control) - 1 :].tolist()  # one host sync
-        start = 0
-        for param, grad, learnt in zip(params, grads, counts[: len(params)]):
-            # A gradient no rank has stays None, as Adam skips such a parameter in one process too.
-            param.grad = flat[start : start + grad.numel()].view_as(param) if learnt else None
-            start += grad.numel()
-        non_finite, oom, items, samples, sigterm, sigint, paused, seconds, loss = counts[len(params) :]
+            agreed = all_reduce_gradients(params, [
+                not finite, out_of_memory, items, samples, self.stop_signal == signal.SIGTERM,
+                self.stop_signal == signal.SIGINT, gate is not None and gate.paused.is_set(),
+                self.progress.clock() if self.world.main else 0.0, data_loss.detach()])
+        non_finite, oom, items, samples, sigterm, sigint, paused, seconds, loss = agreed
         self.progress.agree(seconds)
         self._paused = paused > 0
         if sigterm or sigint:

@@ -9,7 +9,9 @@
 # Stages, each under its own time limit so one slow stage leaves the others their time: the CUDA kernels against
 # their twins (tests/test_kernels.py), renderer throughput against nerfacc and the twins (bench/kernels.py),
 # training rays/s and an 800x800 render with the kernels and without (bench/profile_step.py), and test PSNR
-# against training time on lego (bench/fit_curve.py). nerfacc's JIT build runs in the background from the start.
+# against training time on lego (bench/fit_curve.py); on a machine of several GPUs, the gradient exchange
+# (bench/allreduce.py) and the scaling of `recon fit --nproc N` (bench/ranks.py). nerfacc's JIT build runs in
+# the background from the start.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -96,6 +98,11 @@ run() {
   done
   stage psnr-against-time 150 $PY bench/fit_curve.py "$scene" --max-time "$curve_time" --marks $marks \
     --eval-views "$views" $sets --out "$OUT/lego-curve.json"
+  if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -gt 1 ]; then  # a multi-GPU machine (issue 33)
+    stage allreduce 90 $PY bench/allreduce.py --gpus --out "$OUT/allreduce.json"
+    stage ranks-scaling 420 $PY bench/ranks.py "$scene" --gpus --max-time 30 --steps 2000 --eval-stride 4 \
+      --runs /tmp/recon-ranks --out "$OUT/ranks.json"
+  fi
   if [ "$gpu" = 1 ]; then echo "== nerfacc build log (tail)"; tail -n 20 "$OUT/nerfacc-build.log"; fi
 }
 

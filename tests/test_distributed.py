@@ -12,22 +12,26 @@ import threading
 import time
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from test_cli import TINY
 from test_fit import small_config
+from test_viewer import Browser
 
 from recon.app.distributed import join, leave
 from recon.app.trainer import Trainer
+from recon.app.viser_cameras import cameras_to_viser
 from recon.data.scene import load_scene
 
 STEPS = 16
 
 
-def recon(*args: str, cwd: Path, threads: int = 1) -> subprocess.CompletedProcess:
+def recon(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """One thread a process on both sides of a comparison, so that no reduction runs in another order."""
     return subprocess.run([sys.executable, "-m", "recon", *args], capture_output=True, text=True, cwd=cwd,
-                          env=os.environ | {"OMP_NUM_THREADS": str(threads)}, timeout=300)
+                          env=os.environ | {"OMP_NUM_THREADS": "1"} | env, timeout=300)
 
 
 def fit(scene: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
@@ -87,6 +91,23 @@ def test_only_rank_zero_writes(runs):
         "latest", "step-0000008.pt", f"step-{STEPS:07d}.pt"]
 
 
+def test_torchrun_renders_with_the_ranks_taking_turns(runs):
+    root, _ = runs
+    run = root / "two-ranks"
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "recon", "render", str(run), "--path", "orbit", "--frames", "3"], cwd=root,
+                              capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("wrote 3 frames") == 1  # rank 0 says it, and writes
+    frames = sorted((run / "renders" / "orbit-render").glob("*.png"))
+    assert len(frames) == 3 and (run / "renders" / "orbit.mp4").stat().st_size > 0
+    shared = [iio.imread(frame) for frame in frames]
+    single = recon("render", str(run), "--path", "orbit", "--frames", "3", cwd=root)
+    assert single.returncode == 0, single.stderr
+    for frame, image in zip(frames, shared):  # the same frames in the same order as one process renders
+        assert np.array_equal(iio.imread(frame), image), frame.name
+
+
 def test_a_run_resumes_on_another_number_of_ranks(runs):
     _, learnt = runs
     for resumed in ("two-then-one", "one-then-two"):
@@ -136,6 +157,12 @@ def test_sigterm_reaches_every_rank_and_ends_in_one_checkpoint(tiny_scene, tmp_p
     assert len(checkpoints) == 1 and f"saved {checkpoints[0]}" in out
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class PausedViewer:
     """The viewer's side of the trainer's gate: paused from the start, resumed after `seconds`."""
 
@@ -160,12 +187,51 @@ def paused_rank(rank: int, scene: str, out: Path, port: int, pause: float) -> No
 
 def test_the_viewers_pause_on_rank_zero_holds_every_rank_longer_than_the_collective_timeout(tiny_scene, tmp_path):
     pause = 9.0
-    with socket.socket() as probe:  # a free port for the group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(paused_rank, (str(tiny_scene), tmp_path, port, pause), nprocs=2)
+    torch.multiprocessing.spawn(paused_rank, (str(tiny_scene), tmp_path, free_port(), pause), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     for name, value in ranks[0]["field"].items():
         assert torch.equal(value, ranks[1]["field"][name]), name
     for rank in ranks:
         assert rank["wall"] > pause - 1 and rank["train"] < rank["wall"] - pause + 2  # off the training clock
+
+
+def test_rank_zero_serves_the_viewer_while_every_rank_trains(tiny_scene, tmp_path):
+    run, port = tmp_path / "run", free_port()
+    process = subprocess.Popen([sys.executable, "-m", "recon", "fit", str(tiny_scene), "--out", str(run), "--steps",
+                                "150", "--nproc", "2", "--viewer", "--port", str(port), *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    browser = Browser(port)
+    try:
+        browser.look(*cameras_to_viser(load_scene(tiny_scene).splits["train"].cameras, 0)[:3])
+        frames = browser.frames(4.0)
+    finally:
+        browser.close()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert frames >= 1 and f"viewer: http://127.0.0.1:{port}" in out
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(25, 151, 25))  # every rank trained on to the end, rank 0 logging
+
+
+def test_a_scheduler_array_fits_one_scene_of_a_list_a_task(tiny_scene, tmp_path):
+    (tmp_path / "scenes").mkdir()
+    shutil.copytree(tiny_scene, tmp_path / "scenes" / "ball")
+    listed = tmp_path / "scenes" / "list.txt"
+    listed.write_text("# one scene a line, relative to this file\nball\n\n/nowhere/else\n")
+    short = ["--steps", "5", "--eval-stride", "4", "--no-viewer", *TINY]
+    done = recon("fit", str(listed), "--out", "batch", *short, cwd=tmp_path, SLURM_ARRAY_TASK_ID="0")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "batch" / "ball" / "config.json").read_text())
+    assert config["scene"] == str(tmp_path / "scenes" / "ball")
+    for options, env, error in [
+            ([], {}, f"{listed}: a list of 2 scenes: pick one with --scene-index I (0 to 1) or run it as a Slurm "
+                     "array (SLURM_ARRAY_TASK_ID)"),
+            (["--scene-index", "2"], {"SLURM_ARRAY_TASK_ID": "0"}, f"{listed}: lists 2 scenes (0 to 1); there is no "
+                                                                   "scene 2"),
+            (["--scene-index", "1"], {}, "/nowhere/else: no such file or folder")]:
+        refused = recon("fit", str(listed), "--out", "other", *options, *short, cwd=tmp_path, **env)
+        assert refused.returncode == 2 and refused.stderr.strip() == f"recon: error: {error}", refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch", "scenes"]
