@@ -26,7 +26,8 @@ from machine import describe
 
 
 def fit(scene: str, out: Path, nproc: int, threads: int, options: list[str]) -> dict:
-    command = [sys.executable, "-m", "recon", "fit", scene, "--out", str(out), "--overwrite", "--no-viewer", "--nproc", str(nproc), *options]
+    command = [sys.executable, "-m", "recon", "fit", scene, "--out", str(out), "--overwrite", "--no-viewer",
+               "--nproc", str(nproc), *options]
     print("$", f"OMP_NUM_THREADS={threads}", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
