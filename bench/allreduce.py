@@ -1,10 +1,10 @@
 """Benchmark: how a step's gradients travel between ranks, for the hash grid's large table.
 
 Two ranks (gloo on a CPU, NCCL with --gpus), each a step of the hash-grid radiance field on a batch of random
-points (forward, backward, gradient sum), timed three ways: no exchange (the floor), recon's one all-reduce of
+points (forward, backward, gradient sum), timed four ways: no exchange (the floor), recon's one all-reduce of
 the flattened gradients (app.distributed.all_reduce_gradients) and torch's DistributedDataParallel (bucketed
-all-reduces overlapped with the backward pass). The table sizes are the CPU preset's (8 levels, 2^17) and
-instant-ngp's (16 levels, 2^19).
+all-reduces overlapped with the backward pass), also as recon would need it (find_unused_parameters). The table
+sizes are the CPU preset's (8 levels, 2^17) and instant-ngp's (16 levels, 2^19).
 
     python bench/allreduce.py --out bench/results/allreduce-cpu.json
 """
@@ -65,15 +65,18 @@ def rank_main(rank: int, port: int, points: int, repeats: int, gpus: bool, out: 
             for p in params:
                 p.grad = None
             out = module(x, d)
-            (out["rgb"].square().mean() + out["sigma"].mean()).backward()
+            (out["rgb"].square().mean() + out["density"].mean()).backward()
 
         ddp = DistributedDataParallel(field)
+        # What recon's steps would need of DDP: some parameters (the proposal fields, most steps) get no gradient.
+        ddp_unused = DistributedDataParallel(field, find_unused_parameters=True)
         rows[name] = {
             "parameters": sum(p.numel() for p in params),
             "no exchange": timed_steps(lambda: backward(field), repeats),
             "recon (one flat all-reduce)": timed_steps(lambda: (backward(field), all_reduce_gradients(params, [])),
                                                        repeats),
             "DistributedDataParallel": timed_steps(lambda: backward(ddp), repeats),
+            "DistributedDataParallel (find_unused_parameters)": timed_steps(lambda: backward(ddp_unused), repeats),
         }
     if rank == 0:
         out.write_text(json.dumps(rows))
@@ -98,7 +101,7 @@ def main() -> None:
         floor = row["no exchange"]
         print(f"{name}: {row['parameters']:,} parameters; a step {floor * 1e3:.1f} ms without exchange; "
               + "; ".join(f"{how} +{(row[how] - floor) * 1e3:.1f} ms" for how in
-                          ("recon (one flat all-reduce)", "DistributedDataParallel")))
+                          [key for key in row if key not in ("parameters", "no exchange")]))
     if args.out:
         args.out.write_text(json.dumps({
             "machine": describe(torch.device("cuda" if args.gpus else "cpu")) + ", 2 ranks x 1 thread",
