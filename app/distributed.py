@@ -3,9 +3,9 @@
 `torchrun` (by hand, under Slurm's `srun`, or started by `recon fit --nproc N`) starts one process a rank and
 describes the group in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); recon joins it with
 `torch.distributed` (NCCL between GPUs, gloo between CPUs). Every rank holds the same field: it starts from
-rank 0's weights, every step's gradients are summed in one all-reduce of the flattened gradients, and every
-decision that must not drift (the schedules' clock, a stop, a skipped or shrunk step) travels in the same
-all-reduce. Only rank 0 writes the run folder and talks to the user.
+rank 0's weights, every step's gradients are summed in place (an all-reduce each, launched together), and every
+decision that must not drift (the schedules' clock, a stop, a skipped or shrunk step) travels with them. Only
+rank 0 writes the run folder and talks to the user.
 
 A rank that dies closes its sockets and the others' next collective fails at once; a rank that hangs is given
 up after COLLECTIVE_TIMEOUT seconds. Either way the survivors end with one line naming what happened.
@@ -113,20 +113,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         _collective(dist.all_reduce, tensor)
 
 
-def all_reduce_gradients(params: list[torch.Tensor], values: list[float | torch.Tensor]) -> list[float]:
-    """Sum every rank's gradients of `params`, and `values`, in one all-reduce of one flat tensor (no bucketing:
-    recon's steps end in one optimiser step, and the few numbers the ranks must agree on ride along). A parameter
-    no rank has a gradient for keeps None, as Adam skips it in one process too. Returns the summed values."""
-    grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+def all_reduce_gradients(params, values):
+    """Sum every rank's gradients of `params`, and `values`, in place: one all-reduce a gradient (launched
+    together, no flat copy) and one of the few numbers the ranks must agree on. A parameter no rank has a
+    gradient for keeps None, as Adam skips it in one process too. Returns the summed values."""
+    if not _world.distributed:
+        return [float(v) for v in values]
     device = params[0].device
-    tail = [p.grad is not None for p in params] + list(values)
-    flat = torch.cat(grads + [torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in tail])])
-    all_reduce_sum(flat)
-    summed = flat[len(flat) - len(tail) :].tolist()  # one host sync
-    start = 0
+    grads = [p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in params]
+    tail = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
+                        for v in [p.grad is not None for p in params] + list(values)])
+    works = [_collective(dist.all_reduce, t, async_op=True) for t in grads + [tail]]
+    for work in works:
+        _collective(work.wait)
+    summed = tail.tolist()  # one host sync
     for param, grad, learnt in zip(params, grads, summed):
-        param.grad = flat[start : start + grad.numel()].view_as(param) if learnt else None
-        start += grad.numel()
+        param.grad = grad if learnt else None
     return summed[len(params) :]
 
 

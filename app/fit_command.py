@@ -177,7 +177,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
                 for signum in ((signal.SIGTERM, signal.SIGINT) if ranks.distributed else (signal.SIGTERM,))}
     try:
         trainer.run(observers, on_checkpoint=checkpoint_now, gate=viewer)
-        bar and bar.close()
+        if bar:
+            bar.close()
         checkpoint_now(trainer)
         if getattr(trainer.task, "poses", None) is not None and ranks.main:
             write_refined_poses(run, trainer.task)
@@ -188,7 +189,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
             wait_for_ctrl_c()
         return metrics
     except (KeyboardInterrupt, Terminated, Stopped) as stop:
-        bar and bar.close()
+        if bar:
+            bar.close()
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the checkpoint short
             signal.signal(signum, signal.SIG_IGN)
         path = checkpoint_now(trainer)
@@ -198,7 +200,8 @@ def fit(cfg: FitConfig, run: RunDir, target: Target, resume: bool, overwrite: bo
         print(f"\n{what} at step {trainer.step}: saved {path}; continue with: recon fit --resume {run.path}")
         raise SystemExit(143 if terminated else 130)
     except TrainingDiverged as error:
-        bar and bar.close()
+        if bar:
+            bar.close()
         last = latest_checkpoint(run.checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
         raise UserError(f"{run.path}: training diverged: {error}; {kept}", exit_code=3) from None

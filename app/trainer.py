@@ -183,7 +183,7 @@ class Trainer:
 
     def _agree(self, data_loss: torch.Tensor, items: int, samples: int, finite: bool, out_of_memory: bool,
                gate: Gate | None) -> tuple[torch.Tensor, int, int, bool, bool]:
-        """Every rank's gradients summed, and what the step's outcome depends on agreed, in one all-reduce: a
+        """Every rank's gradients summed, and what the step's outcome depends on agreed, in one exchange: a
         skipped or shrunk step anywhere is one everywhere, the counts are the run's, the schedules' clock is rank
         0's, and a stop or a pause asked of any rank is every rank's after this step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -1,8 +1,8 @@
 """Benchmark: how a step's gradients travel between ranks, for the hash grid's large table.
 
 Two ranks (gloo on a CPU, NCCL with --gpus), each a step of the hash-grid radiance field on a batch of random
-points (forward, backward, gradient sum), timed four ways: no exchange (the floor), recon's one all-reduce of
-the flattened gradients (app.distributed.all_reduce_gradients) and torch's DistributedDataParallel (bucketed
+points (forward, backward, gradient sum), timed four ways: no exchange (the floor), recon's all-reduce of each
+gradient in place (app.distributed.all_reduce_gradients) and torch's DistributedDataParallel (bucketed
 all-reduces overlapped with the backward pass), also as recon would need it (find_unused_parameters). The table
 sizes are the CPU preset's (8 levels, 2^17) and instant-ngp's (16 levels, 2^19).
 
@@ -73,8 +73,8 @@ def rank_main(rank: int, port: int, points: int, repeats: int, gpus: bool, out: 
         rows[name] = {
             "parameters": sum(p.numel() for p in params),
             "no exchange": timed_steps(lambda: backward(field), repeats),
-            "recon (one flat all-reduce)": timed_steps(lambda: (backward(field), all_reduce_gradients(params, [])),
-                                                       repeats),
+            "recon (in place, one all-reduce a gradient)": timed_steps(
+                lambda: (backward(field), all_reduce_gradients(params, [])), repeats),
             "DistributedDataParallel": timed_steps(lambda: backward(ddp), repeats),
             "DistributedDataParallel (find_unused_parameters)": timed_steps(lambda: backward(ddp_unused), repeats),
         }
