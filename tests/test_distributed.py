@@ -235,3 +235,12 @@ def test_a_scheduler_array_fits_one_scene_of_a_list_a_task(tiny_scene, tmp_path)
         refused = recon("fit", str(listed), "--out", "other", *options, *short, cwd=tmp_path, **env)
         assert refused.returncode == 2 and refused.stderr.strip() == f"recon: error: {error}", refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch", "scenes"]
+
+
+def test_the_proposal_fields_stay_identical_on_every_rank(tiny_scene, tmp_path):
+    for out, options in (("two-ranks", ["--nproc", "2"]), ("one-process", ["--batches", "2"])):
+        fit(tiny_scene, tmp_path / out, "--sampler", "proposal", "--steps", "8", *options)
+    two, one = (torch.load(tmp_path / out / "checkpoints" / "step-0000008.pt", weights_only=False)["pipeline"]
+                for out in ("two-ranks", "one-process"))
+    for name, value in two["proposals"].items():
+        torch.testing.assert_close(value, one["proposals"][name], rtol=1e-5, atol=1e-6, msg=name)
