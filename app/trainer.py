@@ -114,7 +114,7 @@ class Trainer:
             groups.append({"name": name, "params": list(own.module.parameters()), "lr": own.lr,
                            "schedule": own.schedule})
         # Adam's square-root rule (Malladi et al. 2022): the mean gradient of N batches, a step's learning rate
-        # times sqrt(N). It measured +0.7 dB over an unscaled rate with 2 ranks (BENCHMARKS.md).
+        # times sqrt(N). With 2 ranks it beat the unscaled rate by 0.3 and 0.7 dB (BENCHMARKS.md).
         for group in groups:
             group["lr"] = group["base_lr"] = group["lr"] * math.sqrt(self.cfg.batches)
         return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)  # instant-ngp's Adam
