@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     except (SceneError, UserError, CheckpointError) as error:
         if world().main:  # the ranks of a distributed run meet the same error: rank 0 says it
             print(f"recon: error: {error}", file=sys.stderr)
+        leave()  # the same error on every rank (rank 0's refusals are agreed): they leave together, as on success
         raise SystemExit(getattr(error, "exit_code", 2))
     leave()
 

@@ -244,3 +244,10 @@ def test_the_proposal_fields_stay_identical_on_every_rank(tiny_scene, tmp_path):
                 for out in ("two-ranks", "one-process"))
     for name, value in two["proposals"].items():
         torch.testing.assert_close(value, one["proposals"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_bad_scene_on_two_ranks_is_one_line_and_exit_2(tmp_path):
+    refused = recon("fit", str(tmp_path / "nowhere"), "--nproc", "2", "--no-viewer", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr  # every rank leaves cleanly: no rank aborts on the way out
+    assert refused.stderr.strip() == f"recon: error: {tmp_path / 'nowhere'}: no such file or folder"
+    assert list(tmp_path.iterdir()) == []
