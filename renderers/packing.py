@@ -38,8 +38,8 @@ class Samples:
     def __len__(self) -> int:
         return len(self.ray_idx)
 
-    def __getitem__(self, keep: Tensor) -> Samples:
-        """The samples selected by a bool mask (or ascending indices), still packed."""
+    def __getitem__(self, keep: Tensor | slice) -> Samples:
+        """The samples selected by a bool mask, ascending indices or a slice, still packed."""
         return Samples(self.ray_idx[keep], self.t0[keep], self.t1[keep], self.n_rays)
 
     @property

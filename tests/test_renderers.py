@@ -408,6 +408,26 @@ def test_render_chunked_accepts_an_empty_batch():
     assert out["rgb"].shape == (0, 3) and out["depth"].shape == (0,) and out["opacity"].shape == (0,)
 
 
+def test_a_render_queries_the_field_in_pieces_with_the_same_result(monkeypatch):
+    import recon.renderers.render as render_module
+
+    # A field whose colour varies along x, so a sample answered out of place would change the image.
+    field_fn = lambda x, d, dt: {"tau": box_density(-0.6, 0.6, 3.0)(x) * dt,
+                                 "rgb": torch.stack([x[:, 0].sigmoid(), d[:, 1].abs(), dt * 0], -1)}
+    g = torch.Generator().manual_seed(2)
+    rays = Rays(torch.cat([torch.full((50, 1), -3.0), torch.rand(50, 2, generator=g) - 0.5], 1),
+                unit(torch.cat([torch.ones(50, 1), 0.2 * torch.rand(50, 2, generator=g) - 0.1], 1)))
+    grid = OccupancyGrid(UNIT, 32)
+    sample_fn = lambda part: march(part, grid, UNIT, 0.05)
+    whole = render_chunked(rays, field_fn, sample_fn)
+    sizes = []
+    monkeypatch.setattr(render_module, "CPU_QUERY_POINTS", 37)
+    pieced = render_chunked(rays, lambda x, d, dt: (sizes.append(len(x)), field_fn(x, d, dt))[1], sample_fn)
+    assert max(sizes) == 37 and len(sizes) > 8
+    for key in ("rgb", "depth", "opacity"):
+        assert torch.equal(pieced[key], whole[key])
+
+
 def test_near_camera_gradient_scaling_scales_each_samples_gradient_by_its_squared_distance():
     """"Floaters No More": the render is unchanged, and a sample at distance t passes back min(1, (t / r)^2) of its
     optical depth's and colour's gradients."""
