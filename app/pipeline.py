@@ -24,7 +24,17 @@ from recon.data.rays import Rays
 from recon.fields import Field, build_field
 from recon.fields.proposal import BakedDensity, ProposalDensity
 from recon.fields.surface import SurfaceInBackground
-from recon.renderers import OccupancyGrid, Proposal, Samples, march, propose, ray_aabb, render_chunked, render_rays
+from recon.renderers import (
+    OccupancyGrid,
+    Proposal,
+    Samples,
+    march,
+    propose,
+    query_points,
+    ray_aabb,
+    render_chunked,
+    render_rays,
+)
 
 BACKGROUND = ("hashgrid", {"levels": 8, "log2_table": 17})  # the density field around an SDF in unbounded scenes
 PROPOSAL_RESOLUTIONS = (128, 256)  # nerfacto's proposal fields' finest levels, the first level's coarsest
@@ -155,7 +165,7 @@ class Pipeline:
             yield
             return
         with record_function("bake proposals"):
-            self.baked = [proposal.bake() for proposal in self.proposals]
+            self.baked = [proposal.bake(query_points(self.device)) for proposal in self.proposals]
         try:
             yield
         finally:

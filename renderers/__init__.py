@@ -11,7 +11,7 @@ from recon.renderers.marching import march, ray_aabb
 from recon.renderers.occupancy import DensityFn, OccupancyGrid
 from recon.renderers.packing import Samples
 from recon.renderers.proposal import Proposal, propose
-from recon.renderers.render import FieldFn, SampleFn, render_chunked, render_rays
+from recon.renderers.render import FieldFn, SampleFn, query_points, render_chunked, render_rays
 
 __all__ = [
     "DensityFn",
@@ -26,6 +26,7 @@ __all__ = [
     "distortion",
     "march",
     "propose",
+    "query_points",
     "ray_aabb",
     "render_chunked",
     "render_rays",

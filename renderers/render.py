@@ -27,6 +27,12 @@ SampleFn = Callable[[Rays], Samples]
 # 1.4x faster than 65 k points at once (BENCHMARKS.md). Training keeps its batch whole (its backward, pieced, lost
 # more than the forward gained: lego 89 -> 110 ms a step), as does a GPU, which wants its batches large.
 CPU_QUERY_POINTS = 1 << 13
+GPU_QUERY_POINTS = 1 << 20
+
+
+def query_points(device: torch.device) -> int:
+    """How many points a render (or a bake) hands a field at once on `device`."""
+    return CPU_QUERY_POINTS if device.type == "cpu" else GPU_QUERY_POINTS
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -105,8 +111,8 @@ def _front_to_back(rays: Rays, samples: Samples, field_fn: FieldFn, eps: float, 
 
 
 def _query(field_fn: FieldFn, samples: Samples, rays: Rays) -> dict[str, Tensor]:
-    """The field's "tau" and "rgb" at `samples`, in pieces of CPU_QUERY_POINTS on a CPU."""
-    piece = CPU_QUERY_POINTS if samples.t0.device.type == "cpu" else max(len(samples), 1)
+    """The field's "tau" and "rgb" at `samples`, in pieces of `query_points`."""
+    piece = query_points(samples.t0.device)
     parts = [field_fn(p.positions(rays), p.dirs(rays), p.dt)
              for p in (samples[first : first + piece] for first in range(0, max(len(samples), 1), piece))]
     return parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts]) for key in ("tau", "rgb")}
