@@ -106,7 +106,7 @@ class _Interpolate(torch.autograd.Function):
                     else index[..., None] * k + torch.arange(k, device=index.device)).view(-1)
         grad_table = grad_weights = None
         if ctx.needs_input_grad[0]:
-            src = (weights[..., None] * grad[:, None]).view(-1)
+            src = (weights[..., None] * grad[:, None]).reshape(-1)  # a lone level can leave weights permuted
             grad_table = _as_features(grad.new_zeros(table.shape[0] * k).index_add_(0, elements, src).view(-1, k))
         if ctx.needs_input_grad[1]:  # only when positions require grad
             corners = _as_elements(table).reshape(-1).index_select(0, elements).view(*index.shape, k)
