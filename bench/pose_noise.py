@@ -3,7 +3,8 @@
 `perturb` writes a copy of a transforms.json scene whose every pose (training and held-out) is turned by exactly
 --degrees about a random axis and moved by --move of the rig's radius (the mean distance of the cameras from
 their centroid), the images linked, not copied. `errors` compares a run's refined_poses.json, and the noisy poses
-it started from, with the clean scene's, after the rigid alignment that refined poses are only defined up to:
+it started from, with the clean scene's (or with another run's refined poses: where refinement from the clean
+poses settles), after the rigid alignment that refined poses are only defined up to:
 rotation and position errors, and the view error (how far points about the object move in each camera's view).
 `fit-before` is `recon fit` with pose refinement as it was before BARF's coarse-to-fine and the exponential pose
 schedule (all levels open, the field's step schedule), for the comparison.
@@ -12,6 +13,7 @@ schedule (all levels open, the field's step schedule), for the comparison.
     recon fit /tmp/fox-noisy --downscale 4 --max-time 240 --eval-stride 3 --no-viewer --refine-poses --out runs/a
     python bench/pose_noise.py fit-before /tmp/fox-noisy ... --refine-poses --out runs/b
     python bench/pose_noise.py errors runs/a ../shared/data/fox
+    python bench/pose_noise.py errors runs/a runs/clean-refined   # against another run's refined poses
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def errors(run: Path, clean: Path) -> dict:
     given, truth = {}, {}
     for file in transforms_files(Path(config["scene"])):
         given |= poses_by_name(json.loads(file.read_text())["frames"])
-    for file in transforms_files(clean):
+    reference_run = clean / "refined_poses.json"  # a run's refined poses as the reference: where refinement from
+    for file in [reference_run] if reference_run.exists() else transforms_files(clean):  # another start settles
         truth |= poses_by_name(json.loads(file.read_text())["frames"])
     refined_file = run / "refined_poses.json"  # absent when the run kept its poses
     refined = poses_by_name(json.loads(refined_file.read_text())["frames"]) if refined_file.exists() else None
@@ -121,7 +124,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("errors")
     p.add_argument("run", type=Path)
-    p.add_argument("clean", type=Path)
+    p.add_argument("clean", type=Path, help="the clean scene, or a run whose refined poses are the reference")
     p.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "perturb":
