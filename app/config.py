@@ -146,7 +146,7 @@ class FitConfig:
     refine_poses: bool = option(False, "learn an SE(3) correction per training camera (real captures with "
                                 "imperfect poses; the hash grid opens coarse to fine meanwhile, and the test views "
                                 "are scored from poses aligned to their photos)", action="store_true")
-    pose_lr: float = option(1e-3, "learning rate of the pose corrections (decays exponentially to a hundredth)",
+    pose_lr: float = option(3e-4, "learning rate of the pose corrections (decays exponentially to a hundredth)",
                             POSITIVE)
     appearance: bool = option(False, "a colour transform per training image, for exposure changes (test views: the "
                               "mean)", action="store_true")

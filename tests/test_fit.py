@@ -125,7 +125,8 @@ def test_joint_pose_refinement_recovers_two_degree_errors(tiny_scene):
     truth = train.cameras.c2w.clone()
     train.cameras.c2w = perturb_poses(truth, 2.0, 0.02, torch.Generator().manual_seed(1))
     test.cameras.c2w = perturb_poses(test.cameras.c2w, 2.0, 0.02, torch.Generator().manual_seed(2))
-    cfg = small_config(tiny_scene, steps=500, refine_poses=True)
+    # 500 steps: at the default rate (tuned on thousands of steps) the poses could travel under 2 degrees in all
+    cfg = small_config(tiny_scene, steps=500, refine_poses=True, pose_lr=1e-3)
     trainer = Trainer(cfg, scene)
     trainer.run()
     before, _ = pose_errors(train.cameras.c2w, truth)
