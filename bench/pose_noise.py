@@ -76,13 +76,14 @@ def view_errors(estimated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cosine)).mean(1)
 
 
-def errors(run: Path, clean: Path) -> dict:
+def errors(run: Path, reference: Path) -> dict:
     config = json.loads((run / "config.json").read_text())
     given, truth = {}, {}
     for file in transforms_files(Path(config["scene"])):
         given |= poses_by_name(json.loads(file.read_text())["frames"])
-    reference_run = clean / "refined_poses.json"  # a run's refined poses as the reference: where refinement from
-    for file in [reference_run] if reference_run.exists() else transforms_files(clean):  # another start settles
+    # A run as the reference: its refined poses, where refinement from another start settles.
+    refined_reference = reference / "refined_poses.json"
+    for file in [refined_reference] if refined_reference.exists() else transforms_files(reference):
         truth |= poses_by_name(json.loads(file.read_text())["frames"])
     refined_file = run / "refined_poses.json"  # absent when the run kept its poses
     refined = poses_by_name(json.loads(refined_file.read_text())["frames"]) if refined_file.exists() else None
@@ -124,13 +125,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("errors")
     p.add_argument("run", type=Path)
-    p.add_argument("clean", type=Path, help="the clean scene, or a run whose refined poses are the reference")
+    p.add_argument("reference", type=Path, help="the clean scene, or a run whose refined poses are the reference")
     p.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "perturb":
         perturb(args.source, args.target, args.degrees, args.move, args.seed)
     else:
-        result = errors(args.run, args.clean)
+        result = errors(args.run, args.reference)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
 
