@@ -195,6 +195,8 @@ def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teach
     config = json.loads((student / "config.json").read_text())
     assert config["field"] == "voxel" and config["distilled_from"]["run"] == str(teacher.absolute())
     assert "PVD" in config["distilled_from"]["method"]
+    teacher_lr = json.loads((teacher / "config.json").read_text())["lr"]
+    assert config["lr"] == distill.STUDENT_LR_SCALE * teacher_lr  # a density student's default rate
 
     # The student renders what the teacher renders (its target), and the photos nearly as well as the teacher.
     test = load_scene(tiny_scene).splits["test"]
@@ -218,10 +220,11 @@ def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teach
 
 def test_a_fine_tuning_on_the_photos_follows_the_distillation_and_both_are_reported(teacher, tmp_path):
     student = tmp_path / "student"
-    main(["distill", str(teacher), "--field", "voxel", "--steps", "60", "--finetune-steps", "60", "--out",
-          str(student), "--no-viewer"])
+    main(["distill", str(teacher), "--field", "voxel", "--steps", "60", "--finetune-steps", "60", "--lr", "0.02",
+          "--out", str(student), "--no-viewer"])
     config = json.loads((student / "config.json").read_text())
     assert config["distilled_from"]["finetune"]["from_step"] == 60 and config["steps"] == 120
+    assert config["lr"] == 0.02  # as given
     metrics = json.loads((student / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 120
     # 60 steps from the teacher leave the student short of it; 60 more on the photos bring it closer to them.
