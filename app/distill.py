@@ -12,11 +12,10 @@ whatever its scale, so at 0.002 the sample terms all but stop counting once the 
 ~600 CPU steps recon's schedule reached 28.64 dB against PVD's 26.92 (a vm student of a lego hash grid,
 BENCHMARKS.md). Not taken from PVD either: its stage 1 (aligning intermediate features, which only its
 shared MLP heads have), AdamW and cosine decay (recon's Adam and schedule instead), and its learning rates (a
-fit's; 1e-3 for an MLP): a density student's base rate is STUDENT_LR_SCALE times the teacher's. On lego (120 s
-CPU runs of 250-500 steps) a vm student reached 27.23 dB at the teacher's rate, 27.72 at 2x, 28.04 at 4x, 27.82
-at 8x; NeRF's MLP 19.15, 19.32, 20.42 at 1x, 2x, 4x. Fitted from the photos the vm gains at 4x too (23.66 ->
-24.56): runs this short take larger steps, and a distillation is short by design. SDF students keep the
-teacher's rate (not measured there). `--lr` sets it.
+fit's; 1e-3 for an MLP): the student's base rate is the teacher's unless `--lr` sets it. Larger rates help
+some students in short runs and break others (lego, 120 s CPU runs of 250-500 steps, BENCHMARKS.md): a vm
+student reached 27.23 dB at the teacher's rate, 28.04 at 4x; NeRF's MLP 19.15 and 20.42; a tri-plane student
+diverged at 4x.
 
 PVD-AL's active learning (Fang et al. 2023, its code's defaults), at its three levels:
 - rays: each step the tenth of the batch the student renders worst (L1 against the teacher's render) joins a
@@ -60,11 +59,9 @@ from recon.renderers.compositing import composite
 from recon.renderers.packing import Samples
 from recon.renderers.proposal import Proposal
 
-STUDENT_LR_SCALE = 4.0  # a density student's base learning rate over the teacher's (see above)
 METHOD = ("progressive volume distillation (PVD, AAAI 2023): clamped log density (an SDF: distance and gradient) "
           "and colour at the teacher's samples, and its renders; normL2 losses, weights 0.1 / 0.1 / 1 "
-          "(SDF: 1 and 0.1); PVD-AL's active learning: hard rays, hard views, the heaviest samples; a density "
-          f"student's learning rate {STUDENT_LR_SCALE:g}x the teacher's")
+          "(SDF: 1 and 0.1); PVD-AL's active learning: hard rays, hard views, the heaviest samples")
 LOG_DENSITY_RANGE = (-2.0, 7.0)  # PVD's sigma_clip_min / sigma_clip_max on the pre-exponential density
 DENSITY_WEIGHT = COLOUR_WEIGHT = 0.1  # PVD's loss_rate_sigma, loss_rate_color are 0.002 (see above)
 RENDER_WEIGHT = 1.0  # PVD's loss_rate_rgb
@@ -145,12 +142,6 @@ def check_teacher(cfg: FitConfig, path: str) -> None:
         raise UserError(f"{path}: distill takes a field fitted to posed images; this run is of task {cfg.task}")
     if cfg.refine_poses:
         raise UserError(f"{path}: its training poses were refined; distilling from refined poses is not supported")
-
-
-def student_lr(teacher: FitConfig) -> float:
-    """The student's base learning rate when none is given: STUDENT_LR_SCALE times the teacher's for a density
-    field, the teacher's for an SDF."""
-    return teacher.lr * (STUDENT_LR_SCALE if teacher.model == "radiance" else 1.0)
 
 
 def load_teacher(path: str) -> Pipeline:

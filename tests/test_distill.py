@@ -195,8 +195,7 @@ def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teach
     config = json.loads((student / "config.json").read_text())
     assert config["field"] == "voxel" and config["distilled_from"]["run"] == str(teacher.absolute())
     assert "PVD" in config["distilled_from"]["method"]
-    teacher_lr = json.loads((teacher / "config.json").read_text())["lr"]
-    assert config["lr"] == distill.STUDENT_LR_SCALE * teacher_lr  # a density student's default rate
+    assert config["lr"] == json.loads((teacher / "config.json").read_text())["lr"]  # the teacher's rate by default
 
     # The student renders what the teacher renders (its target), and the photos nearly as well as the teacher.
     test = load_scene(tiny_scene).splits["test"]
