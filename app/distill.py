@@ -1,21 +1,23 @@
 """Progressive volume distillation (PVD, Fang et al., AAAI 2023): a trained field (the teacher) taught to a field
 of another backend (the student), on volume samples rather than photos.
 
-Each step draws rays from the training cameras, places samples with the teacher's sampler (its occupancy grid
-or proposal fields, copied into the student's pipeline and frozen, as PVD keeps the teacher's grid), and asks
-both fields there. As PVD does: the log density, clamped to [-2, 7] so empty space does not dominate, the
-colour at the samples, and the rendered colour (the teacher's render is the target; the photos are not used),
-each as PVD's default "normL2", the plain norm of the difference. Not as PVD does: the renders are compared
-from the first step with the sample terms at weight 0.1 beside the render's 1, where PVD joins the renders
-at its stage 3 (step 5000 of 30000) with the sample terms at 0.002. A plain norm's gradient has unit size
-whatever its scale, so at 0.002 the sample terms all but stop counting once the renders join; on runs of
-~600 CPU steps recon's schedule reached 28.64 dB against PVD's 26.92 (a vm student of a lego hash grid,
-BENCHMARKS.md). Not taken from PVD either: its stage 1 (aligning intermediate features, which only its
-shared MLP heads have), AdamW and cosine decay (recon's Adam and schedule instead), and its learning rates (a
-fit's; 1e-3 for an MLP): the student's base rate is the teacher's unless `--lr` sets it. Larger rates help
-some students in short runs and break others (lego, 120 s CPU runs of 250-500 steps, BENCHMARKS.md): a vm
-student reached 27.23 dB at the teacher's rate, 28.04 at 4x; NeRF's MLP 19.15 and 20.42; a tri-plane student
-diverged at 4x.
+Each step draws rays from the training cameras, places samples with the teacher's sampler (its occupancy grid or
+proposal fields, copied into the student's pipeline and frozen, as PVD keeps the teacher's grid), and asks both
+fields there, and for their density at as many points again, one a ray, uniform in the teacher's occupied cells:
+where rays stop at a surface, its inside is learnt from these alone (the solid a mesh export closes), while its
+colour is never seen, so only the density is compared there. As PVD does: the log density, clamped to [-2, 7] so
+empty space does not dominate, the colour at the samples, and the rendered colour (the teacher's render is the
+target; the photos are not used), each as PVD's default "normL2", the plain norm of the difference. Not as PVD
+does: the renders are compared from the first step with the sample terms at weight 0.1 beside the render's 1, where
+PVD joins the renders at its stage 3 (step 5000 of 30000) with the sample terms at 0.002. A plain norm's gradient
+has unit size whatever its scale, so at 0.002 the sample terms all but stop counting once the renders join; on runs
+of ~600 CPU steps recon's schedule reached 28.64 dB against PVD's 26.92 (a vm student of a lego hash grid,
+BENCHMARKS.md). Not taken from PVD either: its stage 1 (aligning intermediate features, which only its shared MLP
+heads have), AdamW and cosine decay (recon's Adam and schedule instead), and its learning rates (a fit's; 1e-3 for
+an MLP): a density student's base rate is twice the teacher's (an SDF student's the teacher's) unless `--lr` sets
+it. On lego (a hash-grid teacher, 120 s CPU runs of 220-500 steps, BENCHMARKS.md), twice the rate gained over the
+teacher's for every backend run both ways on one day (vm +0.5 dB, tri-plane +0.4, NeuRBF +1.1, NeRF's MLP +0.2); 4x
+gained a little more for some and diverged a tri-plane student.
 
 PVD-AL's active learning (Fang et al. 2023, its code's defaults), at its three levels:
 - rays: each step the tenth of the batch the student renders worst (L1 against the teacher's render) joins a
@@ -60,8 +62,10 @@ from recon.renderers.packing import Samples
 from recon.renderers.proposal import Proposal
 
 METHOD = ("progressive volume distillation (PVD, AAAI 2023): clamped log density (an SDF: distance and gradient) "
-          "and colour at the teacher's samples, and its renders; normL2 losses, weights 0.1 / 0.1 / 1 "
-          "(SDF: 1 and 0.1); PVD-AL's active learning: hard rays, hard views, the heaviest samples")
+          "and colour at the teacher's samples, density at points in its occupied cells, and its renders; normL2 "
+          "losses, weights 0.1 / 0.1 / 1 (SDF: 1 and 0.1); PVD-AL's active learning: hard rays, hard views, the "
+          "heaviest samples")
+STUDENT_LR_FACTOR = 2.0  # a density student's default base rate over the teacher's (see above)
 LOG_DENSITY_RANGE = (-2.0, 7.0)  # PVD's sigma_clip_min / sigma_clip_max on the pre-exponential density
 DENSITY_WEIGHT = COLOUR_WEIGHT = 0.1  # PVD's loss_rate_sigma, loss_rate_color are 0.002 (see above)
 RENDER_WEIGHT = 1.0  # PVD's loss_rate_rgb
@@ -142,6 +146,12 @@ def check_teacher(cfg: FitConfig, path: str) -> None:
         raise UserError(f"{path}: distill takes a field fitted to posed images; this run is of task {cfg.task}")
     if cfg.refine_poses:
         raise UserError(f"{path}: its training poses were refined; distilling from refined poses is not supported")
+
+
+def student_lr(teacher: FitConfig) -> float:
+    """The student's default base rate: STUDENT_LR_FACTOR times the teacher's for a density field, the teacher's
+    for an SDF (not measured at larger rates)."""
+    return teacher.lr * (STUDENT_LR_FACTOR if teacher.model == "radiance" else 1.0)
 
 
 def load_teacher(path: str) -> Pipeline:
@@ -226,9 +236,13 @@ class DistillTask(RadianceTask):
             # The distances are the surface's samples' only, where a background field answers around it.
             surface = heavy if self.pipeline.background is None else heavy[self.pipeline.model.owned_by_surface(x)]
             loss = self.surface_loss(student, teacher, surface, len(rays), generator)
-        else:  # tau = density * dt
-            loss = DENSITY_WEIGHT * norm_l2(clamped_log_density(student["tau"][heavy] / samples.dt[heavy]),
-                                            clamped_log_density(teacher["tau"][heavy] / samples.dt[heavy]))
+        else:  # tau = density * dt; the densities at points off the rays join those at the samples
+            points = self.occupied_points(len(rays), generator)
+            with torch.no_grad():
+                taught_density = self.teacher.density_fn(points)
+            density = torch.cat([student["tau"][heavy] / samples.dt[heavy], self.pipeline.density_fn(points)])
+            loss = DENSITY_WEIGHT * norm_l2(clamped_log_density(density), clamped_log_density(
+                torch.cat([teacher["tau"][heavy] / samples.dt[heavy], taught_density])))
         loss = loss + COLOUR_WEIGHT * norm_l2(student["rgb"][heavy], teacher["rgb"][heavy])
         loss = loss + RENDER_WEIGHT * norm_l2(rendered["rgb"], taught["rgb"])
         error = (rendered["rgb"].detach() - taught["rgb"]).abs().sum(-1)
@@ -236,6 +250,14 @@ class DistillTask(RadianceTask):
         self.note_view_errors(views, error[:len(views)])
         agreement = torch.nn.functional.mse_loss(rendered["rgb"].detach(), taught["rgb"])  # the log's PSNR
         return StepLoss(loss, agreement, len(rays), len(samples))
+
+    def occupied_points(self, count: int, generator: torch.Generator) -> Tensor:
+        """`count` points [count, 3] uniform in the teacher's occupied cells, or in its inner box where proposal
+        fields sample (no grid says where its density is)."""
+        if self.teacher.grid is not None:
+            return self.teacher.grid.occupied_points(count, generator)
+        lo, hi = self.teacher.inner_box.to(self.device)
+        return lo + torch.rand(count, 3, generator=generator).to(self.device) * (hi - lo)
 
     def hard_view_rays(self, count: int, generator: torch.Generator) -> Rays | None:
         """PVD-AL's view level: `count` rays through random pixels of the views with the largest running error,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from recon.app.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from recon.app.cli_shared import number_option, open_run, world_box
 from recon.app.config import FitConfig, add_options, argument_type, command_line_fields, flag_of
-from recon.app.distill import METHOD, check_teacher
+from recon.app.distill import METHOD, check_teacher, student_lr
 from recon.app.distributed import World, barrier, first_error, from_main, leave, world
 from recon.app.eval_command import evaluate_run
 from recon.app.pipeline import Pipeline
@@ -486,7 +486,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fields = {spec.name: spec for spec in command_line_fields()}
     p.add_argument("--finetune-steps", type=argument_type(POSITIVE_INT), metavar="N",
                    help="then train N steps more on the photos (metrics.json keeps the distilled scores too)")
-    defaults = {"steps": " (default 20000)", "lr": " (default: the teacher's)"}
+    defaults = {"steps": " (default 20000)", "lr": " (default: twice the teacher's; an SDF's: the teacher's)"}
     for name in ("field", "params", "steps", "max_time", "lr", "seed"):
         keywords = dict(fields[name].metadata["argparse"])
         keywords.pop("flag", None)
@@ -504,7 +504,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     check_teacher(teacher_cfg, args.run)  # before anything is made; the task loads the teacher's weights
     cfg = dataclasses.replace(
         teacher_cfg, field=args.field, field_options=parse_field_options(args.field_option), params=args.params,
-        steps=args.steps or FitConfig.steps, max_time=args.max_time, lr=args.lr or teacher_cfg.lr,
+        steps=args.steps or FitConfig.steps, max_time=args.max_time, lr=args.lr or student_lr(teacher_cfg),
         seed=args.seed or 0, quantize=0.0, cam=None,
         gradient_scaling=False,  # a photometric loss's remedy; the student learns from the teacher
         scene_from_run=None, out="", distilled_from={"run": str(teacher_run.path.absolute()), "method": METHOD})

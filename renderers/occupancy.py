@@ -105,6 +105,13 @@ class OccupancyGrid(nn.Module):
         self.values.copy_(torch.where(mask, self.values.clamp(min=0), -1.0))
         self.occupied &= mask
 
+    def occupied_points(self, count: int, generator: torch.Generator | None = None) -> Tensor:
+        """`count` positions [count, 3], each uniform in an occupied cell drawn uniformly (none if none is)."""
+        occupied = self.occupied.view(-1).nonzero().squeeze(1)
+        if len(occupied) == 0:
+            return self.aabb.new_zeros(0, 3)
+        return self._jittered_points(occupied[randint(len(occupied), (count,), generator, occupied.device)], generator)
+
     def cell_centres(self) -> tuple[Tensor, Tensor]:
         """Every cell's centre [levels * res^3, 3] and half-diagonal [levels * res^3], in the flat layout."""
         cells = torch.arange(self.values.numel(), device=self.values.device)

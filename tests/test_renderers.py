@@ -333,6 +333,24 @@ def test_multilevel_query_uses_the_finest_level_containing_the_point():
     assert grid.query(cell_centre + offsets).tolist() == [True, True, False, False, False]
 
 
+def test_occupied_points_fill_the_occupied_cells_and_nothing_else():
+    grid = OccupancyGrid(UNIT, 8, levels=2)
+    grid.occupied.fill_(False)
+    on = torch.tensor([[0, 5], [0, 300], [1, 17]])  # two cells of level 0 and one of level 1
+    grid.occupied[on[:, 0], on[:, 1]] = True
+    points = grid.occupied_points(3000, torch.Generator().manual_seed(0))
+    assert points.shape == (3000, 3) and grid.query(points).all()
+    # each cell drawn about as often, and the points uniform in it: a level-1 cell is 8 times the volume
+    centres, half_diagonals = grid.cell_centres()
+    flat = on[:, 0] * 8**3 + on[:, 1]
+    nearest = torch.cdist(points, centres[flat]).argmin(-1)
+    assert torch.bincount(nearest, minlength=3).min() > 900
+    spread = (points - centres[flat][nearest]).abs().amax(-1) / (half_diagonals[flat][nearest] / math.sqrt(3))
+    assert spread.max() <= 1 and spread.mean() > 0.7  # a uniform cube's max-norm averages 3/4
+    grid.occupied.fill_(False)
+    assert grid.occupied_points(10).shape == (0, 3)
+
+
 def test_occupancy_state_dict_round_trip():
     grid = OccupancyGrid(UNIT, 16, levels=2)
     grid.update(box_density(-0.3, 0.6, 5.0), warmup=True, generator=torch.Generator().manual_seed(0))
