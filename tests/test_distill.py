@@ -169,6 +169,26 @@ def test_a_neurbf_sdf_student_places_its_kernels_by_the_teachers_distance(tiny_s
     assert ((centres - CENTRE).norm(dim=-1) - RADIUS).abs().lt(0.05).float().mean() > 0.4
 
 
+def test_a_proposal_teachers_student_learns_its_density_through_its_inner_box(tiny_scene, monkeypatch):
+    scene, cpu = load_scene(tiny_scene), torch.device("cpu")
+    cfg = small_config(tiny_scene, sampler="proposal").resolved(cpu, "radiance", False)
+    teacher = RadianceTask(cfg, scene, cpu).pipeline
+    assert teacher.grid is None
+    monkeypatch.setattr(distill, "load_teacher", lambda path: teacher)
+    student_cfg = dataclasses.replace(cfg, field="voxel", field_options={"num_voxels": 16**3},
+                                      distilled_from={"run": "untrained"})
+    task = DistillTask(student_cfg, scene, cpu)
+    generator = torch.Generator().manual_seed(0)
+    # no grid says where the density is: the points off the rays fill the inner box uniformly
+    lo, hi = teacher.inner_box
+    points = (task.occupied_points(4000, generator) - lo) / (hi - lo)
+    assert points.min() >= 0 and points.max() <= 1
+    assert torch.allclose(points.mean(0), torch.full((3,), 0.5), atol=0.02)
+    loss = task.loss(generator).loss
+    loss.backward()
+    assert loss.isfinite() and task.pipeline.field.density_grid.grid.grad.abs().sum() > 0
+
+
 def test_pvd_al_hard_views_are_the_worst_rendered_seen_again_turned(tiny_scene, monkeypatch):
     scene = load_scene(tiny_scene)
     cfg = small_config(tiny_scene)
