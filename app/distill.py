@@ -88,6 +88,12 @@ def norm_l2(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() - b.float()).norm()
 
 
+def uniform_in(box: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """`count` points [count, 3] uniform in `box` [2, 3] (on its device; drawn by the CPU `generator`)."""
+    lo, hi = box
+    return lo + torch.rand(count, 3, generator=generator).to(box.device) * (hi - lo)
+
+
 def heavy_samples(weights: Tensor, opacity: Tensor, samples: Samples) -> Tensor:
     """[S] bool: PVD-AL's points, each ray's HEAVY_SAMPLES heaviest samples (by `weights` [S]) on rays whose
     `opacity` [R] is at least OPAQUE_RAY."""
@@ -256,8 +262,7 @@ class DistillTask(RadianceTask):
         fields sample (no grid says where its density is)."""
         if self.teacher.grid is not None:
             return self.teacher.grid.occupied_points(count, generator)
-        lo, hi = self.teacher.inner_box.to(self.device)
-        return lo + torch.rand(count, 3, generator=generator).to(self.device) * (hi - lo)
+        return uniform_in(self.teacher.inner_box.to(self.device), count, generator)
 
     def hard_view_rays(self, count: int, generator: torch.Generator) -> Rays | None:
         """PVD-AL's view level: `count` rays through random pixels of the views with the largest running error,
@@ -284,8 +289,7 @@ class DistillTask(RadianceTask):
                      uniform_points: int, generator: torch.Generator) -> Tensor:
         """Distance and gradient at the `chosen` samples of the SDF's and at `uniform_points` uniform in its box."""
         field = self.pipeline.field
-        lo, hi = field.aabb
-        uniform = lo + torch.rand(uniform_points, 3, generator=generator).to(lo.device) * (hi - lo)
+        uniform = uniform_in(field.aabb, uniform_points, generator)
         with torch.no_grad():
             taught_sdf, _, taught_gradient = self.teacher.field.sdf_gradient(uniform, create_graph=False)
         sdf, _, gradient = field.sdf_gradient(uniform, create_graph=True)

@@ -30,8 +30,8 @@ from recon.data.rays import Rays
 from recon.data.scene import load_scene
 from recon.renderers.packing import Samples
 
-TEACHER = ["-o", "levels=8", "-o", "log2_table=15", "-o", "max_resolution=256", "--grid-resolution", "32",
-           "--device", "cpu", "--no-viewer"]
+SMALL_HASHGRID = ["-o", "levels=8", "-o", "log2_table=15", "-o", "max_resolution=256"]
+TEACHER = [*SMALL_HASHGRID, "--grid-resolution", "32", "--device", "cpu", "--no-viewer"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_a_voxel_student_learns_the_hash_grid_teacher_and_its_run_is_a_run(teach
 
 def test_a_fine_tuning_on_the_photos_follows_the_distillation_and_both_are_reported(teacher, tmp_path):
     student = tmp_path / "student"
-    main(["distill", str(teacher), "--field", "hashgrid", *TEACHER[:6], "--steps", "30", "--finetune-steps", "90",
+    main(["distill", str(teacher), "--field", "hashgrid", *SMALL_HASHGRID, "--steps", "30", "--finetune-steps", "90",
           "--lr", "0.02", "--out", str(student), "--no-viewer"])
     config = json.loads((student / "config.json").read_text())
     assert config["distilled_from"]["finetune"]["from_step"] == 30 and config["steps"] == 120
